@@ -38,6 +38,61 @@ def _quickstart(args) -> int:
     return run_quickstart(max_tokens=args.max_tokens)
 
 
+def _rank_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ranks like 4,8,16, got '{text}'") from None
+
+
+def _hub_inspect(args) -> int:
+    from hub.card import rank_table
+    from hub.remote import read_remote_metadata
+
+    meta, config = read_remote_metadata(args.src, endpoint=args.endpoint)
+    base = meta.base_model.id + (f"@{meta.base_model.revision}" if meta.base_model.revision else "")
+    print(f"adapter    {args.src}")
+    print(f"base       {base}")
+    print(f"teacher    {meta.teacher.id if meta.teacher else '-'}")
+    print(f"ranks      1..{meta.max_rank} ({'nested' if meta.nested else 'fixed'}), default {meta.default_rank}, lora_alpha {config.get('lora_alpha')}")
+    print(f"targets    {', '.join(sorted(config.get('target_modules') or []))}")
+    if meta.recipe:
+        print(f"recipe     {meta.recipe.model_dump_json(exclude_none=True)}")
+    print()
+    print(rank_table(meta) if meta.ranks else "(no evaluated ranks)")
+    return 0
+
+
+def _hub_truncate(args) -> int:
+    import tempfile
+
+    from hub.adapter import truncate_adapter
+    from hub.atomic import require_empty_out
+    from hub.remote import fetch_adapter, parse_repo
+
+    require_empty_out(args.out)
+    with tempfile.TemporaryDirectory() as staging:
+        src = fetch_adapter(parse_repo(args.src), Path(staging), endpoint=args.endpoint)
+        print(truncate_adapter(src, args.rank, args.out))
+    return 0
+
+
+def _hub_push(args) -> int:
+    from hub.remote import push
+
+    for where in push(args.src, args.repo, student=args.student, student_repo=args.student_repo,
+                      materialize_ranks=args.materialize_ranks, private=args.private, endpoint=args.endpoint):
+        print(where)
+    return 0
+
+
+def _hub_pull(args) -> int:
+    from hub.remote import pull_adapter
+
+    print(pull_adapter(args.repo, args.out, rank=args.rank, endpoint=args.endpoint))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdlora", description="Distil, publish and serve elastic-rank LoRA students.")
     parser.add_argument("--version", action="version", version=f"kdlora {__version__}")
@@ -57,6 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="new or empty directory to write")
     export.add_argument("--gguf", type=Path, default=None, help="a Llama-family GGUF to convert (default: the embedded teacher)")
     export.set_defaults(handler=_teacher_export)
+
+    hub = commands.add_parser("hub", help="inspect, truncate, push and pull nested-rank adapters")
+    hub_commands = hub.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)
+    src_help = "adapter: a local directory, file:///PATH, or a Hub repo ORG/NAME[@REVISION]"
+    endpoint_help = "Hub endpoint (default: $HF_ENDPOINT, else huggingface.co); token from $HF_TOKEN"
+    inspect = hub_commands.add_parser("inspect", help="show an adapter's ranks, quality and size")
+    inspect.add_argument("src", help=src_help)
+    inspect.set_defaults(handler=_hub_inspect)
+    truncate = hub_commands.add_parser("truncate", help="write the exact rank-K adapter as a plain PEFT adapter")
+    truncate.add_argument("src", help=src_help)
+    truncate.add_argument("--rank", type=int, required=True, help="1 <= K <= max rank")
+    truncate.add_argument("--out", type=Path, required=True, help="new or empty directory to write")
+    truncate.set_defaults(handler=_hub_truncate)
+    push = hub_commands.add_parser("push", help="publish an adapter (and its student) in one commit per repo")
+    push.add_argument("src", type=Path, help="local adapter directory")
+    push.add_argument("--repo", required=True, help="ORG/NAME on the Hub, or a local directory hub path / file:///PATH")
+    push.add_argument("--student", type=Path, help="student checkpoint directory to publish first")
+    push.add_argument("--student-repo", help="repo for --student (same forms as --repo)")
+    push.add_argument("--materialize-ranks", type=_rank_list, default=[], metavar="K,K,...",
+                      help="also write pre-truncated r<K>/ folders for users without kdlora")
+    push.add_argument("--private", action="store_true", help="create the repo(s) private")
+    push.set_defaults(handler=_hub_push)
+    pull = hub_commands.add_parser("pull", help="download and validate an adapter (safetensors only)")
+    pull.add_argument("repo", help=src_help)
+    pull.add_argument("--out", type=Path, required=True, help="new or empty directory to write")
+    pull.add_argument("--rank", type=int, help="write the rank-K truncation instead of the full adapter")
+    pull.set_defaults(handler=_hub_pull)
+    for command in (inspect, truncate, push, pull):
+        command.add_argument("--endpoint", help=endpoint_help)
     return parser
 
 

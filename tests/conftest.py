@@ -73,3 +73,37 @@ def vllm_server(teacher_dir, tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def tiny_llama(seed: int = 0):
+    """A random Llama small enough for unit tests (same code paths as the real teacher)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def write_nested_adapter(out: Path, model, rank: int = 8, alpha: int = 16, seed: int = 1, dtype=None, **lora_kwargs) -> Path:
+    """A PEFT LoRA with random A and B (so every rank component matters) plus its kdlora.json."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from hub.schema import ModelRef, RankMetadata, RankResult
+
+    torch.manual_seed(seed)
+    lora_kwargs.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    if dtype is not None:
+        peft_model = peft_model.to(dtype)
+    peft_model.save_pretrained(out)
+    peft_model.unload()  # leave `model` as it was, for the caller's reference computations
+    ranks = sorted({1, 2, 4, rank} & set(range(1, rank + 1)))
+    RankMetadata(
+        max_rank=rank, default_rank=min(4, rank), base_model=ModelRef(id="tiny-llama"), teacher=ModelRef(id="tiny-teacher"),
+        ranks=[RankResult(rank=k, kl_to_teacher=1.0 / k, teacher_top1_agreement=min(1.0, 0.5 + k / 20), adapter_bytes=k * 100) for k in ranks],
+    ).save(out)
+    return Path(out)

@@ -1,0 +1,149 @@
+"""Model cards: the adapter's (per-rank results as `model-index`, a table, a quality-vs-rank plot)
+and the student's (`base_model` = teacher, the pruning report). Lineage: teacher -> student -> adapter."""
+
+from pathlib import Path
+
+from hub.schema import RankMetadata
+
+PLOT_FILE = "quality_vs_rank.png"
+# (metadata field, model-index metric type, table header); one entry per quality number kdlora records
+_METRICS = [
+    ("kl_to_teacher", "kl_divergence", "KL to teacher (nats/token)"),
+    ("teacher_top1_agreement", "accuracy", "top-1 agreement with teacher"),
+    ("perplexity", "perplexity", "perplexity"),
+]
+
+
+def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
+    """KL to teacher and top-1 agreement against rank (log2 axis); None when nothing was evaluated."""
+    points = [r for r in metadata.ranks if r.kl_to_teacher is not None or r.teacher_top1_agreement is not None]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, kl_axis = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ranks = [r.rank for r in points]
+    nan = float("nan")  # a rank missing one of the two numbers leaves a gap, not an error
+    kl_axis.plot(ranks, [nan if r.kl_to_teacher is None else r.kl_to_teacher for r in points], "o-", color="tab:red", label="KL to teacher (lower is better)")
+    kl_axis.set_xscale("log", base=2)
+    kl_axis.set_xticks(ranks, [str(r) for r in ranks])
+    kl_axis.set_xlabel("adapter rank (one nested adapter, truncated)")
+    kl_axis.set_ylabel("KL(teacher || student), nats/token", color="tab:red")
+    agreement_axis = kl_axis.twinx()
+    agreement_axis.plot(ranks, [nan if r.teacher_top1_agreement is None else r.teacher_top1_agreement for r in points], "s--", color="tab:blue", label="top-1 agreement (higher is better)")
+    agreement_axis.set_ylabel("top-1 agreement with teacher", color="tab:blue")
+    kl_axis.set_title(f"quality vs rank, base {metadata.base_model.id}", fontsize=9)
+    fig.legend(loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def rank_table(metadata: RankMetadata) -> str:
+    """Markdown table, one row per evaluated rank (also what `kdlora hub inspect` prints)."""
+    header = ["rank", *(title for _, _, title in _METRICS), "adapter MB", "ms/token (served)"]
+    rows = [header, ["---"] * len(header)]
+    for result in metadata.ranks:
+        cells = [str(result.rank) + (" (default)" if result.rank == metadata.default_rank else "")]
+        cells += [_fmt(getattr(result, field)) for field, _, _ in _METRICS]
+        cells.append(_fmt(result.adapter_bytes / 1e6 if result.adapter_bytes is not None else None))
+        cells.append(_fmt(result.serving.ms_per_token if result.serving else None))
+        rows.append(cells)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def adapter_card(metadata: RankMetadata, repo_id: str, base_model: str, plot: str | None = PLOT_FILE):
+    """The adapter repo's README.md as a `huggingface_hub.ModelCard`."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    dataset = (metadata.recipe.data if metadata.recipe and metadata.recipe.data else "held-out")
+    results = [
+        EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=f"{dataset} (held-out split)",
+                   metric_type=metric_type, metric_name=title, metric_value=float(getattr(result, field)),
+                   metric_config=f"rank={result.rank}")
+        for result in metadata.ranks
+        for field, metric_type, title in _METRICS
+        if getattr(result, field) is not None
+    ]
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=["kdlora", "lora", "peft", "nested-rank", "dylora", "knowledge-distillation"],
+        model_name=repo_id,
+        eval_results=results or None,
+        kdlora={"max_rank": metadata.max_rank, "default_rank": metadata.default_rank, "teacher": metadata.teacher.id if metadata.teacher else None},
+    )
+    recipe = metadata.recipe.model_dump(exclude_none=True) if metadata.recipe else {}
+    body = f"""
+# {repo_id}
+
+One **nested-rank LoRA adapter** for [{base_model}](https://huggingface.co/{base_model}), trained with
+kdlora by knowledge distillation from
+{f"`{metadata.teacher.id}`" if metadata.teacher else "its teacher"}. Every rank 1..{metadata.max_rank} works:
+rank k is the first k rank components (`lora_A[:k]`, `lora_B[:, :k]`, `r=k`, same `lora_alpha`).
+Default rank: {metadata.default_rank}.
+
+## Quality per rank (held-out)
+
+{rank_table(metadata) if metadata.ranks else "No ranks were evaluated."}
+{f"{chr(10)}![quality vs rank]({plot}){chr(10)}" if plot else ""}
+## Use it
+
+Serve every rank from one vLLM process with kdlora and pick the rank per request:
+
+```bash
+kdlora serve --adapter {repo_id}
+```
+```python
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
+client.chat.completions.create(model="{repo_id}@r{metadata.default_rank}", messages=[{{"role": "user", "content": "Hi"}}])
+```
+
+Without kdlora: `kdlora hub truncate {repo_id} --rank K --out DIR` or a pre-truncated `r<k>/` folder
+(if present) is a plain PEFT adapter; the repo root is the rank-{metadata.max_rank} adapter.
+
+## Training recipe
+
+```json
+{_json(recipe)}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def student_card(repo_id: str, teacher: str, report: dict | None):
+    """The student repo's README.md: a pruned (and distilled) teacher, with its pruning report."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=teacher, library_name="transformers", pipeline_tag="text-generation",
+                         tags=["kdlora", "pruned", "minitron", "knowledge-distillation"], model_name=repo_id)
+    body = f"""
+# {repo_id}
+
+A student of [{teacher}](https://huggingface.co/{teacher}), made by kdlora:
+Minitron-style structured pruning (heads, MLP neurons, embedding channels, layers ranked by activation
+importance) followed by knowledge distillation. It loads with `AutoModelForCausalLM` and vLLM.
+
+## Pruning report
+
+```json
+{_json(report or {"note": "no pruning report was supplied"})}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, indent=2)

@@ -1,0 +1,135 @@
+"""`kdlora.json`: the rank metadata of a nested-rank adapter (versioned; the contract both sides read).
+
+The adapter beside it is a plain PEFT LoRA at `max_rank`. `nested=True` with `truncation="prefix"`
+promises that rank k is `lora_A[:k, :]`, `lora_B[:, :k]`, `r=k`, the same `lora_alpha` (scale
+alpha/k): the rule DyLoRA/QDyLoRA train for, which PEFT and vLLM then evaluate exactly.
+"""
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hub.errors import KdloraError
+
+METADATA_FILE = "kdlora.json"
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    # Unknown fields are errors: a typo must not silently drop a number. New fields bump SCHEMA_VERSION.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    id: str = Field(description="Hub repo id or local path of the model")
+    revision: str | None = Field(None, description="commit sha or branch the adapter was trained against")
+
+
+class ServingCost(_Strict):
+    """Measured by a server, on its hardware, under its load; advisory for other machines."""
+
+    ms_per_token: float = Field(gt=0)
+    tokens_per_s: float | None = Field(None, gt=0)
+    device: str | None = None
+
+
+class RankResult(_Strict):
+    rank: int = Field(ge=1)
+    kl_to_teacher: float | None = Field(None, ge=0, description="mean forward KL(teacher || student), nats/token, held-out")
+    teacher_top1_agreement: float | None = Field(None, ge=0, le=1)
+    perplexity: float | None = Field(None, gt=0)
+    task_metrics: dict[str, float] = Field(default_factory=dict, description="e.g. {'bbc_accuracy': 0.91}")
+    adapter_bytes: int | None = Field(None, ge=0, description="size of the rank-k adapter's tensors")
+    serving: ServingCost | None = None
+
+
+class TrainingRecipe(_Strict):
+    method: str = Field("kd-qdylora", description="kd-qdylora | kd-lora | lora")
+    quantization: Literal["nf4", "none"] = "nf4"
+    kd_temperature: float | None = Field(None, gt=0)
+    kd_alpha: float | None = Field(None, ge=0, le=1, description="weight of the KD loss; 1-alpha on next-token CE")
+    rank_distribution: str | None = Field(None, description="how each step sampled its rank, e.g. 'uniform'")
+    steps: int | None = Field(None, ge=0)
+    tokens: int | None = Field(None, ge=0)
+    learning_rate: float | None = Field(None, gt=0)
+    seed: int | None = None
+    data: str | None = Field(None, description="data SPEC as given to `kdlora distill`")
+    data_fingerprint: str | None = Field(None, description="sha256 of the training token stream")
+
+
+class RankMetadata(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    nested: bool = Field(True, description="every prefix rank 1..max_rank is a valid adapter")
+    truncation: Literal["prefix"] = "prefix"
+    max_rank: int = Field(ge=1)
+    default_rank: int = Field(ge=1, description="the rank served when a request names none")
+    ranks: list[RankResult] = Field(default_factory=list, description="evaluated ranks, ascending")
+    base_model: ModelRef
+    teacher: ModelRef | None = None
+    recipe: TrainingRecipe | None = None
+    truncated_from: int | None = Field(None, ge=1, description="max_rank of the adapter this one was cut from")
+
+    @model_validator(mode="after")
+    def _ranks_consistent(self):
+        if self.default_rank > self.max_rank:
+            raise ValueError(f"default_rank {self.default_rank} is above max_rank {self.max_rank}")
+        ranks = [r.rank for r in self.ranks]
+        if ranks != sorted(set(ranks)):
+            raise ValueError(f"ranks must be ascending and unique, got {ranks}")
+        if ranks and ranks[-1] > self.max_rank:
+            raise ValueError(f"evaluated rank {ranks[-1]} is above max_rank {self.max_rank}")
+        return self
+
+    def result(self, rank: int) -> RankResult | None:
+        return next((r for r in self.ranks if r.rank == rank), None)
+
+    def check_rank(self, rank: int) -> int:
+        """Return `rank` if this adapter serves it, else raise naming the valid range."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
+            raise KdloraError(f"rank {rank!r} is out of range: this adapter has ranks 1..{self.max_rank}")
+        if rank < self.max_rank and not self.nested:
+            raise KdloraError(f"this adapter is not nested: only rank {self.max_rank} is valid")
+        return rank
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / METADATA_FILE
+        path.write_text(self.model_dump_json(indent=2, exclude_none=True) + "\n")
+        return path
+
+
+def load_metadata(directory: Path) -> RankMetadata:
+    """Read and validate `kdlora.json`; every failure names the file, the field and the fix."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise KdloraError(
+            f"{directory} has no {METADATA_FILE}: it is not a kdlora nested-rank adapter (a plain PEFT adapter "
+            f"is exact only at its own rank); train one with `kdlora distill --train qdylora`, or write {METADATA_FILE} "
+            "only if the adapter really was trained with nested ranks"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise KdloraError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix or regenerate it") from err
+    return parse_metadata(raw, source=str(path))
+
+
+def parse_metadata(raw: object, source: str = METADATA_FILE) -> RankMetadata:
+    if not isinstance(raw, dict):
+        raise KdloraError(f"{source} must hold a JSON object, got {type(raw).__name__}")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise KdloraError(
+            f"{source}: field 'schema_version' is {version}, newer than this kdlora understands ({SCHEMA_VERSION}); "
+            "upgrade kdlora: pip install -U kdlora"
+        )
+    try:
+        return RankMetadata.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        where = f"field '{field}': " if field else ""
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+        raise KdloraError(f"{source}: {where}{message}{more}; fix or regenerate the file") from err
