@@ -107,3 +107,46 @@ def write_nested_adapter(out: Path, model, rank: int = 8, alpha: int = 16, seed:
         ranks=[RankResult(rank=k, kl_to_teacher=1.0 / k, teacher_top1_agreement=min(1.0, 0.5 + k / 20), adapter_bytes=k * 100) for k in ranks],
     ).save(out)
     return Path(out)
+
+
+def tiny_input():
+    """Token ids for the tiny Llama (fixed, so every test compares the same forward)."""
+    import torch
+
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def reference_logits(base, adapter_dir, rank, input_ids):
+    """The full adapter with components >= rank zeroed and every scale set to alpha/min(rank, r_module):
+    DyLoRA's rank-k forward, computed without any truncation code."""
+    import torch
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if not hasattr(module, "lora_A") or "default" not in module.r:
+                continue
+            k = min(rank, module.r["default"])
+            if "default" in module.lora_A:
+                module.lora_A["default"].weight[k:] = 0
+                module.lora_B["default"].weight[:, k:] = 0
+            else:
+                module.lora_embedding_A["default"][k:] = 0
+                module.lora_embedding_B["default"][:, k:] = 0
+            module.scaling["default"] = module.lora_alpha["default"] / k
+        logits = model(input_ids).logits
+    model.unload()
+    return logits
+
+
+def peft_logits(base, adapter_dir, input_ids):
+    """Logits of `base` with the adapter in `adapter_dir` loaded by PEFT as it is."""
+    import torch
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    model.unload()
+    return logits

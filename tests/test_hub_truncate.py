@@ -5,46 +5,14 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import kdlora_cli, tiny_llama, write_nested_adapter
+from conftest import kdlora_cli, peft_logits, reference_logits, tiny_input, tiny_llama, write_nested_adapter
 from hub.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, truncate_adapter
 from hub.errors import KdloraError
 from hub.schema import load_metadata
 
-
-def reference_logits(base, adapter_dir, rank, input_ids):
-    """The full adapter with components >= rank zeroed and every scale set to alpha/min(rank, r_module)."""
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if not hasattr(module, "lora_A") or "default" not in module.r:
-                continue
-            r_module = module.r["default"]
-            k = min(rank, r_module)
-            alpha = module.lora_alpha["default"]
-            if "default" in module.lora_A:
-                module.lora_A["default"].weight[k:] = 0
-                module.lora_B["default"].weight[:, k:] = 0
-            else:
-                module.lora_embedding_A["default"][k:] = 0
-                module.lora_embedding_B["default"][:, k:] = 0
-            module.scaling["default"] = alpha / k
-        logits = model(input_ids).logits
-    model.unload()
-    return logits
-
-
-def peft_logits(base, adapter_dir, input_ids):
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    with torch.no_grad():
-        logits = model(input_ids).logits
-    model.unload()
-    return logits
-
-
-INPUT = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+INPUT = tiny_input()
 
 VARIANTS = {
     "linear": {},
@@ -87,9 +55,15 @@ def test_truncation_is_exact_on_the_embedded_teacher(tmp_path, teacher_dir):
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     full = write_nested_adapter(tmp_path / "full", base, rank=16, alpha=32)
     ids = torch.randint(0, base.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    full_logits = peft_logits(base, full, ids)
     for rank in (1, 4, 16):
         cut = truncate_adapter(full, rank, tmp_path / f"r{rank}")
-        torch.testing.assert_close(peft_logits(base, cut, ids), reference_logits(base, full, rank, ids), rtol=1e-4, atol=1e-4)
+        got, expected = peft_logits(base, cut, ids), reference_logits(base, full, rank, ids)
+        # 30 fp32 layers with a large random adapter: the k-term and the zero-padded R-term matmuls sum in
+        # different orders, ~1e-3 apart on logits of magnitude ~20; a wrong truncation is off by O(1).
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=5e-3)
+        if rank < 16:
+            assert (got - full_logits).abs().max() > 0.5
 
 
 # --- bad input: a clear one-line error, non-zero exit, nothing written -------------------------------
