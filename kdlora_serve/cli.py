@@ -93,6 +93,21 @@ def _hub_pull(args) -> int:
     return 0
 
 
+def _prune(args) -> int:
+    from training.prune import run_prune
+
+    run_prune(args.out, teacher=args.teacher, target_params=args.target_params, calib_data=args.calib_data,
+              calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+              hidden_size=args.hidden_size, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+              intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers)
+    print(args.out)
+    return 0
+
+
+DATA_HELP = ("SPEC: a .txt/.md/.jsonl file or folder, hf:NAME[:CONFIG][:SPLIT] (needs `datasets`), "
+             "or builtin:pydoc (Python's documentation; offline)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdlora", description="Distil, publish and serve elastic-rank LoRA students.")
     parser.add_argument("--version", action="version", version=f"kdlora {__version__}")
@@ -112,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="new or empty directory to write")
     export.add_argument("--gguf", type=Path, default=None, help="a Llama-family GGUF to convert (default: the embedded teacher)")
     export.set_defaults(handler=_teacher_export)
+
+    prune = commands.add_parser("prune", help="Minitron-style structured pruning of a teacher into a student")
+    prune.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    prune.add_argument("--out", type=Path, required=True, help="new or empty directory for the student checkpoint")
+    prune.add_argument("--target-params", help="student size: absolute (70M, 1.5B) or a fraction of the teacher (0.5)")
+    for flag in ("--hidden-size", "--num-heads", "--num-kv-heads", "--intermediate-size", "--num-layers"):
+        prune.add_argument(flag, type=int, help="explicit student dimension (the rest: teacher's, or solved from --target-params)")
+    prune.add_argument("--calib-data", default="builtin:pydoc", metavar="SPEC", help=DATA_HELP)
+    prune.add_argument("--calib-samples", type=int, default=1024, help="calibration blocks (default 1024)")
+    prune.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
+    prune.add_argument("--batch-size", type=int, default=8)
+    prune.set_defaults(handler=_prune)
 
     hub = commands.add_parser("hub", help="inspect, truncate, push and pull nested-rank adapters")
     hub_commands = hub.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)

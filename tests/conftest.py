@@ -150,3 +150,13 @@ def peft_logits(base, adapter_dir, input_ids):
         logits = model(input_ids).logits
     model.unload()
     return logits
+
+
+@pytest.fixture(scope="session")
+def pruned_student(teacher_dir, tmp_path_factory) -> Path:
+    """The embedded teacher pruned to ~50% of its parameters (small calibration: this is a test)."""
+    from training.prune import run_prune
+
+    out = tmp_path_factory.mktemp("student") / "smollm2-pruned"
+    run_prune(out, target_params="0.5", calib_samples=32, seq_len=128)
+    return out
