@@ -47,6 +47,8 @@ def rank_table(metadata: RankMetadata) -> str:
     """Markdown table, one row per evaluated rank (also what `kdlora hub inspect` prints)."""
     header = ["rank", *(title for _, _, title in _METRICS), "adapter MB", "ms/token (served)"]
     rows = [header, ["---"] * len(header)]
+    if metadata.base_quality is not None:
+        rows.append(["0 (no adapter)", *(_fmt(getattr(metadata.base_quality, field)) for field, _, _ in _METRICS), "0", "–"])
     for result in metadata.ranks:
         cells = [str(result.rank) + (" (default)" if result.rank == metadata.default_rank else "")]
         cells += [_fmt(getattr(result, field)) for field, _, _ in _METRICS]

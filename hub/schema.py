@@ -35,12 +35,15 @@ class ServingCost(_Strict):
     device: str | None = None
 
 
-class RankResult(_Strict):
-    rank: int = Field(ge=1)
+class Quality(_Strict):
     kl_to_teacher: float | None = Field(None, ge=0, description="mean forward KL(teacher || student), nats/token, held-out")
     teacher_top1_agreement: float | None = Field(None, ge=0, le=1)
     perplexity: float | None = Field(None, gt=0)
     task_metrics: dict[str, float] = Field(default_factory=dict, description="e.g. {'bbc_accuracy': 0.91}")
+
+
+class RankResult(Quality):
+    rank: int = Field(ge=1)
     adapter_bytes: int | None = Field(None, ge=0, description="size of the rank-k adapter's tensors")
     serving: ServingCost | None = None
 
@@ -66,6 +69,7 @@ class RankMetadata(_Strict):
     max_rank: int = Field(ge=1)
     default_rank: int = Field(ge=1, description="the rank served when a request names none")
     ranks: list[RankResult] = Field(default_factory=list, description="evaluated ranks, ascending")
+    base_quality: Quality | None = Field(None, description="the base model without the adapter, same evaluation")
     base_model: ModelRef
     teacher: ModelRef | None = None
     recipe: TrainingRecipe | None = None

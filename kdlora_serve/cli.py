@@ -104,6 +104,15 @@ def _prune(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    from training.distill import DistillConfig, run_distill
+
+    fields = {k: v for k, v in vars(args).items() if k in DistillConfig.__dataclass_fields__ and v is not None}
+    run_distill(DistillConfig(**fields))
+    print(args.out)
+    return 0
+
+
 DATA_HELP = ("SPEC: a .txt/.md/.jsonl file or folder, hf:NAME[:CONFIG][:SPLIT] (needs `datasets`), "
              "or builtin:pydoc (Python's documentation; offline)")
 
@@ -139,6 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     prune.add_argument("--batch-size", type=int, default=8)
     prune.set_defaults(handler=_prune)
+
+    distill = commands.add_parser("distill", help="knowledge distillation into one nested-rank adapter (or the whole student)")
+    distill.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    distill.add_argument("--student", required=True, help="student checkpoint directory (e.g. from kdlora prune) or Hub id")
+    distill.add_argument("--out", type=Path, required=True, help="new or empty directory for the adapter (or the student, --train full)")
+    distill.add_argument("--data", metavar="SPEC", help=DATA_HELP + " (default builtin:pydoc)")
+    distill.add_argument("--train", choices=("qdylora", "lora", "full"), help="qdylora (default): nested ranks 1..R; lora: one rank; full: all weights")
+    distill.add_argument("--max-rank", type=int, help="R for qdylora (default 64)")
+    distill.add_argument("--rank", type=int, help="r for --train lora (default 16)")
+    distill.add_argument("--lora-alpha", type=float, help="LoRA alpha; rank b is scaled alpha/b (default 16)")
+    distill.add_argument("--rank-distribution", choices=("uniform", "pow2"), help="how qdylora samples each step's rank (default uniform)")
+    distill.add_argument("--quantize", choices=("nf4", "none"), help="frozen base of the adapter modes (default nf4)")
+    distill.add_argument("--kd-temperature", type=float, help="T of the KL term (default 2.0)")
+    distill.add_argument("--kd-alpha", type=float, help="weight of KL vs next-token CE (default 0.5)")
+    distill.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    distill.add_argument("--batch-size", type=int, help="blocks per step, over all processes (default 4)")
+    distill.add_argument("--seq-len", type=int, help="tokens per block (default 256)")
+    distill.add_argument("--lr", type=float, help="learning rate (default 2e-4 adapters, 2e-5 full)")
+    distill.add_argument("--eval-ranks", type=_rank_list, metavar="K,K,...", help="ranks to evaluate (default 1,2,4,8,16,32,64, capped at R)")
+    distill.add_argument("--eval-samples", type=int, help="held-out blocks to evaluate on (default 32)")
+    distill.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 50)")
+    distill.add_argument("--resume", action="store_true", help="continue from <out>.checkpoint")
+    distill.add_argument("--seed", type=int, help="seed for data order and sampled ranks (default 0)")
+    distill.set_defaults(handler=_distill)
 
     hub = commands.add_parser("hub", help="inspect, truncate, push and pull nested-rank adapters")
     hub_commands = hub.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)

@@ -160,3 +160,40 @@ def pruned_student(teacher_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("student") / "smollm2-pruned"
     run_prune(out, target_params="0.5", calib_samples=32, seq_len=128)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir(tmp_path_factory) -> Path:
+    """The embedded teacher's tokenizer (read from its GGUF in seconds, no model export)."""
+    from transformers import AutoTokenizer
+
+    from training.teacher import embedded_gguf
+
+    gguf = embedded_gguf()
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def tiny_checkpoint(out: Path, tokenizer_dir: Path, seed: int, **config) -> Path:
+    """A tiny random Llama with the real tokenizer's vocabulary, saved like a real checkpoint."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(LlamaConfig(**{**settings, **config})).save_pretrained(out)
+    for file in Path(tokenizer_dir).iterdir():
+        shutil.copy(file, out / file.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(real_tokenizer_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(teacher, student) tiny checkpoints sharing the real vocabulary: distillation in seconds."""
+    root = tmp_path_factory.mktemp("tiny_pair")
+    return (tiny_checkpoint(root / "teacher", real_tokenizer_dir, seed=0, hidden_size=64, intermediate_size=128),
+            tiny_checkpoint(root / "student", real_tokenizer_dir, seed=1))

@@ -18,3 +18,28 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, desc: str = "pe
         total_loss += loss.item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_loss / total_tokens)
+
+
+@torch.no_grad()
+def quality_against_teacher(model, teacher, blocks: torch.Tensor, settings, configure, batch_size: int = 8) -> dict:
+    """Held-out quality of `model` under each setting: {setting: {kl_to_teacher, teacher_top1_agreement,
+    perplexity}}. `configure(setting)` switches the model (e.g. to a nested rank) before its forward;
+    the teacher runs once per batch for all settings."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    sums = {s: {"kl": 0.0, "agree": 0.0, "nll": 0.0} for s in settings}
+    tokens = 0
+    for start in tqdm(range(0, len(blocks), batch_size), desc=f"evaluating {len(settings)} setting(s)", leave=False):
+        batch = blocks[start:start + batch_size].to(device)
+        teacher_logp = F.log_softmax(teacher(batch.to(next(teacher.parameters()).device)).logits[:, :-1].float().to(device), dim=-1)
+        labels = batch[:, 1:]
+        tokens += labels.numel()
+        for setting in settings:
+            configure(setting)
+            logp = F.log_softmax(model(batch).logits[:, :-1].float(), dim=-1)
+            sums[setting]["kl"] += (teacher_logp.exp() * (teacher_logp - logp)).sum().item()
+            sums[setting]["agree"] += (teacher_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            sums[setting]["nll"] -= logp.gather(-1, labels.unsqueeze(-1)).sum().item()
+    return {s: {"kl_to_teacher": v["kl"] / tokens, "teacher_top1_agreement": v["agree"] / tokens,
+                "perplexity": math.exp(v["nll"] / tokens)} for s, v in sums.items()}

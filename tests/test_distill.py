@@ -1,0 +1,190 @@
+"""Distillation mechanics on tiny models with the real vocabulary: nested ranks, exact truncation,
+resume after interruption, bad input, and DDP under `accelerate launch`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, kdlora_cli, peft_logits, tiny_checkpoint
+from hub.adapter import read_adapter, truncate_adapter
+from hub.errors import KdloraError
+from hub.schema import load_metadata
+from training import distill as distill_mod
+from training.distill import DistillConfig, run_distill
+from training.nested_lora import NestedRank, sample_rank
+
+
+def tiny_config(tiny_pair, out, **overrides) -> DistillConfig:
+    teacher, student = tiny_pair
+    settings = dict(student=str(student), teacher=str(teacher), out=Path(out), steps=6, batch_size=2, seq_len=32,
+                    max_rank=8, eval_ranks=(1, 2, 4, 8), eval_samples=4, quantize="none", save_every=2, lr=1e-2)
+    return DistillConfig(**{**settings, **overrides})
+
+
+def _random_lora(tiny_pair):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_pair[1], dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    return model, NestedRank(model)
+
+
+def test_training_forward_at_rank_b_equals_peft_on_the_truncated_adapter(tiny_pair, tmp_path):
+    model, nested = _random_lora(tiny_pair)
+    ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        at_rank = {}
+        for b in (1, 3, 8):
+            nested.set(b)
+            at_rank[b] = model(ids).logits
+        nested.remove()
+        model.save_pretrained(tmp_path / "full")
+    from hub.schema import ModelRef, RankMetadata
+
+    RankMetadata(max_rank=8, default_rank=8, base_model=ModelRef(id="tiny")).save(tmp_path / "full")
+    base = model.unload()
+    for b, logits in at_rank.items():
+        truncated = truncate_adapter(tmp_path / "full", b, tmp_path / f"r{b}")
+        # masked rank-R matmuls vs rank-b matmuls sum in different orders: ~1e-5 apart, while ranks differ by >0.1
+        torch.testing.assert_close(peft_logits(base, truncated, ids), logits, rtol=1e-4, atol=1e-4)
+    assert (at_rank[1] - at_rank[8]).abs().max() > 0.1
+
+
+def test_a_step_at_rank_b_trains_only_what_rank_b_uses(tiny_pair):
+    model, nested = _random_lora(tiny_pair)
+    nested.set(3)
+    model(torch.randint(0, 49152, (1, 8))).logits.sum().backward()
+    layer = nested.layers[0]
+    a_grad, b_grad = layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+    assert a_grad[:3].abs().sum() > 0 and b_grad[:, :3].abs().sum() > 0
+    assert a_grad[3:].abs().sum() == 0 and b_grad[:, 3:].abs().sum() == 0
+
+
+def test_rank_zero_is_the_base_model(tiny_pair):
+    model, nested = _random_lora(tiny_pair)
+    ids = torch.randint(0, 49152, (1, 8))
+    with torch.no_grad():
+        nested.set(0)
+        off = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+    torch.testing.assert_close(off, base)
+
+
+def test_rank_sampling_is_seeded_and_in_range():
+    uniform = [sample_rank(step, 0, 64) for step in range(200)]
+    assert uniform == [sample_rank(step, 0, 64) for step in range(200)] and min(uniform) >= 1 and max(uniform) <= 64
+    assert len(set(uniform)) > 30
+    assert set(sample_rank(step, 0, 48, "pow2") for step in range(200)) == {1, 2, 4, 8, 16, 32, 48}
+
+
+def test_qdylora_run_writes_a_nested_adapter_with_metadata(tiny_pair, tmp_path):
+    report = run_distill(tiny_config(tiny_pair, tmp_path / "adapter"))
+    out = tmp_path / "adapter"
+    adapter = read_adapter(out)
+    meta = load_metadata(out)
+    assert (meta.max_rank, meta.nested, [r.rank for r in meta.ranks]) == (8, True, [1, 2, 4, 8])
+    assert meta.base_quality.kl_to_teacher == pytest.approx(report["before"]["kl_to_teacher"])
+    assert all(r.kl_to_teacher is not None and r.adapter_bytes > 0 for r in meta.ranks)
+    assert [r.adapter_bytes for r in meta.ranks] == sorted(r.adapter_bytes for r in meta.ranks)
+    assert meta.recipe.steps == 6 and meta.recipe.data_fingerprint
+    assert {"README.md", "quality_vs_rank.png", "distill_report.json"} <= {p.name for p in out.iterdir()}
+    assert max(adapter.module_ranks.values()) == 8
+    assert not Path(f"{out}.checkpoint").exists()  # removed once the result is in place
+
+
+def test_nf4_base_trains_too(tiny_pair, tmp_path):
+    run_distill(tiny_config(tiny_pair, tmp_path / "adapter", quantize="nf4", steps=2))
+    assert load_metadata(tmp_path / "adapter").recipe.quantization == "nf4"
+
+
+def test_full_mode_writes_a_student_checkpoint(tiny_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    report = run_distill(tiny_config(tiny_pair, tmp_path / "healed", train="full", steps=2))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
+    assert model.config.hidden_size == 32 and (tmp_path / "healed" / "tokenizer.json").is_file()
+    assert report["mode"] == "full" and set(report["after"]) == {"None"}
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp_path, monkeypatch):
+    run_distill(tiny_config(tiny_pair, tmp_path / "straight"))
+    original = distill_mod.training_rank
+
+    def ctrl_c_at_step_3(cfg, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(cfg, step)
+
+    monkeypatch.setattr(distill_mod, "training_rank", ctrl_c_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(tiny_config(tiny_pair, tmp_path / "resumed"))
+    checkpoint = tmp_path / "resumed.checkpoint"
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 3  # Ctrl-C saved where it stopped
+    assert not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(distill_mod, "training_rank", original)
+    run_distill(tiny_config(tiny_pair, tmp_path / "resumed", resume=True))
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-6, atol=1e-7)
+    assert load_metadata(tmp_path / "resumed").ranks == load_metadata(tmp_path / "straight").ranks
+
+
+def test_resume_with_other_settings_is_refused(tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(distill_mod, "training_rank", lambda cfg, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(tiny_config(tiny_pair, tmp_path / "a"))
+    with pytest.raises(KdloraError, match=r"--resume: the checkpoint in .*a.checkpoint was made with other settings \(kd_alpha: 0.5 -> 0.9\)"):
+        run_distill(tiny_config(tiny_pair, tmp_path / "a", resume=True, kd_alpha=0.9))
+    with pytest.raises(KdloraError, match="holds an unfinished run for this --out; add --resume to continue it"):
+        run_distill(tiny_config(tiny_pair, tmp_path / "a"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_rank": 0}, "ranks must be positive: --max-rank 0"),
+    ({"eval_ranks": (4, 16)}, "--eval-ranks 16 above --max-rank 8; list ranks <= 8"),
+    ({"train": "full", "quantize": "nf4"}, "--train full updates every weight, which a 4-bit base cannot hold; add --quantize none"),
+    ({"batch_size": 5000}, "fewer than one batch"),
+])
+def test_bad_settings(tiny_pair, tmp_path, overrides, message):
+    with pytest.raises(KdloraError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_distill(tiny_config(tiny_pair, tmp_path / "out", **overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_different_vocabularies_are_refused(tiny_pair, tmp_path, real_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    other = tiny_checkpoint(tmp_path / "other", real_tokenizer_dir, seed=2)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<kdlora-extra>"])
+    tokenizer.save_pretrained(other)
+    result = kdlora_cli("distill", "--teacher", str(other), "--student", str(tiny_pair[1]), "--out", str(tmp_path / "out"),
+                        "--steps", "1", "--quantize", "none")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kdlora: error:")]
+    assert errors == [result.stderr.strip().splitlines()[-1]]
+    assert errors[0].startswith("kdlora: error: teacher and student tokenizers differ: distillation compares next-token distributions")
+
+
+def test_two_ddp_processes_under_accelerate_launch(tiny_pair, tmp_path):
+    teacher, student = tiny_pair
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kdlora_serve.cli", "distill",
+           "--teacher", str(teacher), "--student", str(student), "--out", str(tmp_path / "ddp"), "--quantize", "none",
+           "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--max-rank", "4", "--eval-ranks", "1,4", "--eval-samples", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert read_adapter(tmp_path / "ddp").metadata.max_rank == 4
+    report = json.loads((tmp_path / "ddp" / "distill_report.json").read_text())
+    assert report["steps"] == 3

@@ -1,0 +1,370 @@
+"""`kdlora distill`: knowledge distillation of a student, read top to bottom.
+
+Modes: `qdylora` (default) trains ONE nested-rank LoRA on a frozen (NF4) student, a rank b ~ 1..R per
+step (QDyLoRA, arXiv 2402.10462) against the teacher's logits (KD-LoRA, arXiv 2410.20777); `lora`
+trains a plain fixed-rank adapter (the baseline); `full` trains every student weight (Minitron's
+recovery step after pruning) and writes a student checkpoint.
+
+Long runs: a progress bar, a checkpoint every `save_every` steps (and on Ctrl-C) in `<out>.checkpoint/`,
+`--resume` continues from it with the same result as an uninterrupted run (data order and sampled ranks
+are pure functions of seed and step). Runs unchanged under `accelerate launch` (DDP).
+"""
+
+import dataclasses
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hub.atomic import atomic_dir, require_empty_out
+from hub.errors import KdloraError
+
+MODES = ("qdylora", "lora", "full")
+DEFAULT_EVAL_RANKS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class DistillConfig:
+    student: str
+    out: Path
+    teacher: str | None = None  # None: the embedded teacher
+    data: str = "builtin:pydoc"
+    train: str = "qdylora"
+    max_rank: int = 64  # qdylora: R
+    rank: int = 16  # lora: r
+    lora_alpha: float = 16.0
+    rank_distribution: str = "uniform"
+    quantize: str = "nf4"  # frozen base of lora/qdylora: nf4 | none
+    kd_temperature: float = 2.0
+    kd_alpha: float = 0.5
+    steps: int = 200
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float | None = None  # default: 2e-4 for adapters, 2e-5 for full
+    warmup_steps: int | None = None  # default: 5% of steps
+    eval_ranks: tuple[int, ...] | None = None  # default: DEFAULT_EVAL_RANKS capped at R
+    eval_samples: int = 32
+    save_every: int = 50
+    resume: bool = False
+    seed: int = 0
+
+    # what a checkpoint must agree on to be resumed (everything but bookkeeping)
+    def fingerprint(self) -> dict:
+        ignore = {"out", "resume", "save_every", "eval_ranks", "eval_samples"}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items() if k not in ignore}
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-5 if self.train == "full" else 2e-4)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(f"{self.out}.checkpoint")
+
+
+def validate(cfg: DistillConfig) -> None:
+    if cfg.train not in MODES:
+        raise KdloraError(f"--train {cfg.train} is not a mode; use one of {', '.join(MODES)}")
+    if cfg.max_rank < 1 or cfg.rank < 1:
+        raise KdloraError(f"ranks must be positive: --max-rank {cfg.max_rank}, --rank {cfg.rank}")
+    if cfg.train == "qdylora" and cfg.eval_ranks:
+        above = [r for r in cfg.eval_ranks if r > cfg.max_rank]
+        if above:
+            raise KdloraError(f"--eval-ranks {','.join(map(str, above))} above --max-rank {cfg.max_rank}; list ranks <= {cfg.max_rank}")
+    if any(r < 1 for r in cfg.eval_ranks or ()):
+        raise KdloraError(f"--eval-ranks must be positive, got {','.join(map(str, cfg.eval_ranks))}")
+    if cfg.quantize not in ("nf4", "none"):
+        raise KdloraError(f"--quantize {cfg.quantize}: use nf4 or none")
+    if cfg.train == "full" and cfg.quantize == "nf4":
+        raise KdloraError("--train full updates every weight, which a 4-bit base cannot hold; add --quantize none")
+    for name in ("steps", "batch_size", "seq_len", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise KdloraError(f"--{name.replace('_', '-')} must be at least 1")
+    if not cfg.resume:
+        require_empty_out(cfg.out)
+        if cfg.checkpoint_dir.exists():
+            raise KdloraError(f"{cfg.checkpoint_dir} holds an unfinished run for this --out; add --resume to continue it, or delete it")
+
+
+def run_distill(cfg: DistillConfig) -> dict:
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from training.data import load_token_data
+    from training.losses import KDLoss
+    from training.teacher import load_causal_lm
+
+    validate(cfg)
+    accelerator = Accelerator()
+    say = _printer(accelerator)
+    teacher, teacher_tokenizer, teacher_id = load_causal_lm(cfg.teacher, device=accelerator.device)
+    teacher.requires_grad_(False)
+    student, tokenizer, nested = build_student(cfg, accelerator.device)
+    check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer)
+    data = load_token_data(cfg.data, tokenizer, cfg.seq_len)
+    if len(data.train) < cfg.batch_size:
+        raise KdloraError(f"data {cfg.data} gives {len(data.train)} training blocks of {cfg.seq_len} tokens, fewer than one batch "
+                          f"(--batch-size {cfg.batch_size}); give more data or lower --batch-size / --seq-len")
+    if cfg.batch_size % accelerator.num_processes:
+        raise KdloraError(f"--batch-size {cfg.batch_size} must divide evenly over {accelerator.num_processes} processes")
+    heldout = data.heldout[: cfg.eval_samples]
+    eval_settings = eval_ranks(cfg)
+
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, cfg.steps)
+    state = {"step": 0, "history": [], "before": None, "seconds": 0.0}
+    if cfg.resume and cfg.checkpoint_dir.exists():
+        state = load_checkpoint(cfg, student, optimizer, scheduler)
+        say(f"resuming from step {state['step']} ({cfg.checkpoint_dir})")
+    if state["before"] is None:  # quality before training: the student alone (adapter off)
+        state["before"] = _evaluate(cfg, student, nested, teacher, heldout, [0] if nested else [None])
+        state["before"] = next(iter(state["before"].values()))
+    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    loss_fn = KDLoss(cfg.kd_alpha, cfg.kd_temperature)
+
+    say(f"distilling {teacher_id} -> {cfg.student} ({cfg.train}, {len(trainable)} trainable tensors, "
+        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M params) on {cfg.data}: {len(data.train)} blocks x {cfg.seq_len} tokens")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"distill ({cfg.train})", disable=not accelerator.is_main_process)
+    model.train()
+    try:
+        while state["step"] < cfg.steps:
+            step = state["step"]
+            started = time.perf_counter()
+            batch = batch_for_step(data.train, step, cfg.batch_size, cfg.seed)
+            batch = batch[accelerator.process_index::accelerator.num_processes].to(accelerator.device)
+            rank = training_rank(cfg, step)
+            if nested is not None:
+                nested.set(rank)
+            with torch.no_grad():
+                teacher_logits = teacher(batch).logits[:, :-1]
+            logits = model(batch).logits[:, :-1]
+            loss, parts = loss_fn(logits, teacher_logits, batch[:, 1:])
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - started
+            state["seconds"] += seconds
+            state["step"] = step + 1
+            state["history"].append({"step": step + 1, "loss": loss.item(), **parts, "rank": rank, "seconds": seconds})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts['kl']:.3f}", rank=rank,
+                            tok_s=f"{batch.numel() * accelerator.num_processes / seconds:.0f}")
+            if state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
+                save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)
+    except KeyboardInterrupt:
+        save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)
+        say(f"\ninterrupted at step {state['step']}: checkpoint saved in {cfg.checkpoint_dir}; rerun with --resume to continue")
+        raise
+    finally:
+        bar.close()
+
+    model.eval()
+    report = None
+    if accelerator.is_main_process:
+        student = accelerator.unwrap_model(model)
+        after = _evaluate(cfg, student, nested, teacher, heldout, eval_settings)
+        report = write_result(cfg, student, nested, tokenizer, teacher_id, data, state, after)
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def build_student(cfg: DistillConfig, device):
+    """(model to train, tokenizer, NestedRank or None). Adapters sit on a frozen base, NF4 if asked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+        quantization = None
+        if cfg.train != "full" and cfg.quantize == "nf4":
+            compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32, quantization_config=quantization,
+                                                     use_safetensors=True, device_map={"": device} if quantization else None)
+    except OSError as err:
+        raise KdloraError(f"cannot load student '{cfg.student}' ({str(err).splitlines()[0]}); give the checkpoint directory "
+                          "`kdlora prune` wrote, or a Hub id") from err
+    if quantization is None:
+        model.to(device)
+    if cfg.train == "full":
+        return model, tokenizer, None
+    from peft import LoraConfig, get_peft_model
+
+    from training.nested_lora import NestedRank
+
+    model.requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # LoRA's A is randomly initialised: the same seed, the same run
+    rank = cfg.max_rank if cfg.train == "qdylora" else cfg.rank
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    return model, tokenizer, NestedRank(model)
+
+
+def check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer) -> None:
+    """KD compares distributions token by token: both models must share one vocabulary."""
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise KdloraError("teacher and student tokenizers differ: distillation compares next-token distributions position by position, "
+                          "so both must use the same vocabulary; prune the student from this teacher (kdlora prune) or pick a matching teacher")
+    t_vocab, s_vocab = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    if t_vocab != s_vocab:
+        raise KdloraError(f"teacher has {t_vocab} output logits but the student {s_vocab}; they must match for distillation")
+
+
+def batch_for_step(blocks: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The global batch of `step`: epochs are seeded permutations, so any step can be rebuilt on resume."""
+    n = len(blocks)
+    first = step * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        position = first + len(indices)
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(batch_size - len(indices), n - offset)
+        indices += order[offset:offset + take].tolist()
+    return blocks[indices]
+
+
+def training_rank(cfg: DistillConfig, step: int) -> int:
+    from training.nested_lora import sample_rank
+
+    return sample_rank(step, cfg.seed, cfg.max_rank, cfg.rank_distribution) if cfg.train == "qdylora" else cfg.rank
+
+
+def eval_ranks(cfg: DistillConfig) -> list:
+    if cfg.train == "qdylora":
+        requested = cfg.eval_ranks or [r for r in DEFAULT_EVAL_RANKS if r <= cfg.max_rank]
+        return sorted(set(requested) | {cfg.max_rank})
+    return [cfg.rank] if cfg.train == "lora" else [None]
+
+
+def _evaluate(cfg, student, nested, teacher, heldout, settings) -> dict:
+    from training.evaluate import quality_against_teacher
+
+    was_training = student.training
+    student.eval()
+    configure = nested.set if nested is not None else (lambda setting: None)
+    results = quality_against_teacher(student, teacher, heldout, settings, configure, batch_size=cfg.batch_size)
+    student.train(was_training)
+    return results
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state) -> None:
+    from safetensors.torch import save_file
+
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    with atomic_dir(cfg.checkpoint_dir, replace=True) as tmp:
+        save_file(_trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "config": cfg.fingerprint()}, indent=1))
+
+
+def load_checkpoint(cfg, model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((cfg.checkpoint_dir / "state.json").read_text())
+    saved, now = state.pop("config"), cfg.fingerprint()
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise KdloraError(f"--resume: the checkpoint in {cfg.checkpoint_dir} was made with other settings ({details}); "
+                          "rerun with the original settings, or delete the checkpoint to start over")
+    weights = load_file(cfg.checkpoint_dir / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    # our own file (never one from a hub), and weights_only refuses anything but tensors and containers
+    opt = torch.load(cfg.checkpoint_dir / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return state
+
+
+# --- the result ------------------------------------------------------------------------------------
+
+def write_result(cfg, student, nested, tokenizer, teacher_id, data, state, after) -> dict:
+    steps = state["history"]
+    report = {
+        "mode": cfg.train, "teacher": teacher_id, "student": str(cfg.student), "config": cfg.fingerprint(),
+        "data_fingerprint": data.fingerprint, "train_blocks": len(data.train), "heldout_blocks_evaluated": min(cfg.eval_samples, len(data.heldout)),
+        "steps": state["step"], "tokens": state["step"] * cfg.batch_size * cfg.seq_len,
+        "seconds_training": state["seconds"], "mean_step_seconds": state["seconds"] / max(1, state["step"]),
+        "peak_memory_mb": peak_memory_mb(),
+        "before": state["before"], "after": {str(k): v for k, v in after.items()},
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "history": steps,
+    }
+    with atomic_dir(cfg.out) as tmp:
+        if cfg.train == "full":
+            student.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            nested.remove()
+            student.save_pretrained(tmp)
+            _write_metadata(cfg, tmp, teacher_id, data, state, after)
+        (tmp / "distill_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _write_metadata(cfg, out: Path, teacher_id, data, state, after) -> None:
+    from hub.adapter import adapter_bytes, read_adapter
+    from hub.card import PLOT_FILE, adapter_card, plot_quality_vs_rank
+    from hub.schema import ModelRef, Quality, RankMetadata, RankResult, TrainingRecipe
+
+    max_rank = cfg.max_rank if cfg.train == "qdylora" else cfg.rank
+    metadata = RankMetadata(max_rank=max_rank, default_rank=_default_rank(cfg, after), nested=cfg.train == "qdylora",
+                            base_model=ModelRef(id=str(cfg.student)), teacher=ModelRef(id=teacher_id),
+                            base_quality=Quality(**state["before"]),
+                            recipe=TrainingRecipe(method="kd-qdylora" if cfg.train == "qdylora" else "kd-lora", quantization=cfg.quantize,
+                                                  kd_temperature=cfg.kd_temperature, kd_alpha=cfg.kd_alpha,
+                                                  rank_distribution=cfg.rank_distribution if cfg.train == "qdylora" else None,
+                                                  steps=state["step"], tokens=state["step"] * cfg.batch_size * cfg.seq_len,
+                                                  learning_rate=cfg.learning_rate, seed=cfg.seed, data=cfg.data,
+                                                  data_fingerprint=data.fingerprint))
+    metadata.save(out)  # written first so read_adapter can check the tensors against it
+    adapter = read_adapter(out)
+    metadata.ranks = [RankResult(rank=k, adapter_bytes=adapter_bytes(adapter, k), **after[k]) for k in sorted(after)]
+    metadata.save(out)
+    plot = plot_quality_vs_rank(metadata, out / PLOT_FILE)
+    adapter_card(metadata, Path(cfg.out).name, str(cfg.student), plot=PLOT_FILE if plot else None).save(out / "README.md")
+
+
+def _default_rank(cfg, after) -> int:
+    """The smallest evaluated rank within 10% of the best held-out KL: most of the quality, least cost."""
+    if cfg.train != "qdylora":
+        return cfg.rank
+    best = min(v["kl_to_teacher"] for v in after.values())
+    return min(k for k, v in after.items() if v["kl_to_teacher"] <= best * 1.1)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _printer(accelerator):
+    def say(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+    return say
