@@ -113,6 +113,12 @@ def _distill(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from kdlora_serve.serve import run_serve
+
+    return run_serve(args.adapter, args.host, args.port, args.max_loras, args.allow, args.extra, endpoint=args.endpoint)
+
+
 DATA_HELP = ("SPEC: a .txt/.md/.jsonl file or folder, hf:NAME[:CONFIG][:SPLIT] (needs `datasets`), "
              "or builtin:pydoc (Python's documentation; offline)")
 
@@ -173,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--seed", type=int, help="seed for data order and sampled ranks (default 0)")
     distill.set_defaults(handler=_distill)
 
+    serve = commands.add_parser("serve", help="serve adapters at any rank from vLLM's OpenAI-compatible server",
+                                description="Extra vLLM flags go after `--`, e.g. kdlora serve --adapter org/a -- --dtype float32 --api-key KEY")
+    serve.add_argument("--adapter", action="append", required=True, help="Hub repo ORG/NAME[@REV] or adapter directory (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-loras", type=int, default=4, help="adapter ranks resident at once (vLLM --max-loras)")
+    serve.add_argument("--allow", action="append", default=[], metavar="PATTERN",
+                       help="repo ids requests may pull on demand, e.g. 'myorg/*' (repeatable; default: only --adapter ones)")
+    serve.add_argument("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT, else huggingface.co)")
+    serve.set_defaults(handler=_serve)
+
     hub = commands.add_parser("hub", help="inspect, truncate, push and pull nested-rank adapters")
     hub_commands = hub.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)
     src_help = "adapter: a local directory, file:///PATH, or a Hub repo ORG/NAME[@REVISION]"
@@ -205,7 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:  # everything after `--` goes to vLLM untouched (kdlora serve)
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1:]
     args = build_parser().parse_args(argv)
+    args.extra = extra
+    if extra and args.handler is not _serve:
+        print("kdlora: error: arguments after `--` are only for kdlora serve", file=sys.stderr)
+        return 2
     try:
         return args.handler(args)
     except KdloraError as err:

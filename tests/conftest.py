@@ -39,16 +39,39 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(teacher_dir, tmp_path_factory):
-    """One real `vllm serve` of the teacher on 127.0.0.1 for the whole session; yields its base URL."""
-    from kdlora_serve.engine import engine_defaults, server_command
+def teacher_adapter(teacher_dir, tmp_path_factory) -> Path:
+    """A random nested-rank adapter (R=16) on the real teacher, with made-up per-rank metadata."""
+    from transformers import AutoModelForCausalLM
 
-    engine = engine_defaults()
+    import torch
+
+    base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    return write_nested_adapter(tmp_path_factory.mktemp("adapters") / "teacher-adapter", base, rank=16, alpha=16,
+                                base_model_id=str(teacher_dir), init_scale=0.05)
+
+
+@pytest.fixture(scope="session")
+def session_hub():
+    """One fake Hub (tests/hf_server.py) for the session; the vLLM server pulls from it."""
+    from hf_server import serve_fake_hub
+
+    with serve_fake_hub() as (url, hub):
+        yield url, hub
+
+
+@pytest.fixture(scope="session")
+def vllm_server(teacher_adapter, session_hub, tmp_path_factory):
+    """One real vLLM server for the whole session, started by `kdlora serve` on 127.0.0.1: the teacher
+    as base (served as "teacher"), the adapter as an alias, and repos "kd/*" pullable from the fake Hub."""
+    url, _ = session_hub
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, **engine.env, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    cmd = server_command(teacher_dir, "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port),
-                         "--max-model-len", "2048", *engine.serve_args())
+    root = tmp_path_factory.mktemp("vllm")
+    log_path = root / "server.log"
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(root / "hf"), "KDLORA_CACHE": str(root / "cache"),
+           "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    env.pop("HF_TOKEN", None)
+    cmd = [str(Path(sys.executable).parent / "kdlora"), "serve", "--adapter", str(teacher_adapter), "--port", str(port), "--allow", "kd/*",
+           "--max-loras", "4", "--", "--served-model-name", "teacher", "--dtype", "float32", "--max-model-len", "1024"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base_url = f"http://127.0.0.1:{port}"
@@ -56,7 +79,7 @@ def vllm_server(teacher_dir, tmp_path_factory):
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(f"kdlora serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
                 with urllib.request.urlopen(base_url + "/health", timeout=2) as response:
                     if response.status == 200:
@@ -64,7 +87,7 @@ def vllm_server(teacher_dir, tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(f"kdlora serve not healthy after {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
             time.sleep(1)
         yield base_url
     finally:
@@ -73,7 +96,6 @@ def vllm_server(teacher_dir, tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-
 
 def tiny_llama(seed: int = 0):
     """A random Llama small enough for unit tests (same code paths as the real teacher)."""
@@ -86,7 +108,8 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-def write_nested_adapter(out: Path, model, rank: int = 8, alpha: int = 16, seed: int = 1, dtype=None, **lora_kwargs) -> Path:
+def write_nested_adapter(out: Path, model, rank: int = 8, alpha: int = 16, seed: int = 1, dtype=None, base_model_id: str = "tiny-llama",
+                         **lora_kwargs) -> Path:
     """A PEFT LoRA with random A and B (so every rank component matters) plus its kdlora.json."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -95,15 +118,21 @@ def write_nested_adapter(out: Path, model, rank: int = 8, alpha: int = 16, seed:
 
     torch.manual_seed(seed)
     lora_kwargs.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    init_scale = lora_kwargs.pop("init_scale", None)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, **lora_kwargs)
     peft_model = get_peft_model(model, config)
+    if init_scale is not None:  # a gentler random adapter: outputs change with rank but stay text
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(init_scale)
     if dtype is not None:
         peft_model = peft_model.to(dtype)
     peft_model.save_pretrained(out)
     peft_model.unload()  # leave `model` as it was, for the caller's reference computations
     ranks = sorted({1, 2, 4, rank} & set(range(1, rank + 1)))
     RankMetadata(
-        max_rank=rank, default_rank=min(4, rank), base_model=ModelRef(id="tiny-llama"), teacher=ModelRef(id="tiny-teacher"),
+        max_rank=rank, default_rank=min(4, rank), base_model=ModelRef(id=base_model_id), teacher=ModelRef(id="tiny-teacher"),
         ranks=[RankResult(rank=k, kl_to_teacher=1.0 / k, teacher_top1_agreement=min(1.0, 0.5 + k / 20), adapter_bytes=k * 100) for k in ranks],
     ).save(out)
     return Path(out)

@@ -86,10 +86,9 @@ def validate(cfg: DistillConfig) -> None:
     for name in ("steps", "batch_size", "seq_len", "save_every"):
         if getattr(cfg, name) < 1:
             raise KdloraError(f"--{name.replace('_', '-')} must be at least 1")
-    if not cfg.resume:
-        require_empty_out(cfg.out)
-        if cfg.checkpoint_dir.exists():
-            raise KdloraError(f"{cfg.checkpoint_dir} holds an unfinished run for this --out; add --resume to continue it, or delete it")
+    if not cfg.resume and cfg.checkpoint_dir.exists():
+        raise KdloraError(f"{cfg.checkpoint_dir} holds an unfinished run for this --out; add --resume to continue it, or delete it")
+    require_empty_out(cfg.out)  # the result appears there only when the run is done
 
 
 def run_distill(cfg: DistillConfig) -> dict:

@@ -1,0 +1,133 @@
+"""Budget -> rank: the largest evaluated rank that meets every constraint of a request.
+
+Inputs: the adapter's metadata (per-rank quality and bytes, hub.schema) and this server's own measured
+cost per rank (`CostTracker`, fed by the middleware from finished requests: under the current load,
+not assumed). No budget: the adapter's default rank. Nothing fits: the cheapest rank, flagged as a miss.
+"""
+
+import re
+import threading
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hub.errors import KdloraError
+from hub.schema import RankMetadata
+
+_NAME = re.compile(r"^(?P<adapter>.+?)@r(?P<rank>[^@]*)$")
+
+
+class RequestError(KdloraError):
+    """A bad request: becomes an OpenAI-style JSON error with this HTTP status."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class Budget(BaseModel):
+    """What a request may spend; from `extra_body={"kdlora": {...}}` or `x-kdlora-*` headers."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int | None = Field(None, ge=1, description="exactly this rank")
+    max_rank: int | None = Field(None, ge=1)
+    latency_ms_per_token: float | None = Field(None, gt=0, description="measured decode latency bound")
+    memory_mb: float | None = Field(None, gt=0, description="adapter weights bound, MiB")
+    min_quality: float | None = Field(None, ge=0, le=1, description="minimum held-out top-1 agreement with the teacher")
+
+    def constrained(self) -> bool:
+        return any(v is not None for v in self.model_dump().values())
+
+
+def parse_budget(raw: dict, source: str) -> Budget:
+    try:
+        return Budget.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise RequestError(f"budget field '{field}' ({source}): {first['msg']}", param=f"kdlora.{field}") from err
+
+
+def split_model_name(model: str) -> tuple[str, int | None]:
+    """`org/name@r8` -> ("org/name", 8); `org/name` -> ("org/name", None)."""
+    match = _NAME.match(model)
+    if not match:
+        return model, None
+    if not match["rank"].isdigit():
+        raise RequestError(f"'{model}': the rank after '@r' must be a whole number, e.g. {match['adapter']}@r8", param="model")
+    return match["adapter"], int(match["rank"])
+
+
+@dataclass
+class Choice:
+    rank: int
+    met: bool
+    reason: str  # why the rank was chosen, or which constraint failed
+
+
+class CostTracker:
+    """Exponentially weighted ms per generated token, per (adapter, rank), measured on this server."""
+
+    def __init__(self, weight: float = 0.3):
+        self.weight = weight
+        self._ms: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+
+    def record(self, adapter: str, rank: int, seconds: float, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        ms = 1000 * seconds / tokens
+        with self._lock:
+            old = self._ms.get((adapter, rank))
+            self._ms[(adapter, rank)] = ms if old is None else (1 - self.weight) * old + self.weight * ms
+
+    def measured(self, adapter: str) -> dict[int, float]:
+        with self._lock:
+            return {rank: ms for (name, rank), ms in self._ms.items() if name == adapter}
+
+    def estimate(self, adapter: str, rank: int) -> float | None:
+        """Measured cost of this rank; else the dearest measured lower rank (cost grows with rank); else None."""
+        measured = self.measured(adapter)
+        if rank in measured:
+            return measured[rank]
+        lower = [ms for r, ms in measured.items() if r < rank]
+        return max(lower) if lower else None
+
+
+def choose_rank(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker, requested: int | None = None) -> Choice:
+    if requested is not None or budget.rank is not None:
+        rank = requested if requested is not None else budget.rank
+        if requested is not None and budget.rank is not None and budget.rank != requested:
+            raise RequestError(f"model names rank {requested} but the budget asks for rank {budget.rank}; give one", param="model")
+        try:
+            meta.check_rank(rank)
+        except KdloraError as err:
+            raise RequestError(f"'{adapter}@r{rank}': {err}", param="model") from err
+        failed = _failed(meta, budget, adapter, costs, rank)
+        return Choice(rank, not failed, failed or "rank requested")
+    if not budget.constrained():
+        return Choice(meta.default_rank, True, "default rank")
+    candidates = sorted({r.rank for r in meta.ranks} | {meta.max_rank})
+    fitting = [k for k in candidates if not _failed(meta, budget, adapter, costs, k)]
+    if fitting:
+        return Choice(max(fitting), True, "largest rank within budget")
+    cheapest = candidates[0]
+    return Choice(cheapest, False, _failed(meta, budget, adapter, costs, cheapest))
+
+
+def _failed(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker, rank: int) -> str:
+    """'' when `rank` meets the budget, else the first constraint it breaks."""
+    result = meta.result(rank)
+    if budget.max_rank is not None and rank > budget.max_rank:
+        return f"max_rank {budget.max_rank}"
+    if budget.memory_mb is not None:
+        if result is None or result.adapter_bytes is None or result.adapter_bytes / 2**20 > budget.memory_mb:
+            return f"memory_mb {budget.memory_mb}"
+    if budget.min_quality is not None:
+        if result is None or result.teacher_top1_agreement is None or result.teacher_top1_agreement < budget.min_quality:
+            return f"min_quality {budget.min_quality}"
+    if budget.latency_ms_per_token is not None:
+        estimate = costs.estimate(adapter, rank)
+        if estimate is not None and estimate > budget.latency_ms_per_token:
+            return f"latency_ms_per_token {budget.latency_ms_per_token} (measured {estimate:.1f})"
+    return ""

@@ -1,0 +1,58 @@
+"""Budget -> rank policy, on metadata with known numbers (agreement 0.5 + k/20, bytes 100 k)."""
+
+import pytest
+
+from hub.schema import ModelRef, RankMetadata, RankResult
+from kdlora_serve.policy import Budget, CostTracker, RequestError, choose_rank, parse_budget, split_model_name
+
+META = RankMetadata(max_rank=16, default_rank=4, base_model=ModelRef(id="base"),
+                    ranks=[RankResult(rank=k, teacher_top1_agreement=min(1, 0.5 + k / 20), adapter_bytes=100 * k) for k in (1, 2, 4, 16)])
+
+
+def choose(costs=None, requested=None, **budget):
+    return choose_rank(META, Budget(**budget), "a", costs or CostTracker(), requested)
+
+
+def test_no_budget_gives_the_default_rank():
+    assert (choose().rank, choose().met) == (4, True)
+
+
+def test_largest_rank_meeting_every_constraint():
+    assert choose(max_rank=8).rank == 4
+    assert choose(max_rank=8, min_quality=0.58).rank == 4
+    assert choose(min_quality=0.6).rank == 16
+    assert choose(memory_mb=250 / 2**20).rank == 2
+
+
+def test_measured_latency_decides():
+    costs = CostTracker()
+    costs.record("a", 16, seconds=1.0, tokens=10)  # 100 ms/token measured at rank 16
+    costs.record("a", 2, seconds=0.2, tokens=10)  # 20 ms/token at rank 2
+    assert choose(costs, latency_ms_per_token=50).rank == 4  # rank 4 unmeasured: estimated from rank 2
+    assert choose(costs, latency_ms_per_token=200).rank == 16
+
+
+def test_nothing_fits_gives_the_cheapest_rank_and_says_so():
+    choice = choose(min_quality=0.99, max_rank=2)
+    assert (choice.rank, choice.met, choice.reason) == (1, False, "min_quality 0.99")
+
+
+def test_explicit_rank_is_exact_and_checked():
+    assert choose(requested=3).rank == 3
+    assert choose(requested=16, max_rank=8).met is False
+    with pytest.raises(RequestError, match=r"'a@r17': rank 17 is out of range: this adapter has ranks 1..16"):
+        choose(requested=17)
+    with pytest.raises(RequestError, match="model names rank 2 but the budget asks for rank 3"):
+        choose(requested=2, rank=3)
+
+
+def test_names_and_budgets():
+    assert split_model_name("org/a@r8") == ("org/a", 8)
+    assert split_model_name("org/a") == ("org/a", None)
+    with pytest.raises(RequestError, match=r"'org/a@rX': the rank after '@r' must be a whole number, e.g. org/a@r8"):
+        split_model_name("org/a@rX")
+    with pytest.raises(RequestError, match=r"budget field 'memory_mb' \(test\): Input should be greater than 0"):
+        parse_budget({"memory_mb": -1}, "test")
+    with pytest.raises(RequestError, match=r"budget field 'speed' \(test\): Extra inputs are not permitted"):
+        parse_budget({"speed": 1}, "test")
+    assert parse_budget({"max_rank": "8"}, "headers").max_rank == 8  # header values arrive as strings

@@ -1,0 +1,162 @@
+"""The serving contract against the real vLLM CPU server (started once by `kdlora serve`) with the
+real `openai` client: exact ranks, budgets, errors that leave the server up, exact base traffic under
+mixed batches, hot-swap from the (fake, local) Hub, discovery, metrics, streaming."""
+
+import concurrent.futures
+import json
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import write_nested_adapter
+
+pytestmark = pytest.mark.integration
+ALIAS = "teacher-adapter"
+PROMPT = "The three most useful Python built-in functions are"
+
+
+@pytest.fixture(scope="module")
+def client(vllm_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=vllm_server + "/v1", api_key="unused", max_retries=0)
+
+
+def complete(client, model, prompt=PROMPT, tokens=8, **kwargs):
+    return client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0.0, **kwargs)
+
+
+def text(client, model, prompt=PROMPT):
+    return complete(client, model, prompt).parse().choices[0].text
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_rank_k_greedy_equals_peft_on_the_truncated_adapter(client, teacher_dir, teacher_adapter, tmp_path, rank):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hub.adapter import truncate_adapter
+
+    raw = complete(client, f"{ALIAS}@r{rank}")
+    served = raw.parse()
+    assert served.model == f"{ALIAS}@r{rank}" and raw.headers["x-kdlora-rank"] == str(rank)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, truncate_adapter(teacher_adapter, rank, tmp_path / f"r{rank}")).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert served.choices[0].text == tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_ranks_really_differ(client):
+    assert len({text(client, f"{ALIAS}@r{k}") for k in (1, 16)} | {text(client, "teacher")}) >= 2
+
+
+def test_no_budget_serves_the_default_rank(client):
+    raw = complete(client, ALIAS)
+    assert raw.parse().model == f"{ALIAS}@r4" and raw.headers["x-kdlora-budget-met"] == "true"
+
+
+def test_budget_from_extra_body_and_headers(client):
+    # metadata: agreement 0.5 + k/20 at ranks 1, 2, 4, 16; bytes 100 k
+    raw = complete(client, ALIAS, extra_body={"kdlora": {"max_rank": 8, "min_quality": 0.58}})
+    assert raw.headers["x-kdlora-rank"] == "4" and raw.parse().model == f"{ALIAS}@r4"
+    raw = complete(client, ALIAS, extra_headers={"x-kdlora-max-rank": "2"})
+    assert raw.headers["x-kdlora-rank"] == "2"
+    raw = complete(client, ALIAS, extra_body={"kdlora": {"min_quality": 0.99, "max_rank": 2}})
+    assert (raw.headers["x-kdlora-rank"], raw.headers["x-kdlora-budget-met"]) == ("1", "false")
+    assert raw.headers["x-kdlora-budget-miss"] == "min_quality 0.99"
+
+
+def test_streaming_chat(client):
+    stream = client.chat.completions.create(model=f"{ALIAS}@r2", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=6, temperature=0.0, stream=True)
+    chunks = list(stream)
+    assert chunks and all(chunk.model == f"{ALIAS}@r2" for chunk in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+@pytest.mark.parametrize("model, extra, status, message", [
+    (f"{ALIAS}@r0", {}, 400, "rank 0 is out of range: this adapter has ranks 1..16"),
+    (f"{ALIAS}@r17", {}, 400, "rank 17 is out of range: this adapter has ranks 1..16"),
+    (f"{ALIAS}@rfour", {}, 400, "the rank after '@r' must be a whole number"),
+    (ALIAS, {"kdlora": {"max_rank": -2}}, 400, "budget field 'max_rank'"),
+    (ALIAS, {"kdlora": {"latency_ms_per_token": "fast"}}, 400, "budget field 'latency_ms_per_token'"),
+    ("other/adapter@r2", {}, 403, "adapter 'other/adapter' is not on this server's allow-list (kd/*)"),
+    ("kd/../etc@r2", {}, 400, "paths are not adapter names"),
+    ("/etc/passwd@r2", {}, 400, "paths are not adapter names"),
+    ("kd/missing@r2", {}, 404, "repo kd/missing not found"),
+])
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(client, model, extra, status, message):
+    import openai
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        complete(client, model, extra_body=extra)
+    assert caught.value.status_code == status
+    assert message in caught.value.message
+    assert "Paris" in client.chat.completions.create(
+        model="teacher", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0.0
+    ).choices[0].message.content
+
+
+def _push_raw(hub, repo, directory, **overrides):
+    files = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+    for name, content in overrides.items():
+        files[name] = content
+    hub.create_repo(repo)
+    hub.commit(repo, files)
+
+
+def test_corrupt_and_foreign_adapters_on_the_hub_are_refused(client, session_hub, teacher_adapter):
+    import openai
+
+    _, hub = session_hub
+    meta = json.loads((teacher_adapter / "kdlora.json").read_text())
+    _push_raw(hub, "kd/corrupt", teacher_adapter, **{"kdlora.json": json.dumps({**meta, "max_rank": 32}).encode()})
+    _push_raw(hub, "kd/foreign", teacher_adapter, **{"kdlora.json": json.dumps({**meta, "base_model": {"id": "someone/other-model"}}).encode()})
+    with pytest.raises(openai.BadRequestError, match="says max_rank 32 but the tensors have rank 16"):
+        complete(client, "kd/corrupt@r2")
+    with pytest.raises(openai.BadRequestError, match="was trained on base model 'someone/other-model'"):
+        complete(client, "kd/foreign@r2")
+
+
+def test_hot_swap_from_the_hub_after_start(client, session_hub, teacher_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, hub = session_hub
+    base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    adapter = write_nested_adapter(tmp_path / "hot", base, rank=8, seed=7, base_model_id=str(teacher_dir), init_scale=0.05)
+    _push_raw(hub, "kd/hot", adapter)
+    started = time.perf_counter()
+    cold = complete(client, "kd/hot@r2")
+    cold_s = time.perf_counter() - started
+    started = time.perf_counter()
+    warm = complete(client, "kd/hot@r2")
+    warm_s = time.perf_counter() - started
+    assert cold.parse().choices[0].text == warm.parse().choices[0].text
+    print(f"\ncold first request (pull + truncate + load) {cold_s:.2f} s, warm {warm_s:.2f} s: +{cold_s - warm_s:.2f} s")
+
+
+def test_32_concurrent_mixed_requests_equal_each_alone(client):
+    models = ["teacher", f"{ALIAS}@r1", f"{ALIAS}@r4", f"{ALIAS}@r16"]
+    prompts = [PROMPT, "def fibonacci(n):", "A list in Python is", "The capital of Italy is"]
+    cases = [(models[i % 4], prompts[(i // 4) % 4]) for i in range(32)]
+    alone = {case: text(client, *case) for case in set(cases)}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        together = list(pool.map(lambda case: text(client, *case), cases))
+    assert together == [alone[case] for case in cases]
+
+
+def test_discovery_and_metrics(client, vllm_server):
+    text(client, f"{ALIAS}@r2")
+    with urllib.request.urlopen(vllm_server + "/v1/kdlora/adapters") as response:
+        listing = json.loads(response.read())["data"]
+    entry = next(row for row in listing if row["id"] == ALIAS)
+    assert entry["max_rank"] == 16 and entry["default_rank"] == 4 and 2 in entry["warm_ranks"]
+    assert [r["rank"] for r in entry["ranks"]] == [1, 2, 4, 16]
+    assert entry["ranks"][1]["measured_ms_per_token"] > 0
+    with urllib.request.urlopen(vllm_server + "/metrics") as response:
+        metrics = response.read().decode()
+    assert f'kdlora_requests_total{{adapter="{ALIAS}",rank="2"}}' in metrics
