@@ -47,7 +47,7 @@ def teacher_adapter(teacher_dir, tmp_path_factory) -> Path:
 
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     return write_nested_adapter(tmp_path_factory.mktemp("adapters") / "teacher-adapter", base, rank=16, alpha=16,
-                                base_model_id=str(teacher_dir), init_scale=0.05)
+                                base_model_id=str(teacher_dir), init_scale=0.5)
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,8 @@ def test_rank_k_greedy_equals_peft_on_the_truncated_adapter(client, teacher_dir,
 
 
 def test_ranks_really_differ(client):
-    assert len({text(client, f"{ALIAS}@r{k}") for k in (1, 16)} | {text(client, "teacher")}) >= 2
+    outputs = {text(client, f"{ALIAS}@r{k}") for k in (1, 4, 16)} | {text(client, "teacher")}
+    assert len(outputs) >= 3  # the exactness tests above compare texts that do depend on the rank
 
 
 def test_no_budget_serves_the_default_rank(client):
@@ -140,9 +141,11 @@ def test_hot_swap_from_the_hub_after_start(client, session_hub, teacher_dir, tmp
 
 
 def test_32_concurrent_mixed_requests_equal_each_alone(client):
-    models = ["teacher", f"{ALIAS}@r1", f"{ALIAS}@r4", f"{ALIAS}@r16"]
+    # four adapter ranks fill all --max-loras 4 slots, so a base token that wrongly reads slot -1 (the last
+    # slot, vLLM's CPU bug) would get a real adapter's LoRA and change its text
+    models = ["teacher", f"{ALIAS}@r1", f"{ALIAS}@r2", f"{ALIAS}@r4", f"{ALIAS}@r16"]
     prompts = [PROMPT, "def fibonacci(n):", "A list in Python is", "The capital of Italy is"]
-    cases = [(models[i % 4], prompts[(i // 4) % 4]) for i in range(32)]
+    cases = [(models[i % 5], prompts[(i // 5) % 4]) for i in range(32)]
     alone = {case: text(client, *case) for case in set(cases)}
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         together = list(pool.map(lambda case: text(client, *case), cases))

@@ -1,0 +1,39 @@
+"""`kdlora serve` builds the vLLM command from the adapter metadata (no server started here)."""
+
+import json
+
+import pytest
+
+from conftest import tiny_llama, write_nested_adapter
+from hub.errors import KdloraError
+from kdlora_serve.serve import serve_command
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    model = tiny_llama()
+    return (write_nested_adapter(tmp_path / "a", model, rank=8, base_model_id="org/student"),
+            write_nested_adapter(tmp_path / "b", model, rank=24, base_model_id="org/student"))
+
+
+def test_flags_come_from_the_metadata(adapters):
+    argv, env = serve_command([str(a) for a in adapters], "0.0.0.0", 9000, 2, ["myorg/*"], ["--tensor-parallel-size", "2", "--dtype", "bfloat16"])
+    joined = " ".join(argv)
+    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "org/student"]
+    assert "--enable-lora --max-lora-rank 32 --max-loras 2" in joined  # smallest vLLM rank >= 24
+    assert "--middleware kdlora_serve.middleware.KdloraMiddleware --host 0.0.0.0 --port 9000" in joined
+    assert joined.endswith("--tensor-parallel-size 2 --dtype bfloat16")
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1" and env["KDLORA_ALLOW"] == "myorg/*"
+    assert json.loads(env["KDLORA_ADAPTERS"]) == {"a": str(adapters[0]), "b": str(adapters[1])}
+    assert env["KDLORA_BASE_ID"] == "org/student"
+
+
+def test_api_key_goes_to_the_environment_not_the_command_line(adapters):
+    argv, env = serve_command([str(adapters[0])], "127.0.0.1", 8000, 4, [], ["--api-key", "sk-secret"])
+    assert "sk-secret" not in " ".join(argv) and env["VLLM_API_KEY"] == "sk-secret"
+
+
+def test_adapters_for_different_bases_are_refused(tmp_path, adapters):
+    other = write_nested_adapter(tmp_path / "c", tiny_llama(), rank=4, base_model_id="org/other")
+    with pytest.raises(KdloraError, match=r"trained on different base models \(org/other, org/student\); one server serves one base"):
+        serve_command([str(adapters[0]), str(other)], "127.0.0.1", 8000, 4, [], [])
