@@ -137,7 +137,7 @@ def push(src: Path, repo: str, student: Path | None = None, student_repo: str | 
             where, revision = _upload(student_ref, staging / "student", private, endpoint, token, "student")
             landed.append(where)
             # lineage: the adapter's base is now the published student, pinned to the commit just made
-            metadata = metadata.model_copy(update={"base_model": ModelRef(id=_name(student_ref), revision=revision)})
+            metadata = metadata.model_copy(update={"base_model": ModelRef(id=_model_id(student_ref), revision=revision)})
         _stage_adapter(adapter.path, metadata, staging / "adapter", _name(adapter_ref), materialize_ranks)
         where, _ = _upload(adapter_ref, staging / "adapter", private, endpoint, token, "adapter")
         landed.append(where)
@@ -145,7 +145,13 @@ def push(src: Path, repo: str, student: Path | None = None, student_repo: str | 
 
 
 def _name(ref: RepoRef) -> str:
+    """What a card calls the repo."""
     return ref.repo_id if ref.repo_id else ref.path.name
+
+
+def _model_id(ref: RepoRef) -> str:
+    """What transformers / vLLM load the repo by: a repo id, or a local hub's absolute path."""
+    return ref.repo_id if ref.repo_id else str(ref.path)
 
 
 def _stage_adapter(src: Path, metadata: RankMetadata, stage: Path, name: str, materialize_ranks) -> None:

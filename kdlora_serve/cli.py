@@ -35,7 +35,7 @@ def _teacher_export(args) -> int:
 def _quickstart(args) -> int:
     from kdlora_serve.quickstart import run_quickstart
 
-    return run_quickstart(max_tokens=args.max_tokens)
+    return run_quickstart(args.out, mode="full" if args.full else "smoke" if args.smoke else "fast")
 
 
 def _rank_list(text: str) -> list[int]:
@@ -129,8 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    quickstart = commands.add_parser("quickstart", help="run the main job on the embedded default model")
-    quickstart.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt")
+    quickstart = commands.add_parser("quickstart", help="the whole pipeline on the embedded default model, offline")
+    quickstart.add_argument("--out", type=Path, default=Path("kdlora-quickstart"), help="work directory (reused: finished stages are skipped)")
+    speed = quickstart.add_mutually_exclusive_group()
+    speed.add_argument("--fast", action="store_true", help="short training, <= 20 min on 2 CPU cores (default)")
+    speed.add_argument("--full", action="store_true", help="train long enough for the numbers to mean something")
+    speed.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds of training: tests only
     quickstart.set_defaults(handler=_quickstart)
 
     doctor = commands.add_parser("doctor", help="check the environment and say how to fix each problem")

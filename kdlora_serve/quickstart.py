@@ -1,46 +1,178 @@
-"""`kdlora quickstart`: the main job on the embedded default, end to end.
+"""`kdlora quickstart`: the whole system on the embedded default, offline, the way a new user meets it.
 
-Today: export the embedded teacher and answer a few chat prompts with it through vLLM. Later stages
-(prune, distill, push, serve) join here as they land.
+teacher (SmolLM2-135M-Instruct) -> prune to ~half -> full-parameter KD (healing) -> QDyLoRA KD (one
+adapter, max rank 64) -> push to a local directory hub (and to $HF_ENDPOINT if set) -> kdlora serve ->
+every evaluated rank and a budget request through the `openai` client -> a table and plots.
+
+Every stage writes its result atomically under --out and is skipped when that result exists; the two
+distillation stages resume from their checkpoints, so an interrupted quickstart continues where it was.
 """
 
 import os
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
-from training.teacher import embedded_teacher
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a Python function that returns the square of a number.",
-    "Give one tip for writing clear documentation.",
-]
+PROMPT = "Explain what a Python list comprehension is."
+TOKENS = 32  # generated per throughput probe (ignore_eos: every rank generates the same length)
 
 
-def run_quickstart(max_tokens: int = 32) -> int:
-    print("[1/2] embedded teacher: exporting SmolLM2-135M-Instruct (cached after the first run)", file=sys.stderr)
+@dataclass(frozen=True)
+class Plan:
+    calib_samples: int
+    heal_steps: int
+    adapter_steps: int
+    seq_len: int
+    eval_samples: int
+    eval_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+
+PLANS = {
+    "smoke": Plan(calib_samples=16, heal_steps=2, adapter_steps=2, seq_len=64, eval_samples=4, eval_ranks=(1, 8, 64)),  # tests only
+    "fast": Plan(calib_samples=64, heal_steps=30, adapter_steps=60, seq_len=128, eval_samples=16),  # <= 20 min on 2 cores
+    "full": Plan(calib_samples=1024, heal_steps=400, adapter_steps=600, seq_len=256, eval_samples=44),  # the README's numbers
+}
+
+
+def _stage(number: int, title: str) -> None:
+    print(f"\n[{number}/6] {title}", file=sys.stderr, flush=True)
+
+
+def run_quickstart(out: Path, mode: str = "fast") -> int:
+    from hub.remote import push
+    from training.distill import DistillConfig, run_distill
+    from training.prune import run_prune
+    from training.teacher import embedded_teacher
+
+    plan, out = PLANS[mode], Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _stage(1, "embedded teacher (exported once into the cache)")
     teacher = embedded_teacher()
-    print(f"      {teacher}", file=sys.stderr)
 
-    print("[2/2] generating with vLLM (greedy)", file=sys.stderr)
-    from kdlora_serve.engine import engine_defaults
+    _stage(2, "prune the teacher to ~50% of its parameters")
+    pruned = out / "student-pruned"
+    if not (pruned / "pruning_report.json").exists():
+        run_prune(pruned, target_params="0.5", calib_samples=plan.calib_samples, seq_len=plan.seq_len)
+    _stage(3, f"heal the pruned student: full-parameter distillation, {plan.heal_steps} steps")
+    student = out / "student"
+    if not (student / "distill_report.json").exists():
+        run_distill(DistillConfig(student=str(pruned), out=student, train="full", quantize="none", steps=plan.heal_steps,
+                                  seq_len=plan.seq_len, eval_samples=plan.eval_samples, resume=True))
+    _stage(4, f"distil ONE nested-rank adapter (QDyLoRA, NF4 base, max rank 64), {plan.adapter_steps} steps")
+    adapter = out / "adapter"
+    if not (adapter / "distill_report.json").exists():
+        run_distill(DistillConfig(student=str(student), out=adapter, train="qdylora", max_rank=64, quantize="nf4",
+                                  steps=plan.adapter_steps, seq_len=plan.seq_len, lr=1e-3, eval_ranks=plan.eval_ranks,
+                                  eval_samples=plan.eval_samples, resume=True))
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress lines, not its start-up log
-    engine = engine_defaults()
-    for key, value in engine.env.items():
-        os.environ.setdefault(key, value)
-    from vllm import LLM, SamplingParams
+    _stage(5, "publish student + adapter to the local directory hub" + (" and $HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else ""))
+    hub = out / "hub" / "kdlora"
+    published = hub / "smollm2-half-qdylora"
+    for where in push(adapter, str(published), student=student, student_repo=str(hub / "smollm2-half"), materialize_ranks=[8]):
+        print(f"      {where}", file=sys.stderr)
+    if os.environ.get("HF_ENDPOINT"):
+        namespace = os.environ.get("KDLORA_QUICKSTART_NAMESPACE", "kdlora")
+        for where in push(adapter, f"{namespace}/smollm2-half-qdylora", student=student, student_repo=f"{namespace}/smollm2-half"):
+            print(f"      {where}", file=sys.stderr)
 
-    llm = LLM(model=str(teacher), **engine.llm_kwargs)
-    start = time.perf_counter()
-    outputs = llm.chat(
-        [[{"role": "user", "content": prompt}] for prompt in PROMPTS],
-        SamplingParams(temperature=0.0, max_tokens=max_tokens),
-        use_tqdm=False,
-    )
-    seconds = time.perf_counter() - start
-    tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
-    for prompt, out in zip(PROMPTS, outputs):
-        print(f"\n> {prompt}\n{out.outputs[0].text.strip()}")
-    print(f"\n{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tok/s, batch of {len(PROMPTS)})")
+    _stage(6, "serve with vLLM (kdlora serve) and query every evaluated rank through the openai client")
+    rows, budget = _serve_and_query(published, out)
+    print("\n" + _table(published, rows))
+    print(f"\nbudget request {{'max_rank': 16, 'min_quality': {budget['asked']:.3f}}} -> served at rank {budget['rank']} "
+          f"(budget met: {budget['met']})")
+    _plot(rows, out / "quickstart.png")
+    print(f"\nplots: {published / 'quality_vs_rank.png'}, {out / 'quickstart.png'}\nadapter: {published}")
     return 0
+
+
+def _serve_and_query(adapter: Path, out: Path):
+    from openai import OpenAI
+
+    from hub.schema import load_metadata
+
+    meta = load_metadata(adapter)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = out / "serve.log"
+    cmd = [str(Path(sys.executable).parent / "kdlora"), "serve", "--adapter", str(adapter), "--port", str(port),
+           "--", "--served-model-name", "student", "--max-model-len", "1024"]
+    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(server, url, log)
+        client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+        rows = [{"rank": 0, "quality": meta.base_quality, "tok_s": _tok_s(client, "student")}]
+        for result in meta.ranks:
+            rows.append({"rank": result.rank, "quality": result, "tok_s": _tok_s(client, f"{adapter.name}@r{result.rank}"),
+                         "mb": (result.adapter_bytes or 0) / 1e6})
+        best = max(r.teacher_top1_agreement for r in meta.ranks)
+        asked = round(best * 0.98, 3)
+        raw = client.chat.completions.with_raw_response.create(
+            model=adapter.name, messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0.0,
+            extra_body={"kdlora": {"max_rank": 16, "min_quality": asked}})
+        budget = {"asked": asked, "rank": int(raw.headers["x-kdlora-rank"]), "met": raw.headers["x-kdlora-budget-met"]}
+        return rows, budget
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+
+
+def _wait_healthy(server, url: str, log: Path, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"kdlora serve exited with {server.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"kdlora serve was not healthy after {timeout_s:.0f} s; see {log}")
+
+
+def _tok_s(client, model: str) -> float:
+    started = time.perf_counter()
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=TOKENS,
+                                           temperature=0.0, extra_body={"ignore_eos": True})
+    return reply.usage.completion_tokens / (time.perf_counter() - started)
+
+
+def _table(adapter: Path, rows) -> str:
+    lines = [f"{adapter.name}: held-out quality per rank, served throughput (1 request, {TOKENS} tokens)",
+             "| rank | KL to teacher | top-1 agreement | tok/s | adapter MB |", "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        q = row["quality"]
+        name = "0 (student alone)" if row["rank"] == 0 else str(row["rank"])
+        lines.append(f"| {name} | {q.kl_to_teacher:.3f} | {q.teacher_top1_agreement:.3f} | {row['tok_s']:.1f} | {row.get('mb', 0):.2f} |")
+    return "\n".join(lines)
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranked = [r for r in rows if r["rank"] > 0]
+    fig, kl_axis = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ranks = [r["rank"] for r in ranked]
+    kl_axis.plot(ranks, [r["quality"].kl_to_teacher for r in ranked], "o-", color="tab:red", label="held-out KL to teacher")
+    kl_axis.axhline(rows[0]["quality"].kl_to_teacher, color="tab:red", linestyle=":", label="student alone")
+    kl_axis.set_xscale("log", base=2)
+    kl_axis.set_xticks(ranks, [str(r) for r in ranks])
+    kl_axis.set_xlabel("rank served (one nested adapter)")
+    kl_axis.set_ylabel("KL(teacher || student)", color="tab:red")
+    speed = kl_axis.twinx()
+    speed.plot(ranks, [r["tok_s"] for r in ranked], "s--", color="tab:blue", label="served tok/s")
+    speed.axhline(rows[0]["tok_s"], color="tab:blue", linestyle=":")
+    speed.set_ylabel("tok/s (1 request)", color="tab:blue")
+    kl_axis.set_title("quickstart: quality and cost per rank", fontsize=9)
+    fig.legend(loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)

@@ -224,7 +224,7 @@ def test_local_directory_hub(adapter, student, base, tmp_path):
     assert (hub_root / "kd" / "tiny-student" / "README.md").is_file()
     inspected = kdlora_cli("hub", "inspect", f"file://{hub_root}/kd/tiny")
     assert inspected.returncode == 0, inspected.stderr
-    assert "base       tiny-student" in inspected.stdout
+    assert f"base       {hub_root}/kd/tiny-student" in inspected.stdout  # loadable: the local hub's path
     assert "| 4 (default) | 0.25 | 0.7 |" in inspected.stdout
     truncated = kdlora_cli("hub", "truncate", f"file://{hub_root}/kd/tiny", "--rank", "5", "--out", str(tmp_path / "r5"))
     assert truncated.returncode == 0, truncated.stderr

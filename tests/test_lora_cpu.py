@@ -9,6 +9,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 from kdlora_serve import lora_cpu  # noqa: E402
 
 STOCK_ADD_LORA_LINEAR = PunicaWrapperCPU.add_lora_linear  # captured before any patch in this process
+STOCK = {name: getattr(PunicaWrapperCPU, name) for name in ("add_lora_linear", "add_lora_logits", "update_metadata")}
 
 
 def wrapper_with_slots(slots: list[int]) -> PunicaWrapperCPU:
@@ -36,8 +37,25 @@ def test_grouped_path_skips_base_tokens_and_applies_each_slot():
         if slot >= 0:
             expected[row, :12] += (x[row] @ a[0][slot, 0].T * 0.5) @ b[0][slot, 0].T
             expected[row, 12:] += (x[row] @ a[1][slot, 0].T * 0.5) @ b[1][slot, 0].T
-    lora_cpu.grouped_add_lora_linear(wrapper_with_slots(slots), y, x, a, b, 0.5, (12, 4))
+    lora_cpu.add_lora_linear(wrapper_with_slots(slots), y, x, a, b, 0.5, (12, 4))
     torch.testing.assert_close(y, expected)
+
+
+def test_only_the_slots_true_rank_is_used():
+    """A slot holding a rank-3 adapter: rows 3.. of its padded A/B are never read (zero them or not)."""
+    slots = [0, 0, -1]
+    x, a, b = torch.randn(3, 16), *stacked()
+    wrapper = wrapper_with_slots(slots)
+    wrapper.kdlora_slot_ranks = {0: 3}
+    y = torch.zeros(3, 16)
+    lora_cpu.add_lora_linear(wrapper, y, x, a, b, 1.0, (12, 4))
+    padded = tuple(t.clone() for t in a), tuple(t.clone() for t in b)
+    for t in padded[0]:
+        t[:, :, 3:] = 0  # what vLLM stores for a rank-3 adapter: zero padding beyond its rank
+    y_padded = torch.zeros(3, 16)
+    STOCK_ADD_LORA_LINEAR(wrapper_with_slots([0, 0, 0]), y_padded, x, *padded, 1.0, (12, 4))
+    torch.testing.assert_close(y[:2], y_padded[:2], rtol=1e-5, atol=1e-5)
+    assert y[2].abs().sum() == 0
 
 
 def test_stock_vllm_path_still_has_the_bug():
@@ -52,12 +70,16 @@ def test_stock_vllm_path_still_has_the_bug():
 def test_install_is_version_guarded(monkeypatch):
     import vllm
 
-    monkeypatch.setattr(PunicaWrapperCPU, "add_lora_linear", STOCK_ADD_LORA_LINEAR)
-    monkeypatch.setattr(PunicaWrapperCPU, "add_lora_logits", PunicaWrapperCPU.add_lora_logits)
+    from vllm.lora.model_manager import LoRAModelManager
+
+    for name, method in STOCK.items():
+        monkeypatch.setattr(PunicaWrapperCPU, name, method)
+    monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
     assert lora_cpu.install() is False and PunicaWrapperCPU.add_lora_linear is STOCK_ADD_LORA_LINEAR
     monkeypatch.setattr(vllm, "__version__", "0.32.0")
     monkeypatch.setenv("KDLORA_RANK_AWARE", "0")
     assert lora_cpu.install() is False
     monkeypatch.delenv("KDLORA_RANK_AWARE")
-    assert lora_cpu.install() is True and PunicaWrapperCPU.add_lora_linear is lora_cpu.grouped_add_lora_linear
+    assert lora_cpu.install() is True and PunicaWrapperCPU.add_lora_linear is lora_cpu.add_lora_linear
+    assert lora_cpu.install() is True and lora_cpu._STOCK["add_lora_linear"] is STOCK_ADD_LORA_LINEAR  # idempotent

@@ -67,7 +67,19 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_quickstart_answers_through_vllm():
-    result = kdlora_cli("quickstart", "--max-tokens", "12")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "> What is the capital of France?\nThe capital of France is Paris." in result.stdout
+def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path):
+    """The README's first command, with seconds of training (--smoke): every stage, real models, real server."""
+    out = tmp_path / "qs"
+    first = kdlora_cli("quickstart", "--smoke", "--out", str(out), timeout=1500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "| rank | KL to teacher | top-1 agreement | tok/s | adapter MB |" in first.stdout
+    for row in ("| 0 (student alone) |", "| 1 |", "| 8 |", "| 64 |"):
+        assert row in first.stdout
+    assert "budget request {'max_rank': 16" in first.stdout and "-> served at rank" in first.stdout
+    published = out / "hub" / "kdlora" / "smollm2-half-qdylora"
+    assert (published / "quality_vs_rank.png").is_file() and (out / "quickstart.png").is_file()
+    assert (published / "r8" / "adapter_model.safetensors").is_file()
+    assert (out / "hub" / "kdlora" / "smollm2-half" / "pruning_report.json").is_file()
+    second = kdlora_cli("quickstart", "--smoke", "--out", str(out), timeout=1500)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "importance (calibration)" not in second.stderr and "distilling" not in second.stderr  # stages reused

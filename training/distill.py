@@ -24,6 +24,7 @@ import torch
 
 from hub.atomic import atomic_dir, require_empty_out
 from hub.errors import KdloraError
+from hub.remote import PRUNING_REPORT
 
 MODES = ("qdylora", "lora", "full")
 DEFAULT_EVAL_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -123,9 +124,9 @@ def run_distill(cfg: DistillConfig) -> dict:
     if cfg.resume and cfg.checkpoint_dir.exists():
         state = load_checkpoint(cfg, student, optimizer, scheduler)
         say(f"resuming from step {state['step']} ({cfg.checkpoint_dir})")
-    if state["before"] is None:  # quality before training: the student alone (adapter off)
-        state["before"] = _evaluate(cfg, student, nested, teacher, heldout, [0] if nested else [None])
-        state["before"] = next(iter(state["before"].values()))
+    if state["before"] is None:  # quality before training: the student alone (rank 0 = adapter off)
+        alone = 0 if nested is not None else None
+        state["before"] = _evaluate(cfg, student, nested, teacher, heldout, [alone])[alone]
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     loss_fn = KDLoss(cfg.kd_alpha, cfg.kd_temperature)
 
@@ -317,6 +318,8 @@ def write_result(cfg, student, nested, tokenizer, teacher_id, data, state, after
         if cfg.train == "full":
             student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            if (Path(cfg.student) / PRUNING_REPORT).is_file():  # lineage: a healed student keeps its pruning report
+                shutil.copy2(Path(cfg.student) / PRUNING_REPORT, tmp / PRUNING_REPORT)
         else:
             nested.remove()
             student.save_pretrained(tmp)

@@ -1,0 +1,178 @@
+"""Serving cost per rank, rank-aware path vs stock vLLM, side by side (one server process per mode).
+
+For each mode (KDLORA_RANK_AWARE=1: kdlora's grouped rank-aware CPU path; =0: vLLM's stock path) and
+dtype, `kdlora serve` starts once on 127.0.0.1 with a nested adapter of max rank 64 on the embedded
+teacher; every rank is warmed, then throughput (generated tok/s, greedy, fixed length) is measured at
+concurrency 1 and 8 for the base model and each rank, interleaved round-robin over `--rounds` rounds so
+load drift hits all rows alike. Ratios are to the base model measured in the same server run. Also
+time-to-first-token of a rank not yet loaded (pull + truncate + load) vs warm. Writes JSON + PNG to
+benchmarks/results/.
+
+    .venv/bin/python benchmarks/serve_bench.py [--dtypes float32,bfloat16] [--tokens 64] [--rounds 2]
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / ".work"
+RESULTS = ROOT / "benchmarks" / "results"
+RANKS = [1, 4, 8, 16, 32, 64]
+PROMPTS = ["The three most useful Python built-in functions are", "def fibonacci(n):", "A list in Python is",
+           "Write one sentence about the sea.", "The capital of Italy is", "import numpy as np", "Dear team,", "SELECT name FROM"]
+
+
+def make_adapter() -> Path:
+    """A random nested adapter (R=64) on the embedded teacher, written once."""
+    out = WORK / "bench-adapter"
+    if (out / "kdlora.json").exists():
+        return out
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hub.adapter import adapter_bytes, read_adapter
+    from hub.schema import ModelRef, RankMetadata, RankResult
+    from training.teacher import embedded_teacher
+
+    teacher = embedded_teacher()
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32),
+                           LoraConfig(r=64, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.05)
+    model.save_pretrained(out)
+    RankMetadata(max_rank=64, default_rank=8, base_model=ModelRef(id=str(teacher))).save(out)
+    adapter = read_adapter(out)
+    RankMetadata(max_rank=64, default_rank=8, base_model=ModelRef(id=str(teacher)),
+                 ranks=[RankResult(rank=k, adapter_bytes=adapter_bytes(adapter, k)) for k in RANKS]).save(out)
+    return out
+
+
+def start_server(adapter: Path, rank_aware: bool, dtype: str, log: Path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "KDLORA_RANK_AWARE": "1" if rank_aware else "0", "VLLM_NO_USAGE_STATS": "1", "KDLORA_CACHE": str(WORK / "cache")}
+    cmd = [str(Path(sys.executable).parent / "kdlora"), "serve", "--adapter", str(adapter), "--port", str(port), "--max-loras", "8",
+           "--", "--served-model-name", "base", "--dtype", dtype, "--max-model-len", "1024"]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("server did not start")
+
+
+def throughput(client, model: str, concurrency: int, tokens: int) -> float:
+    def one(i):
+        reply = client.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens, temperature=0.0,
+                                          extra_body={"ignore_eos": True})
+        return reply.usage.completion_tokens
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        generated = sum(pool.map(one, range(concurrency)))
+    return generated / (time.perf_counter() - started)
+
+
+def ttft(client, model: str) -> float:
+    started = time.perf_counter()
+    stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0.0, stream=True)
+    next(iter(stream))
+    elapsed = time.perf_counter() - started
+    for _ in stream:
+        pass
+    return elapsed
+
+
+def run_mode(adapter, rank_aware, dtype, tokens, rounds) -> dict:
+    from openai import OpenAI
+
+    name = f"{'rank-aware' if rank_aware else 'stock'}-{dtype}"
+    proc, url = start_server(adapter, rank_aware, dtype, WORK / f"server-{name}.log")
+    try:
+        client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+        alias = adapter.name
+        cold = ttft(client, f"{alias}@r2")  # never loaded: pull (local) + truncate + load
+        warm = ttft(client, f"{alias}@r2")
+        models = ["base"] + [f"{alias}@r{k}" for k in RANKS]
+        for model in models:
+            throughput(client, model, 1, 4)  # warm-up: every rank resident before timing
+        rates = {(m, c): [] for m in models for c in (1, 8)}
+        for _ in range(rounds):
+            for concurrency in (1, 8):
+                for model in models:
+                    rates[(model, concurrency)].append(throughput(client, model, concurrency, tokens))
+        mean = {key: sum(v) / len(v) for key, v in rates.items()}
+        rows = {}
+        for concurrency in (1, 8):
+            base = mean[("base", concurrency)]
+            rows[f"c{concurrency}"] = {"base_tok_s": base, **{str(k): {"tok_s": mean[(f"{alias}@r{k}", concurrency)],
+                                                                        "ratio_to_base": mean[(f"{alias}@r{k}", concurrency)] / base}
+                                                                  for k in RANKS}}
+        result = {"mode": name, "ttft_cold_s": cold, "ttft_warm_s": warm, "throughput": rows}
+        print(json.dumps(result), flush=True)
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    adapter = make_adapter()
+    results = [run_mode(adapter, rank_aware, dtype, args.tokens, args.rounds)
+               for dtype in args.dtypes.split(",") for rank_aware in (False, True)]
+    summary = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+               "settings": vars(args), "ranks": RANKS, "results": results}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, RESULTS / "serve.png")
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110, sharey=True)
+    for axis, concurrency in zip(axes, ("c1", "c8")):
+        for result in summary["results"]:
+            ratios = [result["throughput"][concurrency][str(k)]["ratio_to_base"] for k in summary["ranks"]]
+            style = "o-" if result["mode"].startswith("rank-aware") else "s--"
+            axis.plot(summary["ranks"], ratios, style, label=result["mode"])
+        axis.axhline(1.0, color="gray", linestyle=":")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(summary["ranks"], [str(k) for k in summary["ranks"]])
+        axis.set_xlabel("adapter rank served")
+        axis.set_title(f"throughput / base, concurrency {concurrency[1:]}", fontsize=10)
+    axes[0].set_ylabel("tok/s relative to the base model (same server)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
