@@ -16,11 +16,7 @@ import concurrent.futures
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,23 +57,11 @@ def make_adapter() -> Path:
 
 
 def start_server(adapter: Path, rank_aware: bool, dtype: str, log: Path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from kdlora_serve.serve import start_background
+
     env = {**os.environ, "KDLORA_RANK_AWARE": "1" if rank_aware else "0", "VLLM_NO_USAGE_STATS": "1", "KDLORA_CACHE": str(WORK / "cache")}
-    cmd = [str(Path(sys.executable).parent / "kdlora"), "serve", "--adapter", str(adapter), "--port", str(port), "--max-loras", "8",
-           "--", "--served-model-name", "base", "--dtype", dtype, "--max-model-len", "1024"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError("server did not start")
+    return start_background(["--adapter", str(adapter), "--max-loras", "8", "--", "--served-model-name", "base", "--dtype", dtype,
+                             "--max-model-len", "1024"], log, env=env)
 
 
 def throughput(client, model: str, concurrency: int, tokens: int) -> float:

@@ -8,24 +8,18 @@ rewritten budgets to an explicit rank, so anything else is not ours (None).
 import asyncio
 import logging
 
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver
+
 from hub.errors import KdloraError
 from kdlora_serve.policy import split_model_name
+from kdlora_serve.store import get_store
 
 log = logging.getLogger("kdlora")
 
 
-def _lora_resolver_base():
-    from vllm.lora.resolver import LoRAResolver
-
-    return LoRAResolver
-
-
-class KdloraResolver(_lora_resolver_base()):
-    async def resolve_lora(self, base_model_name: str, lora_name: str):
-        from vllm.lora.request import LoRARequest
-
-        from kdlora_serve.store import get_store
-
+class KdloraResolver(LoRAResolver):
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         store = get_store()
         try:
             adapter, rank = split_model_name(lora_name)

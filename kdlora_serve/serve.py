@@ -4,6 +4,7 @@ middleware, flags filled in from the adapter metadata. vLLM's own flags pass thr
 import json
 import os
 import sys
+from pathlib import Path
 
 from hub.errors import KdloraError
 from hub.remote import parse_repo, read_remote_metadata
@@ -73,3 +74,36 @@ def run_serve(adapters, host, port, max_loras, allow, extra, endpoint=None) -> i
     shown = " ".join(argv)
     print(f"kdlora serve: {shown}", file=sys.stderr, flush=True)
     os.execve(argv[0], argv, env)  # vLLM takes over this process: signals and exit code are its own
+
+
+def start_background(args: list[str], log: Path, env: dict | None = None, timeout_s: float = 600):
+    """Run `kdlora serve ARGS` on a free 127.0.0.1 port; (process, base URL) once /health answers.
+
+    For programs that drive a server of their own (quickstart, tests, benchmarks). Extra vLLM flags
+    belong in ARGS after `--`."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    try:
+        at = args.index("--")
+    except ValueError:
+        at = len(args)
+    argv = [str(Path(sys.executable).parent / "kdlora"), "serve", *args[:at], "--port", str(port), *args[at:]]
+    process = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"kdlora serve exited with {process.returncode}:\n{Path(log).read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return process, url
+        except OSError:
+            time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"kdlora serve was not healthy after {timeout_s:.0f} s:\n{Path(log).read_text()[-4000:]}")

@@ -13,9 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hub.adapter import read_adapter, truncate_adapter
 from hub.cache import cache_dir
 from hub.errors import KdloraError
+from hub.remote import parse_repo, pull_adapter
 from hub.schema import RankMetadata
+from kdlora_serve import metrics
 from kdlora_serve.policy import CostTracker, RequestError
 
 # Environment the server reads (`kdlora serve` sets them; with plain `vllm serve`, set them yourself).
@@ -55,8 +58,6 @@ class AdapterStore:
         return name in self.aliases or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allow)
 
     def spec_for(self, name: str) -> str:
-        from hub.remote import parse_repo
-
         if name in self.aliases:
             return self.aliases[name]
         if name.startswith(("/", ".", "~", "file:")) or ".." in name:
@@ -81,10 +82,6 @@ class AdapterStore:
         return self._loaded[name]
 
     def _pull(self, name: str, served_model: str | None) -> Loaded:
-        from hub.adapter import read_adapter
-        from hub.remote import pull_adapter
-        from kdlora_serve import metrics
-
         spec = self.spec_for(name)
         started = time.perf_counter()
         directory = self.root / f"{_safe(name)}-{os.getpid()}" / "full"  # per server process: no two writers
@@ -109,9 +106,6 @@ class AdapterStore:
 
     def rank_dir(self, name: str, rank: int, served_model: str | None = None) -> Path:
         """The rank-`rank` truncation of `name`, written once into the cache."""
-        from hub.adapter import truncate_adapter
-        from kdlora_serve import metrics
-
         loaded = self.load(name, served_model)
         loaded.metadata.check_rank(rank)
         out = loaded.directory.parent / f"r{rank}"

@@ -5,11 +5,8 @@ are fast. `pytest -m "not integration"` runs the fast tier alone; scripts/test r
 """
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,12 +27,6 @@ def teacher_dir() -> Path:
     from training.teacher import embedded_teacher
 
     return embedded_teacher()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -63,32 +54,20 @@ def session_hub():
 def vllm_server(teacher_adapter, session_hub, tmp_path_factory):
     """One real vLLM server for the whole session, started by `kdlora serve` on 127.0.0.1: the teacher
     as base (served as "teacher"), the adapter as an alias, and repos "kd/*" pullable from the fake Hub."""
+    from kdlora_serve.serve import start_background
+
     url, _ = session_hub
-    port = _free_port()
     root = tmp_path_factory.mktemp("vllm")
-    log_path = root / "server.log"
     env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(root / "hf"), "KDLORA_CACHE": str(root / "cache"),
            "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     env.pop("HF_TOKEN", None)
-    cmd = [str(Path(sys.executable).parent / "kdlora"), "serve", "--adapter", str(teacher_adapter), "--port", str(port), "--allow", "kd/*",
-           "--max-loras", "4", "--", "--served-model-name", "teacher", "--dtype", "float32", "--max-model-len", "1024"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    args = ["--adapter", str(teacher_adapter), "--allow", "kd/*", "--max-loras", "4",
+            "--", "--served-model-name", "teacher", "--dtype", "float32", "--max-model-len", "1024"]
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"kdlora serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(base_url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"kdlora serve not healthy after {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+        proc, base_url = start_background(args, root / "server.log", env=env, timeout_s=SERVER_START_TIMEOUT_S)
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    try:
         yield base_url
     finally:
         proc.terminate()
@@ -96,6 +75,7 @@ def vllm_server(teacher_adapter, session_hub, tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
 
 def tiny_llama(seed: int = 0):
     """A random Llama small enough for unit tests (same code paths as the real teacher)."""
