@@ -83,3 +83,17 @@ def test_install_is_version_guarded(monkeypatch):
     monkeypatch.delenv("KDLORA_RANK_AWARE")
     assert lora_cpu.install() is True and PunicaWrapperCPU.add_lora_linear is lora_cpu.add_lora_linear
     assert lora_cpu.install() is True and lora_cpu._STOCK["add_lora_linear"] is STOCK_ADD_LORA_LINEAR  # idempotent
+
+
+def test_slot_weights_are_cached_until_an_adapter_is_activated():
+    slots = [0]
+    x, (a, b) = torch.randn(1, 16), stacked()
+    wrapper = wrapper_with_slots(slots)
+    first = torch.zeros(1, 16)
+    lora_cpu.add_lora_linear(wrapper, first, x, a, b, 1.0, (12, 4))
+    for t in a:
+        t[0] *= 2  # vLLM writes another adapter into slot 0 ...
+    wrapper.kdlora_generation = 1  # ... through activate_adapter, which bumps the generation
+    second = torch.zeros(1, 16)
+    lora_cpu.add_lora_linear(wrapper, second, x, a, b, 1.0, (12, 4))
+    torch.testing.assert_close(second, 2 * first)
