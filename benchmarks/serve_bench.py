@@ -64,10 +64,13 @@ def start_server(adapter: Path, rank_aware: bool, dtype: str, log: Path):
                              "--max-model-len", "1024"], log, env=env)
 
 
-def throughput(client, model: str, concurrency: int, tokens: int) -> float:
+def throughput(client, model: str | list[str], concurrency: int, tokens: int) -> float:
+    """Generated tok/s of `concurrency` simultaneous requests; a list of models is cycled over the requests."""
+    models = [model] if isinstance(model, str) else model
+
     def one(i):
-        reply = client.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens, temperature=0.0,
-                                          extra_body={"ignore_eos": True})
+        reply = client.completions.create(model=models[i % len(models)], prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
+                                          temperature=0.0, extra_body={"ignore_eos": True})
         return reply.usage.completion_tokens
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
@@ -98,11 +101,13 @@ def run_mode(adapter, rank_aware, dtype, tokens, rounds) -> dict:
         models = ["base"] + [f"{alias}@r{k}" for k in RANKS]
         for model in models:
             throughput(client, model, 1, 4)  # warm-up: every rank resident before timing
-        rates = {(m, c): [] for m in models for c in (1, 8)}
+        mixed = [f"{alias}@r{k}" for k in RANKS]  # one batch of 8 requests over all ranks, vs its largest rank alone
+        rates = {(m, c): [] for m in models for c in (1, 8)} | {("mixed", 8): []}
         for _ in range(rounds):
             for concurrency in (1, 8):
                 for model in models:
                     rates[(model, concurrency)].append(throughput(client, model, concurrency, tokens))
+            rates[("mixed", 8)].append(throughput(client, mixed, 8, tokens))
         mean = {key: sum(v) / len(v) for key, v in rates.items()}
         rows = {}
         for concurrency in (1, 8):
@@ -110,6 +115,7 @@ def run_mode(adapter, rank_aware, dtype, tokens, rounds) -> dict:
             rows[f"c{concurrency}"] = {"base_tok_s": base, **{str(k): {"tok_s": mean[(f"{alias}@r{k}", concurrency)],
                                                                         "ratio_to_base": mean[(f"{alias}@r{k}", concurrency)] / base}
                                                                   for k in RANKS}}
+        rows["c8"]["mixed"] = {"ranks": RANKS + RANKS[:2], "tok_s": mean[("mixed", 8)], "ratio_to_base": mean[("mixed", 8)] / mean[("base", 8)]}
         result = {"mode": name, "ttft_cold_s": cold, "ttft_warm_s": warm, "throughput": rows}
         print(json.dumps(result), flush=True)
         return result
@@ -146,12 +152,16 @@ def plot(summary: dict, path: Path) -> None:
         for result in summary["results"]:
             ratios = [result["throughput"][concurrency][str(k)]["ratio_to_base"] for k in summary["ranks"]]
             style = "o-" if result["mode"].startswith("rank-aware") else "s--"
-            axis.plot(summary["ranks"], ratios, style, label=result["mode"])
+            line, = axis.plot(summary["ranks"], ratios, style, label=result["mode"])
+            if "mixed" in result["throughput"][concurrency]:  # the mixed batch, drawn at its largest rank
+                axis.plot([max(summary["ranks"])], [result["throughput"][concurrency]["mixed"]["ratio_to_base"]], "*",
+                          color=line.get_color(), markersize=11)
         axis.axhline(1.0, color="gray", linestyle=":")
         axis.set_xscale("log", base=2)
         axis.set_xticks(summary["ranks"], [str(k) for k in summary["ranks"]])
         axis.set_xlabel("adapter rank served")
-        axis.set_title(f"throughput / base, concurrency {concurrency[1:]}", fontsize=10)
+        axis.set_title(f"throughput / base, concurrency {concurrency[1:]}" + (" (* = one batch mixing all ranks)" if concurrency == "c8"
+                                                                                else ""), fontsize=10)
     axes[0].set_ylabel("tok/s relative to the base model (same server)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -55,11 +55,11 @@ def _remove_orphans(out: Path) -> None:
     """Delete temp dirs left by crashed writers of `out` (their pid is gone); never a live one's."""
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
         pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

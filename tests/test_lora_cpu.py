@@ -27,11 +27,12 @@ def stacked(slots=2, rank=8, d_in=16, outs=(12, 4)):
     return a, b
 
 
-def test_grouped_path_skips_base_tokens_and_applies_each_slot():
-    slots = [-1, 0, 1, -1, 0]
+@pytest.mark.parametrize("rank", [8, 32])  # one block-diagonal expand for all slices / one expand per slice
+def test_grouped_path_skips_base_tokens_and_applies_each_slot(rank):
+    slots = [-1, 0, 1, -1, 0]  # slot 0's rows are not contiguous, slot 1's are
     x = torch.randn(len(slots), 16)
     y = torch.randn(len(slots), 16)
-    a, b = stacked()
+    a, b = stacked(rank=rank)
     expected = y.clone()
     for row, slot in enumerate(slots):
         if slot >= 0:
@@ -93,7 +94,7 @@ def test_slot_weights_are_cached_until_an_adapter_is_activated():
     lora_cpu.add_lora_linear(wrapper, first, x, a, b, 1.0, (12, 4))
     for t in a:
         t[0] *= 2  # vLLM writes another adapter into slot 0 ...
-    wrapper.kdlora_generation = 1  # ... through activate_adapter, which bumps the generation
+    lora_cpu.slot_changed(wrapper, 0, 8)  # ... and activate_adapter says so
     second = torch.zeros(1, 16)
     lora_cpu.add_lora_linear(wrapper, second, x, a, b, 1.0, (12, 4))
     torch.testing.assert_close(second, 2 * first)
