@@ -15,6 +15,12 @@ call). Cut weights are cached per (layer, slot) until the next real activation (
 layers x slices x r x hidden floats). Same dtypes as the stock ops: shrink in fp32, expand in the
 output dtype.
 
+kdlora serves rank k of an adapter as its own LoRA (the truncation), so a batch mixing ranks of one
+adapter fills several slots with cuts of the same weights. At activation the path checks which slots
+are cuts of which (A equal, B proportional, in every layer) and computes such slots as ONE group with
+the largest present cut's weights, each row masked to its own rank and scaled by its cut's alpha/r:
+the batch reads those weights once instead of once per rank.
+
 Only on the CPU platform and for the vLLM versions it was tested with; `KDLORA_RANK_AWARE=0` keeps
 vLLM's stock path (for A/B runs). CUDA kernels are not touched: no GPU run has verified a change.
 """
@@ -25,21 +31,32 @@ import os
 import torch
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
-log = logging.getLogger("kdlora")
+log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 
 
-def _groups(slots: torch.Tensor) -> list[tuple[int, slice | torch.Tensor | None]]:
-    """[(slot, rows)] for every adapter slot present; rows is None when one slot has every token, a slice when
-    the slot's tokens are contiguous, else their indices."""
-    groups = []
+def _groups(slots: torch.Tensor, ranks: dict[int, int], nested: dict[int, tuple[int, float]]) -> list[tuple]:
+    """[(slot, rows, column_scale)] for this step's tokens. rows: None when one group has every token, a slice
+    when its tokens are contiguous, else their indices. Slots holding cuts of one nested adapter (`nested`)
+    form ONE group computed with the largest present cut's weights: column_scale [rows, rank] keeps each
+    row's first r columns, times the ratio of the two cuts' scalings (LoRA scale alpha/r differs per cut).
+    A mixed-rank batch then reads the weights of its largest rank once, not those of every rank."""
+    families: dict[int, list] = {}
     for slot in torch.unique(slots).tolist():
-        if slot < 0:  # base-model tokens: no LoRA at all
-            continue
-        rows = (slots == slot).nonzero(as_tuple=True)[0]
-        first, last = int(rows[0]), int(rows[-1])
-        groups.append((slot, slice(first, last + 1) if last - first + 1 == len(rows) else rows))
-    if len(groups) == 1 and groups[0][1] == slice(0, len(slots)):
-        groups = [(groups[0][0], None)]  # the common decode case: no row selection at all
+        if slot >= 0:  # slot -1: base-model tokens, no LoRA at all
+            families.setdefault(nested.get(slot, (slot, 1.0))[0], []).append((slot, (slots == slot).nonzero(as_tuple=True)[0]))
+    groups = []
+    for members in families.values():
+        slot = max(members, key=lambda member: ranks.get(member[0], 0))[0]
+        rows, column_scale = members[0][1], None
+        if len(members) > 1:
+            columns = torch.arange(ranks[slot])
+            rows, order = torch.sort(torch.cat([member_rows for _, member_rows in members]))  # batch order: often one slice
+            column_scale = torch.cat([((columns < ranks[s]) * (nested[s][1] / nested[slot][1])).expand(len(r), -1)
+                                      for s, r in members]).float()[order]
+        first = int(rows[0])
+        if torch.equal(rows, torch.arange(first, first + len(rows))):
+            rows = None if len(rows) == len(slots) else slice(first, first + len(rows))
+        groups.append((slot, rows, column_scale))
     return groups
 
 
@@ -52,16 +69,17 @@ def _apply_grouped(owner, y_rows, x_rows, groups, lora_a_stacked, lora_b_stacked
     At one token per step the cost is per torch call (~120 LoRA'd layers per step), not FLOPs, so a group is
     as few calls as possible: one shrink for all slices (A's stacked) and one expand (B's block-diagonal, or
     one per slice at high rank); no row or column selection when there is nothing to select."""
-    for slot, rows in groups:
+    for slot, rows, column_scale in groups:
         weights = _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot, y_rows.dtype, scale, output_slices)
         if weights is None:  # this adapter has no LoRA on this layer
             continue
         a_all, expands = weights
         x_group = x_rows if rows is None else x_rows[rows]
-        if x_group.dtype == torch.float32:
-            shrunk = torch.mm(x_group, a_all)
-        else:
-            shrunk = torch.mm(x_group.float(), a_all).to(y_rows.dtype)
+        shrunk = torch.mm(x_group if x_group.dtype == torch.float32 else x_group.float(), a_all)
+        if column_scale is not None:  # rows of smaller cuts of the same adapter: their rank, their scaling
+            shrunk.view(len(shrunk), -1, column_scale.shape[1]).mul_(column_scale.unsqueeze(1))
+        if shrunk.dtype != y_rows.dtype:
+            shrunk = shrunk.to(y_rows.dtype)
         target = y_rows if rows is None else y_rows[rows]  # a view, or for scattered rows a copy written back below
         for columns, shrunk_columns, b in expands:
             if columns is None:
@@ -98,16 +116,53 @@ def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale
     return cache[key]
 
 
-def slot_changed(wrapper, slot: int, rank: int) -> None:
-    """vLLM wrote an adapter of `rank` into `slot`: record the rank, drop cached weights."""
+def slot_changed(wrapper, slot: int, rank: int, nested: dict[int, tuple[int, float]]) -> None:
+    """vLLM wrote an adapter of `rank` into `slot`: record the rank and the slots' nesting, drop cached weights."""
     wrapper.__dict__.setdefault("kdlora_slot_ranks", {})[slot] = rank
+    wrapper.__dict__["kdlora_nested"] = nested
     wrapper.__dict__["kdlora_weights"] = {}
+
+
+def nested_slots(modules, ranks: dict[int, int]) -> dict[int, tuple[int, float]]:
+    """{slot: (root slot, scale relative to the root)} for the active slots: a slot is in a root's family
+    when, in every LoRA layer, its A is the root's A cut to its rank and its B the root's B cut and scaled by
+    one common factor (what vLLM loads for two truncations of one kdlora adapter; unrelated adapters differ)."""
+    layers = [(m.lora_a_stacked, m.lora_b_stacked) for m in modules]
+    nested, roots = {}, []
+    for slot in sorted(ranks, key=lambda s: -ranks[s]):
+        root, factor = next(((r, f) for r in roots if (f := _cut_factor(layers, slot, r, ranks[slot])) is not None), (slot, 1.0))
+        if root == slot:
+            roots.append(slot)
+        nested[slot] = (root, factor)
+    return nested
+
+
+def _cut_factor(layers, small: int, big: int, rank: int) -> float | None:
+    """f when slot `small` holds slot `big`'s adapter cut to `rank` (A equal, B = f * B_big[..., :rank]), else None."""
+    factor = None
+    for lora_a, lora_b in layers:
+        lora_a, lora_b = (lora_a, lora_b) if isinstance(lora_a, tuple) else ((lora_a,), (lora_b,))
+        for a, b in zip(lora_a, lora_b):
+            if not isinstance(a, torch.Tensor) or a.dim() != 4 or b.dim() != 4:  # a layout not checked here (embeddings, MoE):
+                if isinstance(a, torch.Tensor) and not (a[small].any() or a[big].any() or b[small].any() or b[big].any()):
+                    continue  # ... that neither adapter uses
+                return None
+            if not torch.equal(a[small, 0, :rank], a[big, 0, :rank]):
+                return None
+            b_small, b_big = b[small, 0, :, :rank].float(), b[big, 0, :, :rank].float()
+            if factor is None and b_big.any():
+                factor = float((b_small * b_big).sum() / (b_big * b_big).sum())
+            tolerance = 4 * torch.finfo(b.dtype).eps
+            if not torch.allclose(b_small, (factor or 0.0) * b_big, rtol=tolerance, atol=tolerance * float(b_small.abs().max())):
+                return None
+    return 1.0 if factor is None else factor
 
 
 def update_metadata(self, *args, **kwargs):
     _STOCK["update_metadata"](self, *args, **kwargs)
-    self.kdlora_token_groups = _groups(self.token_lora_indices)
-    self.kdlora_sampler_groups = _groups(self.sampler_indices)
+    ranks, nested = self.__dict__.get("kdlora_slot_ranks", {}), self.__dict__.get("kdlora_nested", {})
+    self.kdlora_token_groups = _groups(self.token_lora_indices, ranks, nested)
+    self.kdlora_sampler_groups = _groups(self.sampler_indices, ranks, nested)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -117,7 +172,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
     groups = getattr(self, "kdlora_token_groups", None)
     if groups is None:  # metadata set without our hook (e.g. a test): group now
-        groups = _groups(self.token_lora_indices[: _rows(x).shape[0]])
+        groups = _groups(self.token_lora_indices[: _rows(x).shape[0]], {}, {})
     if groups:
         _apply_grouped(self, _rows(y), _rows(x), groups, lora_a_stacked, lora_b_stacked, scale, output_slices)
 
@@ -125,7 +180,7 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
 def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
     groups = getattr(self, "kdlora_sampler_groups", None)
     if groups is None:
-        groups = _groups(self.sampler_indices[: _rows(x).shape[0]])
+        groups = _groups(self.sampler_indices[: _rows(x).shape[0]], {}, {})
     if groups:
         y_rows = _rows(y)
         _apply_grouped(self, y_rows, _rows(x), groups, (lora_a_stacked,), (lora_b_stacked,), scale, (y_rows.shape[-1],))
@@ -137,8 +192,12 @@ def activate_adapter(self, lora_id: int) -> bool:
     if activated:  # vLLM calls this every step for every active adapter; only a real activation changes a slot
         slot = self.lora_index_to_id.index(lora_id)
         rank = self._registered_adapters[lora_id].rank
+        ranks = {s: self._registered_adapters[i].rank for s, i in enumerate(self.lora_index_to_id) if i is not None}
+        nested = nested_slots(self.modules.values(), ranks)
+        if nested[slot][0] != slot:
+            log.info("kdlora: LoRA slot %d (rank %d) is a cut of slot %d: batched with it, computed once", slot, rank, nested[slot][0])
         for wrapper in self.punica_wrapper_mapping.values():
-            slot_changed(wrapper, slot, rank)
+            slot_changed(wrapper, slot, rank, nested)
     return activated
 
 

@@ -19,7 +19,7 @@ from kdlora_serve import metrics
 from kdlora_serve.policy import Budget, RequestError, choose_rank, parse_budget, split_model_name
 from kdlora_serve.store import get_store
 
-log = logging.getLogger("kdlora")
+log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 LISTING_PATH = "/v1/kdlora/adapters"
 HEADER_PREFIX = "x-kdlora-"

@@ -15,7 +15,7 @@ from hub.errors import KdloraError
 from kdlora_serve.policy import split_model_name
 from kdlora_serve.store import get_store
 
-log = logging.getLogger("kdlora")
+log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 
 
 class KdloraResolver(LoRAResolver):

@@ -51,13 +51,19 @@ def session_hub():
 
 
 @pytest.fixture(scope="session")
-def vllm_server(teacher_adapter, session_hub, tmp_path_factory):
+def vllm_root(tmp_path_factory) -> Path:
+    """The session server's folder: its log is server.log."""
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(teacher_adapter, session_hub, vllm_root):
     """One real vLLM server for the whole session, started by `kdlora serve` on 127.0.0.1: the teacher
     as base (served as "teacher"), the adapter as an alias, and repos "kd/*" pullable from the fake Hub."""
     from kdlora_serve.serve import start_background
 
     url, _ = session_hub
-    root = tmp_path_factory.mktemp("vllm")
+    root = vllm_root
     env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(root / "hf"), "KDLORA_CACHE": str(root / "cache"),
            "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     env.pop("HF_TOKEN", None)

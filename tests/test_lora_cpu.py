@@ -94,7 +94,55 @@ def test_slot_weights_are_cached_until_an_adapter_is_activated():
     lora_cpu.add_lora_linear(wrapper, first, x, a, b, 1.0, (12, 4))
     for t in a:
         t[0] *= 2  # vLLM writes another adapter into slot 0 ...
-    lora_cpu.slot_changed(wrapper, 0, 8)  # ... and activate_adapter says so
+    lora_cpu.slot_changed(wrapper, 0, 8, {0: (0, 1.0)})  # ... and activate_adapter says so
     second = torch.zeros(1, 16)
     lora_cpu.add_lora_linear(wrapper, second, x, a, b, 1.0, (12, 4))
     torch.testing.assert_close(second, 2 * first)
+
+
+class LoRALayer:  # what the nesting check reads from vLLM's LoRA layers
+    def __init__(self, lora_a_stacked, lora_b_stacked):
+        self.lora_a_stacked, self.lora_b_stacked = lora_a_stacked, lora_b_stacked
+
+
+def nested_stacks(rank=8, cut=3, d_in=16, outs=(12, 4), alpha=8.0, dtype=torch.float32):
+    """As vLLM stores them: slot 0 a rank-`rank` adapter (B times its scale alpha/rank), slot 1 its cut to `cut`
+    (B times alpha/cut), slot 2 an unrelated adapter with the same A (a frozen-A LoRA from the same seed)."""
+    g = torch.Generator().manual_seed(1)
+    a = tuple(torch.zeros(3, 1, rank, d_in, dtype=dtype) for _ in outs)
+    b = tuple(torch.zeros(3, 1, out, rank, dtype=dtype) for out in outs)
+    for a_i, b_i, out in zip(a, b, outs):
+        lora_a, lora_b = torch.randn(rank, d_in, generator=g), torch.randn(out, rank, generator=g)
+        a_i[0, 0], b_i[0, 0] = lora_a, lora_b * alpha / rank
+        a_i[1, 0, :cut], b_i[1, 0, :, :cut] = lora_a[:cut], lora_b[:, :cut] * alpha / cut
+        a_i[2, 0], b_i[2, 0] = lora_a, torch.randn(out, rank, generator=g)
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuts_of_one_adapter_are_recognised_and_unrelated_adapters_are_not(dtype):
+    a, b = nested_stacks(dtype=dtype)
+    nested = lora_cpu.nested_slots([LoRALayer(a, b), LoRALayer(a[0], b[0])], {0: 8, 1: 3, 2: 8})  # tuple and logits-style layers
+    assert nested[0] == (0, 1.0) and nested[2] == (2, 1.0)
+    assert nested[1][0] == 0 and nested[1][1] == pytest.approx(8 / 3, rel=1e-2)
+
+
+@pytest.mark.parametrize("slots", [[1, 0, -1, 2, 1, 0], [1, 0, 0, 1]])  # scattered rows / every row
+def test_a_mixed_rank_batch_is_one_group_per_adapter_and_equals_each_slot_alone(slots):
+    ranks = {0: 8, 1: 3, 2: 8}
+    a, b = nested_stacks()
+    x, y = torch.randn(len(slots), 16), torch.randn(len(slots), 16)
+    expected = y.clone()
+    for row, slot in enumerate(slots):
+        if slot >= 0:  # each slot with its own stored weights at its own rank
+            r = ranks[slot]
+            expected[row, :12] += (x[row] @ a[0][slot, 0, :r].T * 0.5) @ b[0][slot, 0, :, :r].T
+            expected[row, 12:] += (x[row] @ a[1][slot, 0, :r].T * 0.5) @ b[1][slot, 0, :, :r].T
+    wrapper = wrapper_with_slots(slots)
+    nested = lora_cpu.nested_slots([LoRALayer(a, b)], ranks)
+    for slot, rank in ranks.items():
+        lora_cpu.slot_changed(wrapper, slot, rank, nested)
+    wrapper.kdlora_token_groups = lora_cpu._groups(torch.tensor(slots), ranks, nested)
+    assert sorted(slot for slot, _, _ in wrapper.kdlora_token_groups) == sorted({0, 2} & set(slots))  # slots 0, 1 together
+    lora_cpu.add_lora_linear(wrapper, y, x, a, b, 0.5, (12, 4))
+    torch.testing.assert_close(y, expected)

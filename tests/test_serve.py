@@ -140,9 +140,10 @@ def test_hot_swap_from_the_hub_after_start(client, session_hub, teacher_dir, tmp
     print(f"\ncold first request (pull + truncate + load) {cold_s:.2f} s, warm {warm_s:.2f} s: +{cold_s - warm_s:.2f} s")
 
 
-def test_32_concurrent_mixed_requests_equal_each_alone(client):
+def test_32_concurrent_mixed_requests_equal_each_alone(client, vllm_root):
     # four adapter ranks fill all --max-loras 4 slots, so a base token that wrongly reads slot -1 (the last
-    # slot, vLLM's CPU bug) would get a real adapter's LoRA and change its text
+    # slot, vLLM's CPU bug) would get a real adapter's LoRA and change its text; the ranks are cuts of one
+    # adapter, so the rank-aware path computes them together with the largest one's weights
     models = ["teacher", f"{ALIAS}@r1", f"{ALIAS}@r2", f"{ALIAS}@r4", f"{ALIAS}@r16"]
     prompts = [PROMPT, "def fibonacci(n):", "A list in Python is", "The capital of Italy is"]
     cases = [(models[i % 5], prompts[(i // 5) % 4]) for i in range(32)]
@@ -150,6 +151,7 @@ def test_32_concurrent_mixed_requests_equal_each_alone(client):
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         together = list(pool.map(lambda case: text(client, *case), cases))
     assert together == [alone[case] for case in cases]
+    assert "is a cut of slot" in (vllm_root / "server.log").read_text()
 
 
 def test_discovery_and_metrics(client, vllm_server):
