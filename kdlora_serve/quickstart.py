@@ -58,8 +58,10 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
     _stage(3, f"heal the pruned student: full-parameter distillation, {plan.heal_steps} steps")
     student = out / "student"
     if not (student / "distill_report.json").exists():
+        # lr: healing a half-pruned student wants far more than fine-tuning's 2e-5 (benchmarks/student_bench.py:
+        # after 50 steps KL 1.43 at 1e-3, 1.71 at 1e-4; distill_bench: 2.71 at 2e-5 after 30)
         run_distill(DistillConfig(student=str(pruned), out=student, train="full", quantize="none", steps=plan.heal_steps,
-                                  seq_len=plan.seq_len, eval_samples=plan.eval_samples, resume=True))
+                                  seq_len=plan.seq_len, lr=5e-4, eval_samples=plan.eval_samples, resume=True))
     _stage(4, f"distil ONE nested-rank adapter (QDyLoRA, NF4 base, max rank 64), {plan.adapter_steps} steps")
     adapter = out / "adapter"
     if not (adapter / "distill_report.json").exists():

@@ -159,7 +159,7 @@ def run_distill(cfg: DistillConfig) -> dict:
             state["step"] = step + 1
             state["history"].append({"step": step + 1, "loss": loss.item(), **parts, "rank": rank, "seconds": seconds})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts['kl']:.3f}", rank=rank,
+            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts['kl']:.3f}", **({"rank": rank} if rank else {}),
                             tok_s=f"{batch.numel() * accelerator.num_processes / seconds:.0f}")
             if state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
                 save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)
@@ -236,10 +236,13 @@ def batch_for_step(blocks: torch.Tensor, step: int, batch_size: int, seed: int) 
     return blocks[indices]
 
 
-def training_rank(cfg: DistillConfig, step: int) -> int:
+def training_rank(cfg: DistillConfig, step: int) -> int | None:
+    """The LoRA rank trained at `step` (None for full training)."""
     from training.nested_lora import sample_rank
 
-    return sample_rank(step, cfg.seed, cfg.max_rank, cfg.rank_distribution) if cfg.train == "qdylora" else cfg.rank
+    if cfg.train == "qdylora":
+        return sample_rank(step, cfg.seed, cfg.max_rank, cfg.rank_distribution)
+    return cfg.rank if cfg.train == "lora" else None
 
 
 def eval_ranks(cfg: DistillConfig) -> list:
