@@ -26,6 +26,15 @@ def test_flags_come_from_the_metadata(adapters):
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1" and env["KDLORA_ALLOW"] == "myorg/*"
     assert json.loads(env["KDLORA_ADAPTERS"]) == {"a": str(adapters[0]), "b": str(adapters[1])}
     assert env["KDLORA_BASE_ID"] == "org/student"
+    assert joined.count("--dtype") == 1  # the user's dtype replaces kdlora's CPU default
+
+
+def test_cpu_without_native_bf16_serves_in_fp32(adapters):
+    from kdlora_serve.engine import native_bf16
+
+    argv, _ = serve_command([str(adapters[0])], "127.0.0.1", 9000, 2, [], [])
+    assert ("--dtype float32" in " ".join(argv)) == (not native_bf16())
+    assert "--enforce-eager" in argv
 
 
 def test_api_key_goes_to_the_environment_not_the_command_line(adapters):
