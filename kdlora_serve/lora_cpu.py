@@ -127,7 +127,7 @@ def nested_slots(modules, ranks: dict[int, int]) -> dict[int, tuple[int, float]]
     """{slot: (root slot, scale relative to the root)} for the active slots: a slot is in a root's family
     when, in every LoRA layer, its A is the root's A cut to its rank and its B the root's B cut and scaled by
     one common factor (what vLLM loads for two truncations of one kdlora adapter; unrelated adapters differ)."""
-    layers = [(m.lora_a_stacked, m.lora_b_stacked) for m in modules]
+    layers = [(m.lora_a_stacked, m.lora_b_stacked) for m in modules if hasattr(m, "lora_a_stacked")]
     nested, roots = {}, []
     for slot in sorted(ranks, key=lambda s: -ranks[s]):
         root, factor = next(((r, f) for r in roots if (f := _cut_factor(layers, slot, r, ranks[slot])) is not None), (slot, 1.0))
@@ -187,13 +187,18 @@ def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer
 
 
 def activate_adapter(self, lora_id: int) -> bool:
-    """vLLM's activation, then remember the adapter's true rank for the slot it went into."""
+    """vLLM's activation, then remember the adapter's true rank for the slot it went into and which slots
+    hold cuts of one adapter."""
     activated = _STOCK["activate_adapter"](self, lora_id)
     if activated:  # vLLM calls this every step for every active adapter; only a real activation changes a slot
         slot = self.lora_index_to_id.index(lora_id)
         rank = self._registered_adapters[lora_id].rank
         ranks = {s: self._registered_adapters[i].rank for s, i in enumerate(self.lora_index_to_id) if i is not None}
-        nested = nested_slots(self.modules.values(), ranks)
+        try:
+            nested = nested_slots(self.modules.values(), ranks)
+        except Exception:  # an optimisation only: never let it fail a request
+            log.warning("kdlora: could not compare LoRA slots; computing each slot separately", exc_info=True)
+            nested = {s: (s, 1.0) for s in ranks}
         if nested[slot][0] != slot:
             log.info("kdlora: LoRA slot %d (rank %d) is a cut of slot %d: batched with it, computed once", slot, rank, nested[slot][0])
         for wrapper in self.punica_wrapper_mapping.values():
