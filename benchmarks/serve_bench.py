@@ -3,8 +3,9 @@
 For each mode (KDLORA_RANK_AWARE=1: kdlora's grouped rank-aware CPU path; =0: vLLM's stock path) and
 dtype, `kdlora serve` starts once on 127.0.0.1 with a nested adapter of max rank 64 on the embedded
 teacher; every rank is warmed, then throughput (generated tok/s, greedy, fixed length) is measured at
-concurrency 1 and 8 for the base model and each rank, interleaved round-robin over `--rounds` rounds so
-load drift hits all rows alike. Ratios are to the base model measured in the same server run. Also
+concurrency 1 and 8 for the base model and each rank, plus one batch of 8 requests mixing all ranks
+(to compare with its largest rank alone), interleaved round-robin over `--rounds` rounds so load drift
+hits all rows alike. Ratios are to the base model measured in the same server run. Also
 time-to-first-token of a rank not yet loaded (pull + truncate + load) vs warm. Writes JSON + PNG to
 benchmarks/results/.
 
