@@ -54,12 +54,16 @@ def atomic_dir(out: Path, replace: bool = False) -> Iterator[Path]:
 def _remove_orphans(out: Path) -> None:
     """Delete temp dirs left by crashed writers of `out` (their pid is gone); never a live one's."""
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_dead(tmp, tmp.name.removeprefix(f".{out.name}.tmp-").split("-")[0])
 
 
-def pid_alive(pid: int) -> bool:
+def remove_if_dead(folder: Path, pid: str) -> None:
+    """Delete `folder`, written by process `pid`, if that process is gone; never a live one's."""
+    if pid.isdigit() and not _alive(int(pid)):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -192,8 +192,8 @@ def activate_adapter(self, lora_id: int) -> bool:
     activated = _STOCK["activate_adapter"](self, lora_id)
     if activated:  # vLLM calls this every step for every active adapter; only a real activation changes a slot
         slot = self.lora_index_to_id.index(lora_id)
-        rank = self._registered_adapters[lora_id].rank
         ranks = {s: self._registered_adapters[i].rank for s, i in enumerate(self.lora_index_to_id) if i is not None}
+        rank = ranks[slot]
         try:
             nested = nested_slots(self.modules.values(), ranks)
         except Exception:  # an optimisation only: never let it fail a request

@@ -8,14 +8,13 @@ One store lives in the API-server process; the middleware (rank choice) and the 
 import fnmatch
 import json
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hub.adapter import read_adapter, truncate_adapter
-from hub.atomic import pid_alive
+from hub.atomic import remove_if_dead
 from hub.cache import cache_dir
 from hub.errors import KdloraError
 from hub.remote import parse_repo, pull_adapter
@@ -40,9 +39,7 @@ class Loaded:
 def remove_dead_servers(root: Path) -> None:
     """Delete the adapter copies of servers that are gone (folders `<name>-<pid>`, see `_pull`)."""
     for folder in root.glob("*-*"):
-        pid = folder.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+        remove_if_dead(folder, folder.name.rsplit("-", 1)[1])
 
 
 class AdapterStore:
