@@ -75,12 +75,13 @@ def read_adapter(path: Path, require_metadata: bool = True) -> Adapter:
 
 
 def _configured_rank(config: dict, module: str) -> int:
-    """The rank PEFT will build for `module`: `rank_pattern` (PEFT's own matching) or `r`."""
-    from peft.utils.other import get_pattern_key
+    """The rank PEFT will build for `module`: the first `rank_pattern` key matching its name's end, else `r`.
 
+    PEFT's own rule (`peft.utils.other.get_pattern_key`), restated: importing peft would load torch,
+    transformers and bitsandbytes into every hub command."""
     pattern = config.get("rank_pattern") or {}
-    key = get_pattern_key(list(pattern), module)
-    return pattern.get(key, config["r"])
+    key = next((key for key in pattern if re.match(rf"(.*\.)?({key})$", module)), None)
+    return config["r"] if key is None else pattern[key]
 
 
 def _check_consistent(adapter: Adapter) -> None:

@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.metadata as metadata
+import platform
 import sys
 from collections.abc import Callable
 
@@ -98,6 +99,36 @@ def check_plugin() -> str:
     return "vllm.general_plugins: kdlora"
 
 
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones bitsandbytes and vLLM branch on
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return set(next((line for line in info if line.startswith("flags")), "").partition(":")[2].split())
+    except OSError:  # not Linux: report what the libraries decide, without the feature list
+        return set()
+
+
+def describe_cpu(machine: str, flags: set[str], nf4_packed: bool, bf16_native: bool, cuda: bool) -> str:
+    """The CPU features that change code paths, and what follows from them."""
+    present = [f for f in CPU_FEATURES if f in flags]
+    absent = [f for f in CPU_FEATURES if f not in flags]
+    features = " ".join(present) + (f" (no {', '.join(absent)})" if absent else "")
+    nf4 = "packed AVX512-BF16 path where layer widths fit, generic elsewhere" if nf4_packed else "generic path"
+    serve = "CUDA (vLLM's own dtype)" if cuda else f"{'bfloat16' if bf16_native else 'float32'} on CPU"
+    return f"{machine} {features}: NF4 {nf4}; vLLM bf16 {'native' if bf16_native else 'emulated'}; kdlora serve picks {serve}"
+
+
+def check_cpu() -> str:
+    import torch
+
+    from kdlora_serve.engine import native_bf16
+    from training.nf4 import packed_cpu_path_available
+
+    return describe_cpu(platform.machine(), cpu_flags(), packed_cpu_path_available(), native_bf16(), torch.cuda.is_available())
+
+
 def check_memory() -> str:
     free_gib = psutil.virtual_memory().available / 2**30
     if free_gib < MIN_FREE_GIB:
@@ -111,6 +142,7 @@ CHECKS: list[tuple[str, Callable[[], str]]] = [
     ("vllm", check_vllm),
     ("torchvision & co", check_vision_packages),
     ("libraries", check_libraries),
+    ("cpu", check_cpu),
     ("teacher weights", check_teacher),
     ("vllm plugin", check_plugin),
     ("memory", check_memory),

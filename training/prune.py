@@ -92,50 +92,85 @@ def _round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
-def choose_shape(teacher_config, target_params: int | None = None, **explicit) -> Shape:
-    """The student's shape: explicit dims as given; with a parameter target, hidden and MLP width shrink
-    together (Minitron's best width-pruning result) until the count fits, the other axes as given."""
+HARDWARE_MULTIPLES = (64, 32, 16, 8)  # widths tried, friendliest first: 64 fits GPU tensor-core tiles and
+# bitsandbytes' packed NF4 CPU format (in_features % 64, out_features % 32; training/nf4.py)
+TARGET_SLACK = 0.05  # a friendlier width may land the student up to 5% under the parameter target
+
+
+def choose_shape(teacher_config, target_params: int | None = None, **explicit) -> tuple[Shape, dict]:
+    """(the student's shape, how its widths were rounded and why). Explicit dims stand as given; with a
+    parameter target, hidden and MLP width shrink by one common factor (Minitron's best width-pruning
+    result) until the count fits, the other axes as given. Widths are rounded to the friendliest multiple
+    in HARDWARE_MULTIPLES that keeps the student within TARGET_SLACK of the target; each coarser multiple
+    given up is named in the report."""
     teacher = Shape.of(teacher_config)
     explicit = {k: v for k, v in explicit.items() if v is not None}
     if target_params is None:
         shape = dataclasses.replace(teacher, **explicit)
         validate_shape(teacher_config, shape)
-        return shape
+        return shape, {}
     total = count_params(teacher_config)
     if target_params >= total:
         raise KdloraError(f"--target-params {target_params:,} is not below the teacher's {total:,} parameters; give a smaller target")
     base = dataclasses.replace(teacher, **explicit)
     validate_shape(teacher_config, base)
     width_axes = [a for a in ("hidden_size", "intermediate_size") if a not in explicit]
+    counted: dict[Shape, int] = {}
 
-    steps = {"hidden_size": _hidden_step(teacher_config, base.num_attention_heads), "intermediate_size": _multiple(teacher.intermediate_size)}
+    def params(shape: Shape) -> int:
+        if shape not in counted:
+            counted[shape] = count_params(student_config(teacher_config, shape))
+        return counted[shape]
 
-    def scaled(s: float) -> Shape:
-        return dataclasses.replace(base, **{a: min(getattr(base, a), _round_to(getattr(base, a) * s, steps[a])) for a in width_axes})
-
-    def params(s: float) -> int:
-        return count_params(student_config(teacher_config, scaled(s)))
-
-    if params(1.0) <= target_params:
-        return scaled(1.0)
-    if not width_axes or params(0.0) > target_params:
-        smallest = params(0.0) if width_axes else params(1.0)
-        raise KdloraError(f"--target-params {target_params:,} is below the smallest student these dims allow ({smallest:,}); "
+    if params(base) <= target_params:
+        return base, {}
+    if not width_axes:
+        raise KdloraError(f"--target-params {target_params:,} is below the student these dims give ({params(base):,}); "
                           "raise the target or shrink other axes (--num-layers, --num-heads)")
-    low, high = 0.0, 1.0  # params(low) <= target < params(high)
+    notes = {a: [] for a in width_axes}
+    multiples = {a: _width_multiples(teacher_config, base, a, notes[a]) for a in width_axes}
+    choice = {a: 0 for a in width_axes}  # index into multiples[a]
+    while True:
+        steps = {a: multiples[a][choice[a]] for a in width_axes}
+        shape = _fit_width(base, steps, target_params, params)
+        coarser = [a for a in width_axes if choice[a] + 1 < len(multiples[a])]
+        if shape is not None and (params(shape) >= (1 - TARGET_SLACK) * target_params or not coarser):
+            break
+        if not coarser:
+            raise KdloraError(f"--target-params {target_params:,} is below the smallest student these dims allow "
+                              f"({params(dataclasses.replace(base, **steps)):,}); raise the target or shrink other axes (--num-layers, --num-heads)")
+        axis = max(coarser, key=lambda a: steps[a])  # give up the coarsest rounding first
+        got = "no width fits" if shape is None else f"{params(shape) / 1e6:.1f}M params, more than {TARGET_SLACK:.0%} under the target"
+        notes[axis].append(f"multiples of {steps[axis]}: {got}")
+        choice[axis] += 1
+    rounding = {a: {"multiple": steps[a], "why": "; ".join(notes[a]) or "the friendliest width that fits the target"} for a in width_axes}
+    return shape, rounding
+
+
+def _width_multiples(teacher_config, base: Shape, axis: str, notes: list) -> list[int]:
+    """The multiples `axis` may be rounded to, friendliest first; those leaving no width below the base's go to `notes`.
+    A Llama hidden size must also be a multiple of the head count (transformers refuses it otherwise, even
+    with an explicit head_dim), so its candidates are lcm(multiple, heads)."""
+    heads = base.num_attention_heads if axis == "hidden_size" and teacher_config.model_type == "llama" else 1
+    candidates = sorted({math.lcm(m, heads) for m in HARDWARE_MULTIPLES}, reverse=True)
+    usable = [m for m in candidates if m < getattr(base, axis)] or candidates[-1:]
+    lcm_note = f" (lcm with the {heads} heads, which transformers requires)" if heads > 1 else ""
+    notes += [f"multiples of {m}{lcm_note}: none below {getattr(base, axis)}" for m in candidates if m > usable[0]]
+    return usable
+
+
+def _fit_width(base: Shape, steps: dict, target_params: int, params) -> Shape | None:
+    """The widest `base` scaled by one factor s (each width rounded to its step) within `target_params`."""
+    def scaled(s: float) -> Shape:
+        return dataclasses.replace(base, **{a: min(getattr(base, a), _round_to(getattr(base, a) * s, step)) for a, step in steps.items()})
+
+    if params(scaled(0.0)) > target_params:
+        return None
+    low, high = 0.0, 1.0  # params(scaled(low)) <= target < params(scaled(high))
     for _ in range(20):
         mid = (low + high) / 2
-        low, high = (mid, high) if params(mid) <= target_params else (low, mid)
+        low, high = (mid, high) if params(scaled(mid)) <= target_params else (low, mid)
     return scaled(low)
-
-
-def _multiple(size: int) -> int:
-    return 64 if size >= 512 else 8  # hardware-friendly widths; tiny test models need finer steps
-
-
-def _hidden_step(config, num_heads: int) -> int:
-    # transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0, even with an explicit head_dim
-    return math.lcm(8, num_heads) if config.model_type == "llama" else _multiple(config.hidden_size)
 
 
 def validate_shape(teacher_config, shape: Shape) -> None:
@@ -280,10 +315,12 @@ def run_prune(out: Path, teacher: str | None = None, target_params: str | None =
     model, tokenizer, teacher_id = load_causal_lm(teacher, device=device, check_config=check_supported)
     teacher_params = count_params(model.config)
     target = parse_param_count(target_params, teacher_params) if target_params is not None else None
-    shape = choose_shape(model.config, target, **dims)
+    shape, rounding = choose_shape(model.config, target, **dims)
     student_params = count_params(student_config(model.config, shape))
     _say(f"teacher  {teacher_id}: {Shape.of(model.config)} = {teacher_params / 1e6:.1f}M params")
     _say(f"student  {shape} = {student_params / 1e6:.1f}M params ({student_params / teacher_params:.0%})")
+    for axis, rounded in rounding.items():
+        _say(f"         {axis} rounded to a multiple of {rounded['multiple']}: {rounded['why']}")
 
     data = load_token_data(calib_data, tokenizer, seq_len)
     calib = data.train[:calib_samples]
@@ -296,6 +333,7 @@ def run_prune(out: Path, teacher: str | None = None, target_params: str | None =
         "teacher": teacher_id,
         "teacher_shape": dataclasses.asdict(Shape.of(model.config)),
         "student_shape": dataclasses.asdict(shape),
+        "width_rounding": rounding,
         "params_before": teacher_params,
         "params_after": student_params,
         "removed": removed_units(model.config, selection),
