@@ -19,7 +19,7 @@ import httpx2
 from hub.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, refuse_pickles, truncate_adapter
 from hub.atomic import atomic_dir, require_empty_out
 from hub.card import PLOT_FILE, adapter_card, plot_quality_vs_rank, student_card
-from hub.errors import KdloraError
+from hub.errors import KdloraError, NotFoundError
 from hub.schema import METADATA_FILE, ModelRef, RankMetadata
 
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE)
@@ -27,6 +27,7 @@ CARD_FILES = ("README.md", PLOT_FILE)
 PRUNING_REPORT = "pruning_report.json"  # written by `kdlora prune` into the student directory
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _MATERIALIZED = re.compile(r"^r\d+/")
+MAX_SPEC_CHARS = 4096  # PATH_MAX on Linux; Hub repo ids are far shorter
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ class RepoRef:
 def parse_repo(spec: str, allow_local: bool = True) -> RepoRef:
     """`ORG/NAME[@REV]` -> Hub repo; a path or `file://PATH` -> local directory hub (if allowed)."""
     spec = str(spec)
-    looks_local = spec.startswith(("file://", "/", "./", "../", "~")) or Path(spec).exists()
+    if len(spec) > MAX_SPEC_CHARS:
+        raise KdloraError(f"'{spec[:40]}...' ({len(spec)} characters) is too long for a repo id or path (at most {MAX_SPEC_CHARS})")
+    looks_local = spec.startswith(("file://", "/", "./", "../", "~")) or _exists(spec)
     if looks_local:
         if not allow_local:
             raise KdloraError(f"'{spec}' is a local path, not a repo id; use ORG/NAME[@REVISION]")
@@ -60,13 +63,20 @@ def parse_repo(spec: str, allow_local: bool = True) -> RepoRef:
     return RepoRef(repo_id=repo_id, revision=revision or None)
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the filesystem, or with a NUL byte, is no local path
+        return False
+
+
 # --- pull ------------------------------------------------------------------------------------------
 
 def fetch_adapter(ref: RepoRef, staging: Path, files=ADAPTER_FILES + CARD_FILES, endpoint=None, token=None) -> Path:
     """A local directory holding the adapter's files: the local hub dir itself, or a download into `staging`."""
     if ref.path is not None:
         if not ref.path.is_dir():
-            raise KdloraError(f"local adapter directory {ref.path} does not exist")
+            raise NotFoundError(f"local adapter directory {ref.path} does not exist")
         return ref.path
     with _hub_errors(ref, endpoint):
         api = _api(endpoint, token)
@@ -220,9 +230,9 @@ def _hub_errors(ref: RepoRef, endpoint):
     try:
         yield
     except RevisionNotFoundError as err:  # the Hub errors subclass HfHubHTTPError: most specific first
-        raise KdloraError(f"repo {ref.repo_id} has no revision '{ref.revision}' on {endpoint}") from err
+        raise NotFoundError(f"repo {ref.repo_id} has no revision '{ref.revision}' on {endpoint}") from err
     except RepositoryNotFoundError as err:
-        raise KdloraError(f"repo {ref.repo_id} not found on {endpoint} (if it is private, set HF_TOKEN)") from err
+        raise NotFoundError(f"repo {ref.repo_id} not found on {endpoint} (if it is private, set HF_TOKEN)") from err
     except EntryNotFoundError as err:
         raise KdloraError(f"repo {ref} is missing a file ({err}); it is incomplete or not a kdlora repo") from err
     except HfHubHTTPError as err:

@@ -6,6 +6,9 @@ alpha/k): the rule DyLoRA/QDyLoRA train for, which PEFT and vLLM then evaluate e
 """
 
 import json
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -14,11 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from hub.errors import KdloraError
 
 METADATA_FILE = "kdlora.json"
-SCHEMA_VERSION = 1
+# "MAJOR.MINOR". A new optional field is a minor change: readers of the same major ignore fields they do
+# not know, so older kdlora keeps reading newer files. A major change (a field's meaning or a required
+# field) makes older readers refuse the file and say "upgrade". Files from kdlora <= 0.1 say 1 (= "1.0").
+SCHEMA_VERSION = "1.1"
+_VERSION = re.compile(r"^(\d+)\.(\d+)$")
 
 
 class _Strict(BaseModel):
-    # Unknown fields are errors: a typo must not silently drop a number. New fields bump SCHEMA_VERSION.
+    # Writers are strict: a typo in kdlora's own code must not silently drop a number. Readers drop the
+    # fields they do not know before validating (`parse_metadata`), so newer files still load.
     model_config = ConfigDict(extra="forbid")
 
 
@@ -63,7 +71,7 @@ class TrainingRecipe(_Strict):
 
 
 class RankMetadata(_Strict):
-    schema_version: int = SCHEMA_VERSION
+    schema_version: str = SCHEMA_VERSION
     nested: bool = Field(True, description="every prefix rank 1..max_rank is a valid adapter")
     truncation: Literal["prefix"] = "prefix"
     max_rank: int = Field(ge=1)
@@ -99,7 +107,8 @@ class RankMetadata(_Strict):
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / METADATA_FILE
-        path.write_text(self.model_dump_json(indent=2, exclude_none=True) + "\n")
+        written = self.model_copy(update={"schema_version": SCHEMA_VERSION})  # what this kdlora writes: its own fields
+        path.write_text(written.model_dump_json(indent=2, exclude_none=True) + "\n")
         return path
 
 
@@ -123,13 +132,17 @@ def parse_metadata(raw: object, source: str = METADATA_FILE) -> RankMetadata:
     if not isinstance(raw, dict):
         raise KdloraError(f"{source} must hold a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version", SCHEMA_VERSION)
-    if isinstance(version, int) and version > SCHEMA_VERSION:
+    version = f"{version}.0" if isinstance(version, int) and not isinstance(version, bool) else version
+    match = _VERSION.match(version) if isinstance(version, str) else None
+    if match is None:
+        raise KdloraError(f"{source}: field 'schema_version' is {version!r}, not a version like \"{SCHEMA_VERSION}\"; fix or regenerate the file")
+    if int(match[1]) > int(SCHEMA_VERSION.split(".")[0]):
         raise KdloraError(
-            f"{source}: field 'schema_version' is {version}, newer than this kdlora understands ({SCHEMA_VERSION}); "
+            f"{source}: field 'schema_version' is {version}, a newer major version than this kdlora understands ({SCHEMA_VERSION}); "
             "upgrade kdlora: pip install -U kdlora"
         )
     try:
-        return RankMetadata.model_validate(raw)
+        return RankMetadata.model_validate({**_known_fields(RankMetadata, raw), "schema_version": version})
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
@@ -137,3 +150,28 @@ def parse_metadata(raw: object, source: str = METADATA_FILE) -> RankMetadata:
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
         raise KdloraError(f"{source}: {where}{message}{more}; fix or regenerate the file") from err
+
+
+def _known_fields(model: type[BaseModel], raw):
+    """`raw` without the keys `model` (and the models nested in it) does not define: what a newer minor adds."""
+    if not isinstance(raw, dict):
+        return raw
+    known = {}
+    for key, value in raw.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        nested = _model_in(field.annotation)
+        if nested is not None:
+            value = [_known_fields(nested, v) for v in value] if isinstance(value, list) else _known_fields(nested, value)
+        known[key] = value
+    return known
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside a field's type (`M`, `M | None`, `list[M]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (list, typing.Union, types.UnionType):
+        return next((m for arg in typing.get_args(annotation) if (m := _model_in(arg)) is not None), None)
+    return None

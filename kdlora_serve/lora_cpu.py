@@ -192,7 +192,10 @@ def activate_adapter(self, lora_id: int) -> bool:
     activated = _STOCK["activate_adapter"](self, lora_id)
     if activated:  # vLLM calls this every step for every active adapter; only a real activation changes a slot
         slot = self.lora_index_to_id.index(lora_id)
-        ranks = {s: self._registered_adapters[i].rank for s, i in enumerate(self.lora_index_to_id) if i is not None}
+        # read through `.cache`, never `[]`: the LRU manager's `__getitem__` marks an adapter as recently used, which
+        # reorders eviction so a step that brings in two adapters evicts the one it just placed (engine crash)
+        registered = self._registered_adapters.cache
+        ranks = {s: registered[i].rank for s, i in enumerate(self.lora_index_to_id) if i is not None}
         rank = ranks[slot]
         try:
             nested = nested_slots(self.modules.values(), ranks)

@@ -1,14 +1,25 @@
 """ASGI middleware (`vllm serve --middleware kdlora_serve.middleware.KdloraMiddleware`): per-request rank.
 
-For chat/completions requests whose `model` is a kdlora adapter it reads the budget
-(`extra_body={"kdlora": {...}}` or `x-kdlora-*` headers), picks the rank (policy), rewrites `model` to
-`<adapter>@r<k>` before vLLM sees it (vLLM then echoes that name and the resolver registers the rank),
-adds `x-kdlora-rank` / `x-kdlora-budget-met` to the response, and measures ms per generated token per
-rank for the policy. Bad requests get OpenAI-shaped JSON errors; nothing here can take the server down.
-Also serves discovery: GET /v1/kdlora/adapters.
+It is the outermost layer of vLLM's app, so it also guards the whole server:
+- with an API key set (`--api-key`, in any spelling vLLM accepts, or VLLM_API_KEY), EVERY route but the
+  probes in PUBLIC_PATHS needs it, checked first and in constant time (vLLM itself guards /v1 only,
+  leaving e.g. /invocations open);
+- vLLM's runtime adapter routes (/v1/load_lora_adapter, /v1/unload_lora_adapter, /adapters) are refused:
+  kdlora turns them on only because vLLM consults LoRA resolvers only then, and they would let a
+  client swap the weights behind a served name past kdlora's allow-list and checks.
+
+For generation requests whose `model` is a kdlora adapter it reads the budget (`extra_body={"kdlora":
+{...}}` or `x-kdlora-*` headers), picks the rank (policy), makes sure the rank's directory is intact
+(store), rewrites `model` to `<adapter>@r<k>` before vLLM sees it (vLLM then echoes that name and the
+resolver registers the rank), adds `x-kdlora-rank` / `x-kdlora-budget-met` to the response, and measures
+ms per generated token per rank for the policy. Bad requests get OpenAI-shaped JSON errors; nothing
+here can take the server down. Also serves discovery: GET /v1/kdlora/adapters, and lists every
+adapter's evaluated ranks in GET /v1/models before they are first requested.
 """
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -16,12 +27,15 @@ import time
 
 from hub.errors import KdloraError
 from kdlora_serve import metrics
-from kdlora_serve.policy import Budget, RequestError, choose_rank, parse_budget, split_model_name
+from kdlora_serve.policy import RequestError, choose_rank, parse_budget, split_model_name
 from kdlora_serve.store import get_store
 
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
 LISTING_PATH = "/v1/kdlora/adapters"
+MODELS_PATH = "/v1/models"
+PUBLIC_PATHS = ("/health", "/ping", "/version", "/metrics")  # liveness probes and scrapers: no key, no model run
+ADAPTER_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
 HEADER_PREFIX = "x-kdlora-"
 
 
@@ -30,13 +44,24 @@ class KdloraMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        if scope["method"] == "GET" and scope["path"] == LISTING_PATH:
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if scope["type"] == "websocket":
             if not _authorized(scope):
-                return await _send_json(send, 401, _error("invalid or missing API key", 401))
+                return await send({"type": "websocket.close", "code": 1008})  # policy violation: refused before accept
+            return await self.app(scope, receive, send)
+        if path in ADAPTER_ADMIN_PATHS or path.startswith("/adapters/"):
+            return await _send_json(send, 403, _error(
+                "loading and unloading adapters at run time is disabled on a kdlora server: name an adapter in `model` "
+                "(e.g. org/adapter@r8) and kdlora pulls, checks and loads it", 403))
+        if scope["method"] != "OPTIONS" and path not in PUBLIC_PATHS and not _authorized(scope):
+            return await _send_json(send, 401, _error("invalid or missing API key (send it as 'Authorization: Bearer KEY')", 401))
+        if scope["method"] == "GET" and path == LISTING_PATH:
             return await _send_json(send, 200, {"object": "list", "data": get_store().listing()})
-        if scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+        if scope["method"] == "GET" and path == MODELS_PATH:
+            return await self.app(scope, receive, _ModelsWithRanks(send, scope))
+        if scope["method"] != "POST" or path not in GENERATION_PATHS:
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
         try:
@@ -60,37 +85,44 @@ class KdloraMiddleware:
         except ValueError:
             return None  # vLLM answers malformed JSON itself
         model = payload.get("model") if isinstance(payload, dict) else None
-        if not isinstance(model, str) or model in _served_names(scope):
+        if not isinstance(model, str):
+            return None
+        from_body, from_headers = payload.pop("kdlora", None), _budget_headers(scope["headers"])
+        if model in _served_names(scope):
+            if from_body is not None or from_headers:
+                raise RequestError(f"'{model}' is the base model: kdlora budgets (extra_body 'kdlora', x-kdlora-* headers) "
+                                   "apply to adapters only; drop them, or name an adapter", param="model")
             return None
         store = get_store()
         adapter, rank = split_model_name(model)
         if rank is None and not store.is_adapter_name(adapter):
             return None  # an unknown model: vLLM's own 404
-        if not _authorized(scope):
-            raise RequestError("invalid or missing API key", 401)
-        budget = _budget(payload.pop("kdlora", None), scope["headers"])
+        if from_body is not None and not isinstance(from_body, dict):
+            raise RequestError("'kdlora' must be an object, e.g. {\"max_rank\": 8}", param="kdlora")
+        budget = parse_budget(from_body or {}, from_headers)
+        served = _served_model(scope)
         try:
-            loaded = await asyncio.to_thread(store.load, adapter, _served_model(scope))
+            loaded = await asyncio.to_thread(store.load, adapter, served)
+            choice = choose_rank(loaded.metadata, budget, adapter, store.costs, rank)
+            await asyncio.to_thread(store.rank_dir, adapter, choice.rank, served)  # intact before vLLM may load it
         except RequestError:
             raise
         except KdloraError as err:
             raise RequestError(str(err), 400, "model") from err
-        choice = choose_rank(loaded.metadata, budget, adapter, store.costs, rank)
         if not choice.met:
             metrics.BUDGET_MISSES.labels(adapter=adapter).inc()
         payload["model"] = f"{adapter}@r{choice.rank}"
         return json.dumps(payload).encode(), adapter, choice
 
 
-def _budget(from_body, headers) -> Budget:
-    if from_body is not None and not isinstance(from_body, dict):
-        raise RequestError("'kdlora' must be an object, e.g. {\"max_rank\": 8}", param="kdlora")
-    raw = dict(from_body or {})
+def _budget_headers(headers) -> dict[str, str]:
+    """{field: text} of the x-kdlora-* headers; latin-1, as HTTP headers are (any byte decodes)."""
+    found = {}
     for key, value in headers:
-        name = key.decode().lower()
+        name = key.decode("latin-1").lower()
         if name.startswith(HEADER_PREFIX):
-            raw.setdefault(name.removeprefix(HEADER_PREFIX).replace("-", "_"), value.decode())
-    return parse_budget(raw, "extra_body kdlora / x-kdlora-* headers")
+            found.setdefault(name.removeprefix(HEADER_PREFIX).replace("-", "_"), value.decode("latin-1"))
+    return found
 
 
 class _Measured:
@@ -136,9 +168,55 @@ class _Measured:
         metrics.TOKENS.labels(adapter=self.adapter, rank=str(rank)).inc(tokens)
 
 
+class _ModelsWithRanks:
+    """Wraps `send` for GET /v1/models: appends each configured or loaded adapter and its evaluated ranks
+    (`<adapter>@r<k>`) that vLLM does not list yet, so routers can discover them before first use."""
+
+    def __init__(self, send, scope):
+        self.send, self.scope = send, scope
+        self.start, self.chunks = None, []
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.start = message
+            return
+        self.chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(self.chunks)
+        if self.start["status"] == 200:
+            try:
+                body = json.dumps(await asyncio.to_thread(_with_ranks, json.loads(body), self.scope)).encode()
+            except Exception:  # a listing problem must not hide vLLM's own answer
+                log.warning("kdlora: could not add adapter ranks to /v1/models", exc_info=True)
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+        await self.send(dict(self.start, headers=headers + [(b"content-length", str(len(body)).encode())]))
+        await self.send({"type": "http.response.body", "body": body})
+
+
+def _with_ranks(listing: dict, scope) -> dict:
+    store = get_store()
+    listed = {card["id"] for card in listing["data"]}
+    parent = next(iter(_served_names(scope)), None)
+    for row in store.listing():
+        meta = store.describe(row["id"])
+        if meta is None:
+            continue
+        ranks = sorted({r.rank for r in meta.ranks} | {meta.max_rank})
+        for name in [row["id"], *(f"{row['id']}@r{k}" for k in ranks)]:
+            if name not in listed:
+                listing["data"].append({"id": name, "object": "model", "created": int(time.time()), "owned_by": "kdlora",
+                                        "root": row["source"], "parent": parent, "permission": []})
+    return listing
+
+
 def _serving_models(scope):
     """vLLM's OpenAIServingModels from the app state (None outside a vLLM app)."""
-    return getattr(getattr(scope.get("app"), "state", None), "openai_serving_models", None)
+    return getattr(_app_state(scope), "openai_serving_models", None)
+
+
+def _app_state(scope):
+    return getattr(scope.get("app"), "state", None)
 
 
 def _served_names(scope) -> set[str]:
@@ -149,13 +227,22 @@ def _served_model(scope) -> str | None:
     return getattr(getattr(_serving_models(scope), "model_config", None), "model", None)
 
 
+def _api_keys(scope) -> list[str]:
+    """The keys vLLM itself enforces: `--api-key` (any spelling, from its parsed args), else VLLM_API_KEY."""
+    args = getattr(_app_state(scope), "args", None)
+    return [key for key in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if key]
+
+
 def _authorized(scope) -> bool:
-    """vLLM's --api-key check runs inside this middleware; an adapter pull must not happen before it."""
-    key = os.environ.get("VLLM_API_KEY")
-    if not key:
+    """vLLM's own rule (scheme case-insensitive, Bearer token), compared in constant time, on every route."""
+    keys = _api_keys(scope)
+    if not keys:
         return True
-    headers = dict(scope["headers"])
-    return headers.get(b"authorization", b"").decode() == f"Bearer {key}"
+    header = next((value for name, value in scope["headers"] if name.lower() == b"authorization"), b"")
+    scheme, _, token = header.partition(b" ")
+    presented = hashlib.sha256(token).digest()
+    matches = [hmac.compare_digest(presented, hashlib.sha256(key.encode()).digest()) for key in keys]  # no early exit
+    return scheme.lower() == b"bearer" and any(matches)
 
 
 def _error(message: str, status: int, param: str | None = None) -> dict:

@@ -2,9 +2,17 @@
 
 - API server: registers the kdlora LoRA resolver (`<adapter>@r<k>` -> a rank-k LoRA).
 - Workers on CPU: installs the grouped LoRA path that keeps base-model tokens exact (lora_cpu).
+- vLLM's child processes (engine core, workers) end when their parent does, so a killed API server
+  leaves no engine behind holding memory and ports.
 """
 
+import multiprocessing
+import os
+import signal
+import sys
+
 _registered = False
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def register() -> None:
@@ -17,6 +25,19 @@ def register() -> None:
     from kdlora_serve import lora_cpu
     from kdlora_serve.resolver import KdloraResolver
 
+    _end_with_parent()
     if "kdlora" not in LoRAResolverRegistry.get_supported_resolvers():
         LoRAResolverRegistry.register_resolver("kdlora", KdloraResolver())
     lora_cpu.install()
+
+
+def _end_with_parent() -> None:
+    """In a process vLLM started (multiprocessing knows its parent): ask Linux for SIGTERM when the parent dies."""
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent.pid:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -15,6 +15,8 @@ from hub.errors import KdloraError
 from hub.schema import RankMetadata
 
 _NAME = re.compile(r"^(?P<adapter>.+?)@r(?P<rank>[^@]*)$")
+_RANK = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() and int() also take '²' and '٨'
+MAX_MODEL_CHARS = 512  # far above any repo id or alias; longer names are refused before any lookup
 
 
 class RequestError(KdloraError):
@@ -26,9 +28,10 @@ class RequestError(KdloraError):
 
 
 class Budget(BaseModel):
-    """What a request may spend; from `extra_body={"kdlora": {...}}` or `x-kdlora-*` headers."""
+    """What a request may spend; from `extra_body={"kdlora": {...}}` or `x-kdlora-*` headers.
+    Strict types: `true` is no rank and "8" no number in JSON (headers are converted by `parse_budget`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     rank: int | None = Field(None, ge=1, description="exactly this rank")
     max_rank: int | None = Field(None, ge=1)
     latency_ms_per_token: float | None = Field(None, gt=0, description="measured decode latency bound")
@@ -39,22 +42,40 @@ class Budget(BaseModel):
         return any(v is not None for v in self.model_dump().values())
 
 
-def parse_budget(raw: dict, source: str) -> Budget:
+def parse_budget(from_body: dict, from_headers: dict[str, str]) -> Budget:
+    """The budget of a request: the body's `kdlora` object, plus `x-kdlora-*` headers (the body wins)."""
+    raw = {name: _header_value(name, value) for name, value in from_headers.items()} | from_body
     try:
         return Budget.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
+        source = f"x-kdlora-{field.replace('_', '-')} header" if field in from_headers and field not in from_body else "extra_body kdlora"
         raise RequestError(f"budget field '{field}' ({source}): {first['msg']}", param=f"kdlora.{field}") from err
+
+
+def _header_value(name: str, text: str):
+    """A header's text as the number its field takes; left as text (and refused by validation) if it is none."""
+    field = Budget.model_fields.get(name)
+    if field is None:
+        return text
+    if field.annotation == int | None:
+        return int(text) if _RANK.fullmatch(text) else text
+    try:
+        return float(text) if text.isascii() else text
+    except ValueError:
+        return text
 
 
 def split_model_name(model: str) -> tuple[str, int | None]:
     """`org/name@r8` -> ("org/name", 8); `org/name` -> ("org/name", None)."""
+    if len(model) > MAX_MODEL_CHARS:
+        raise RequestError(f"model name '{model[:40]}...' is {len(model)} characters long; at most {MAX_MODEL_CHARS}", param="model")
     match = _NAME.match(model)
     if not match:
         return model, None
-    if not match["rank"].isdigit():
-        raise RequestError(f"'{model}': the rank after '@r' must be a whole number, e.g. {match['adapter']}@r8", param="model")
+    if not _RANK.fullmatch(match["rank"]):
+        raise RequestError(f"'{model}': the rank after '@r' must be a whole number in ASCII digits, e.g. {match['adapter']}@r8", param="model")
     return match["adapter"], int(match["rank"])
 
 

@@ -34,12 +34,14 @@ def serve_command(adapters: list[str], host: str, port: int, max_loras: int, all
     lora_rank = next((r for r in VLLM_LORA_RANKS if r >= max_rank), None)
     if lora_rank is None:
         raise KdloraError(f"max rank {max_rank} is above the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]}); truncate the adapter first")
-    extra = list(extra)
     env = dict(os.environ)
-    if "--api-key" in extra:  # hand it over in the environment: vLLM reads it there too, and it stays out of `ps`
-        at = extra.index("--api-key")
-        env["VLLM_API_KEY"] = extra[at + 1]
-        del extra[at:at + 2]
+    extra, keys = _take_api_keys(list(extra))
+    if len(keys) == 1:  # hand it over in the environment: vLLM reads it there too, and it stays out of `ps`
+        env["VLLM_API_KEY"] = keys[0]
+    elif keys:  # several keys: only the command line carries a list (the middleware reads vLLM's parsed args)
+        extra += ["--api-key", *keys]
+    if endpoint:  # the server's on-demand pulls go to the same Hub as this command's metadata reads
+        env["HF_ENDPOINT"] = endpoint
     engine = engine_defaults()
     flags = ["--enable-lora", "--max-lora-rank", str(lora_rank), "--max-loras", str(max_loras),
              "--middleware", "kdlora_serve.middleware.KdloraMiddleware", "--host", host, "--port", str(port)]
@@ -53,6 +55,23 @@ def serve_command(adapters: list[str], host: str, port: int, max_loras: int, all
     if allow:
         env[ENV_ALLOW] = ",".join(allow)
     return server_command(base.id, *flags, *extra), env
+
+
+def _take_api_keys(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(the flags without `--api-key`, the keys): `--api-key K [K ...]` and `--api-key=K`, as vLLM parses them."""
+    rest, keys, taking = [], [], False
+    for arg in extra:
+        if arg == "--api-key":
+            taking = True
+        elif arg.startswith("--api-key="):
+            keys.append(arg.partition("=")[2])
+            taking = False
+        elif taking and not arg.startswith("-"):
+            keys.append(arg)
+        else:
+            taking = False
+            rest.append(arg)
+    return rest, keys
 
 
 def _without(flags: list[str], given: set[str]) -> list[str]:

@@ -115,12 +115,35 @@ def test_invalid_metadata_names_the_field(nested, tmp_path):
         read_adapter(nested)
 
 
-def test_newer_schema_version_says_upgrade(nested):
+@pytest.mark.parametrize("version", [2, "2.0"])
+def test_newer_major_schema_version_says_upgrade(nested, version):
     meta = json.loads((nested / "kdlora.json").read_text())
-    meta["schema_version"] = 2
+    meta["schema_version"] = version
     (nested / "kdlora.json").write_text(json.dumps(meta))
-    with pytest.raises(KdloraError, match=r"field 'schema_version' is 2, newer than this kdlora understands \(1\); upgrade kdlora"):
+    with pytest.raises(KdloraError, match=rf"field 'schema_version' is 2(\.0)?, a newer major version than this kdlora understands \(1\.1\); upgrade kdlora"):
         read_adapter(nested)
+
+
+@pytest.mark.parametrize("version", [1, "1.0", "1.1", "1.9"])
+def test_same_major_schema_reads_and_ignores_fields_it_does_not_know(nested, version, tmp_path):
+    meta = json.loads((nested / "kdlora.json").read_text())
+    meta |= {"schema_version": version, "added_later": {"x": 1}}
+    meta["ranks"][0]["energy_joules"] = 3.5  # a field a newer minor version may add, nested
+    meta["recipe"] = {"method": "kd-qdylora", "schedule": "sandwich"}
+    (nested / "kdlora.json").write_text(json.dumps(meta))
+    read = read_adapter(nested).metadata
+    assert read.ranks[0].kl_to_teacher == meta["ranks"][0]["kl_to_teacher"] and read.recipe.method == "kd-qdylora"
+    saved = json.loads(read.save(tmp_path).read_text())  # this kdlora writes its own version and fields only
+    assert saved["schema_version"] == "1.1" and "added_later" not in saved and "energy_joules" not in saved["ranks"][0]
+
+
+def test_writers_stay_strict():
+    from pydantic import ValidationError
+
+    from hub.schema import RankResult
+
+    with pytest.raises(ValidationError, match="rnk"):
+        RankResult(rank=2, rnk=3)
 
 
 def test_shapes_disagreeing_with_metadata(nested, tmp_path):

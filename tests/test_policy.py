@@ -49,10 +49,38 @@ def test_explicit_rank_is_exact_and_checked():
 def test_names_and_budgets():
     assert split_model_name("org/a@r8") == ("org/a", 8)
     assert split_model_name("org/a") == ("org/a", None)
-    with pytest.raises(RequestError, match=r"'org/a@rX': the rank after '@r' must be a whole number, e.g. org/a@r8"):
+    with pytest.raises(RequestError, match=r"'org/a@rX': the rank after '@r' must be a whole number in ASCII digits, e.g. org/a@r8"):
         split_model_name("org/a@rX")
-    with pytest.raises(RequestError, match=r"budget field 'memory_mb' \(test\): Input should be greater than 0"):
-        parse_budget({"memory_mb": -1}, "test")
-    with pytest.raises(RequestError, match=r"budget field 'speed' \(test\): Extra inputs are not permitted"):
-        parse_budget({"speed": 1}, "test")
-    assert parse_budget({"max_rank": "8"}, "headers").max_rank == 8  # header values arrive as strings
+    with pytest.raises(RequestError, match=r"budget field 'memory_mb' \(extra_body kdlora\): Input should be greater than 0"):
+        parse_budget({"memory_mb": -1}, {})
+    with pytest.raises(RequestError, match=r"budget field 'speed' \(extra_body kdlora\): Extra inputs are not permitted"):
+        parse_budget({"speed": 1}, {})
+    assert parse_budget({}, {"max_rank": "8"}).max_rank == 8  # header values arrive as strings
+    assert parse_budget({}, {"latency_ms_per_token": "12.5"}).latency_ms_per_token == 12.5
+    assert parse_budget({"max_rank": 4}, {"max_rank": "8"}).max_rank == 4  # the body wins
+    assert parse_budget({"latency_ms_per_token": 20}, {}).latency_ms_per_token == 20.0  # JSON ints are numbers
+
+
+@pytest.mark.parametrize("model", ["a@r\u00b2", "a@r\u0668", "a@r" + "9" * 500, "a@r-1", "a@r 8", "a@r8\n"])
+def test_only_ascii_digit_ranks(model):
+    with pytest.raises(RequestError, match="the rank after '@r' must be a whole number in ASCII digits"):
+        split_model_name(model)
+
+
+def test_overlong_model_names_are_refused_before_any_lookup():
+    with pytest.raises(RequestError, match=r"model name 'xxxx.*' is 20003 characters long; at most 512"):
+        split_model_name("x" * 20_000 + "@r8")
+
+
+@pytest.mark.parametrize("body, headers, message", [
+    ({"rank": True}, {}, "budget field 'rank' (extra_body kdlora): Input should be a valid integer"),
+    ({"max_rank": "8"}, {}, "budget field 'max_rank' (extra_body kdlora): Input should be a valid integer"),
+    ({"min_quality": False}, {}, "budget field 'min_quality' (extra_body kdlora): Input should be a valid number"),
+    ({}, {"rank": "\u00ff"}, "budget field 'rank' (x-kdlora-rank header): Input should be a valid integer"),
+    ({}, {"rank": "\u0668"}, "budget field 'rank' (x-kdlora-rank header): Input should be a valid integer"),
+    ({}, {"min_quality": "high"}, "budget field 'min_quality' (x-kdlora-min-quality header): Input should be a valid number"),
+])
+def test_budgets_take_strict_types(body, headers, message):
+    with pytest.raises(RequestError) as caught:
+        parse_budget(body, headers)
+    assert str(caught.value).startswith(message)

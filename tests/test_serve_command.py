@@ -37,9 +37,22 @@ def test_cpu_without_native_bf16_serves_in_fp32(adapters):
     assert "--enforce-eager" in argv
 
 
-def test_api_key_goes_to_the_environment_not_the_command_line(adapters):
-    argv, env = serve_command([str(adapters[0])], "127.0.0.1", 8000, 4, [], ["--api-key", "sk-secret"])
+@pytest.mark.parametrize("spelling", [["--api-key", "sk-secret"], ["--api-key=sk-secret"]])
+def test_api_key_goes_to_the_environment_not_the_command_line(adapters, spelling):
+    argv, env = serve_command([str(adapters[0])], "127.0.0.1", 8000, 4, [], [*spelling, "--dtype", "float32"])
     assert "sk-secret" not in " ".join(argv) and env["VLLM_API_KEY"] == "sk-secret"
+    assert " ".join(argv).endswith("--dtype float32")
+
+
+def test_several_api_keys_stay_a_list_for_vllm(adapters, monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    argv, env = serve_command([str(adapters[0])], "127.0.0.1", 8000, 4, [], ["--api-key", "k1", "k2", "--dtype", "float32"])
+    assert " ".join(argv).endswith("--dtype float32 --api-key k1 k2") and "VLLM_API_KEY" not in env
+
+
+def test_the_endpoint_reaches_the_server(adapters):
+    _, env = serve_command([str(adapters[0])], "127.0.0.1", 8000, 4, [], [], endpoint="http://127.0.0.1:9")
+    assert env["HF_ENDPOINT"] == "http://127.0.0.1:9"
 
 
 def test_adapters_for_different_bases_are_refused(tmp_path, adapters):
