@@ -147,20 +147,17 @@ class AdapterStore:
                     self._loaded[name] = loaded
         return loaded
 
-    def _folder(self, name: str) -> Path:
-        return self.root / f"{_safe(name)}-{os.getpid()}"  # per server process: no two writers
-
     def _pull(self, name: str, served_model: str | None) -> Loaded:
         spec = self.spec_for(name)
         started = time.perf_counter()
-        directory = self._folder(name) / "full"
+        directory = self.root / f"{_safe(name)}-{os.getpid()}" / "full"  # per server process: no two writers
         shutil.rmtree(directory, ignore_errors=True)  # what an earlier failed pull may have left
         try:
             pull_adapter(spec, directory, endpoint=self.endpoint)
             adapter = read_adapter(directory)
             self._check_base(name, adapter.metadata, served_model)
         except BaseException as err:
-            shutil.rmtree(directory, ignore_errors=True)  # a refused adapter leaves nothing on disk
+            shutil.rmtree(directory.parent, ignore_errors=True)  # a refused adapter leaves nothing on disk
             if isinstance(err, KdloraError) and not isinstance(err, RequestError):
                 status = 404 if isinstance(err, NotFoundError) else 400
                 raise RequestError(f"adapter '{name}' cannot be served: {err}", status, "model") from err

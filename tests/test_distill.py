@@ -17,7 +17,7 @@ from hub.errors import KdloraError
 from hub.schema import load_metadata
 from training import distill as distill_mod
 from training.distill import DistillConfig, run_distill
-from training.nested_lora import NestedRank, sample_rank
+from training.nested_lora import NestedRank, sample_rank, step_ranks
 
 
 def tiny_config(tiny_pair, out, **overrides) -> DistillConfig:
@@ -86,6 +86,19 @@ def test_rank_sampling_is_seeded_and_in_range():
     assert set(sample_rank(step, 0, 48, "pow2") for step in range(200)) == {1, 2, 4, 8, 16, 32, 48}
 
 
+def test_sandwich_trains_the_largest_and_smallest_rank_every_step():
+    steps = [step_ranks(step, 3, 16, "sandwich") for step in range(100)]
+    assert steps == [step_ranks(step, 3, 16, "sandwich") for step in range(100)]  # a pure function of (seed, step)
+    assert all(ranks[0] == 16 and ranks[-1] == 1 and ranks == sorted(set(ranks), reverse=True) for ranks in steps)
+    assert [ranks for ranks in steps if len(ranks) == 3] and {r[1] for r in steps if len(r) == 3} <= set(range(2, 16))
+    assert step_ranks(5, 0, 64) == [sample_rank(5, 0, 64)]
+
+
+def test_sandwich_run_trains_every_rank_it_names(tiny_pair, tmp_path):
+    report = run_distill(tiny_config(tiny_pair, tmp_path / "adapter", rank_distribution="sandwich", steps=3))
+    assert [h["ranks"][0] for h in report["history"]] == [8] * 3 and all(h["ranks"][-1] == 1 for h in report["history"])
+
+
 def test_qdylora_run_writes_a_nested_adapter_with_metadata(tiny_pair, tmp_path):
     report = run_distill(tiny_config(tiny_pair, tmp_path / "adapter"))
     out = tmp_path / "adapter"
@@ -117,20 +130,20 @@ def test_full_mode_writes_a_student_checkpoint(tiny_pair, tmp_path):
 
 def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp_path, monkeypatch):
     run_distill(tiny_config(tiny_pair, tmp_path / "straight"))
-    original = distill_mod.training_rank
+    original = distill_mod.training_ranks
 
     def ctrl_c_at_step_3(cfg, step):
         if step == 3:
             raise KeyboardInterrupt
         return original(cfg, step)
 
-    monkeypatch.setattr(distill_mod, "training_rank", ctrl_c_at_step_3)
+    monkeypatch.setattr(distill_mod, "training_ranks", ctrl_c_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         run_distill(tiny_config(tiny_pair, tmp_path / "resumed"))
     checkpoint = tmp_path / "resumed.checkpoint"
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 3  # Ctrl-C saved where it stopped
     assert not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(distill_mod, "training_rank", original)
+    monkeypatch.setattr(distill_mod, "training_ranks", original)
     run_distill(tiny_config(tiny_pair, tmp_path / "resumed", resume=True))
     straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
@@ -140,7 +153,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp
 
 
 def test_resume_with_other_settings_is_refused(tiny_pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(distill_mod, "training_rank", lambda cfg, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else 1)
+    monkeypatch.setattr(distill_mod, "training_ranks", lambda cfg, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else [1])
     with pytest.raises(KeyboardInterrupt):
         run_distill(tiny_config(tiny_pair, tmp_path / "a"))
     with pytest.raises(KdloraError, match=r"--resume: the checkpoint in .*a.checkpoint was made with other settings \(kd_alpha: 0.5 -> 0.9\)"):

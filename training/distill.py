@@ -25,6 +25,7 @@ import torch
 from hub.atomic import atomic_dir, require_empty_out
 from hub.errors import KdloraError
 from hub.remote import PRUNING_REPORT
+from training.nested_lora import RANK_SCHEDULES
 
 MODES = ("qdylora", "lora", "full")
 DEFAULT_EVAL_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -40,7 +41,7 @@ class DistillConfig:
     max_rank: int = 64  # qdylora: R
     rank: int = 16  # lora: r
     lora_alpha: float = 16.0
-    rank_distribution: str = "uniform"
+    rank_distribution: str = "uniform"  # which ranks a step trains: uniform | pow2 | sandwich (nested_lora.step_ranks)
     quantize: str = "nf4"  # frozen base of lora/qdylora: nf4 | none
     kd_temperature: float = 2.0
     kd_alpha: float = 0.5
@@ -80,6 +81,8 @@ def validate(cfg: DistillConfig) -> None:
             raise KdloraError(f"--eval-ranks {','.join(map(str, above))} above --max-rank {cfg.max_rank}; list ranks <= {cfg.max_rank}")
     if any(r < 1 for r in cfg.eval_ranks or ()):
         raise KdloraError(f"--eval-ranks must be positive, got {','.join(map(str, cfg.eval_ranks))}")
+    if cfg.rank_distribution not in RANK_SCHEDULES:
+        raise KdloraError(f"--rank-distribution {cfg.rank_distribution}: use one of {', '.join(RANK_SCHEDULES)}")
     if cfg.quantize not in ("nf4", "none"):
         raise KdloraError(f"--quantize {cfg.quantize}: use nf4 or none")
     if cfg.train == "full" and cfg.quantize == "nf4":
@@ -142,14 +145,18 @@ def run_distill(cfg: DistillConfig) -> dict:
             started = time.perf_counter()
             batch = batch_for_step(data.train, step, cfg.batch_size, cfg.seed)
             batch = batch[accelerator.process_index::accelerator.num_processes].to(accelerator.device)
-            rank = training_rank(cfg, step)
-            if nested is not None:
-                nested.set(rank)
+            ranks = training_ranks(cfg, step)
             with torch.no_grad():
                 teacher_logits = teacher(batch).logits[:, :-1]
-            logits = model(batch).logits[:, :-1]
-            loss, parts = loss_fn(logits, teacher_logits, batch[:, 1:])
-            accelerator.backward(loss)
+            losses = []
+            for rank in ranks:  # one pass per rank this step trains; their gradients add up (mean loss)
+                if nested is not None:
+                    nested.set(rank)
+                logits = model(batch).logits[:, :-1]
+                loss, parts = loss_fn(logits, teacher_logits, batch[:, 1:])
+                accelerator.backward(loss / len(ranks))
+                losses.append(loss.item())
+            loss = sum(losses) / len(losses)  # parts: of the step's last (smallest) rank
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
@@ -157,9 +164,9 @@ def run_distill(cfg: DistillConfig) -> dict:
             seconds = time.perf_counter() - started
             state["seconds"] += seconds
             state["step"] = step + 1
-            state["history"].append({"step": step + 1, "loss": loss.item(), **parts, "rank": rank, "seconds": seconds})
+            state["history"].append({"step": step + 1, "loss": loss, **parts, "ranks": ranks, "seconds": seconds})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts['kl']:.3f}", **({"rank": rank} if rank else {}),
+            bar.set_postfix(loss=f"{loss:.3f}", kl=f"{parts['kl']:.3f}", **({"rank": "/".join(map(str, ranks))} if rank else {}),
                             tok_s=f"{batch.numel() * accelerator.num_processes / seconds:.0f}")
             if state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
                 save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)
@@ -240,13 +247,13 @@ def batch_for_step(blocks: torch.Tensor, step: int, batch_size: int, seed: int) 
     return blocks[indices]
 
 
-def training_rank(cfg: DistillConfig, step: int) -> int | None:
-    """The LoRA rank trained at `step` (None for full training)."""
-    from training.nested_lora import sample_rank
+def training_ranks(cfg: DistillConfig, step: int) -> list:
+    """The LoRA ranks trained at `step`, largest first ([None] for full training)."""
+    from training.nested_lora import step_ranks
 
     if cfg.train == "qdylora":
-        return sample_rank(step, cfg.seed, cfg.max_rank, cfg.rank_distribution)
-    return cfg.rank if cfg.train == "lora" else None
+        return step_ranks(step, cfg.seed, cfg.max_rank, cfg.rank_distribution)
+    return [cfg.rank if cfg.train == "lora" else None]
 
 
 def eval_ranks(cfg: DistillConfig) -> list:

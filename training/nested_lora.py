@@ -43,6 +43,20 @@ class NestedRank:
             hook.remove()
 
 
+RANK_SCHEDULES = ("uniform", "pow2", "sandwich")
+
+
+def step_ranks(step: int, seed: int, max_rank: int, schedule: str = "uniform") -> list[int]:
+    """The ranks trained at `step`, largest first; a pure function of (seed, step).
+
+    uniform / pow2: one sampled rank (DyLoRA). sandwich (the slimmable networks' rule, Yu & Huang 2019): the
+    largest and the smallest rank at every step plus one sampled between them, so the top of the ladder gets
+    an update every step instead of 1/R of them (costs up to 3 forward/backward passes per step)."""
+    if schedule == "sandwich":
+        return sorted({max_rank, 1, sample_rank(step, seed, max_rank, "uniform")}, reverse=True)
+    return [sample_rank(step, seed, max_rank, schedule)]
+
+
 def sample_rank(step: int, seed: int, max_rank: int, distribution: str = "uniform") -> int:
     """The rank trained at `step`: a pure function of (seed, step), so resumed and multi-process runs agree."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
