@@ -115,7 +115,7 @@ def describe_cpu(machine: str, flags: set[str], nf4_packed: bool, bf16_native: b
     present = [f for f in CPU_FEATURES if f in flags]
     absent = [f for f in CPU_FEATURES if f not in flags]
     features = " ".join(present) + (f" (no {', '.join(absent)})" if absent else "")
-    nf4 = "packed AVX512-BF16 path where layer widths fit, generic elsewhere" if nf4_packed else "generic path"
+    nf4 = "generic path (bitsandbytes' packed AVX512-BF16 path has no backward: not used)" if nf4_packed else "generic path"
     serve = "CUDA (vLLM's own dtype)" if cuda else f"{'bfloat16' if bf16_native else 'float32'} on CPU"
     return f"{machine} {features}: NF4 {nf4}; vLLM bf16 {'native' if bf16_native else 'emulated'}; kdlora serve picks {serve}"
 

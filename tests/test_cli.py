@@ -92,7 +92,7 @@ def test_doctor_passes_in_the_set_up_environment():
 
 def test_doctor_says_what_the_cpu_changes():
     assert doctor.describe_cpu("x86_64", {"avx2", "avx512f", "avx512_bf16", "sse4_2"}, True, True, False) == (
-        "x86_64 avx2 avx512f avx512_bf16 (no amx_bf16): NF4 packed AVX512-BF16 path where layer widths fit, generic elsewhere; "
+        "x86_64 avx2 avx512f avx512_bf16 (no amx_bf16): NF4 generic path (bitsandbytes' packed AVX512-BF16 path has no backward: not used); "
         "vLLM bf16 native; kdlora serve picks bfloat16 on CPU")
     assert doctor.describe_cpu("x86_64", {"avx2"}, False, False, False) == (
         "x86_64 avx2 (no avx512f, avx512_bf16, amx_bf16): NF4 generic path; vLLM bf16 emulated; kdlora serve picks float32 on CPU")

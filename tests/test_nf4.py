@@ -1,7 +1,7 @@
-"""NF4 on every CPU: bitsandbytes' packed AVX512-BF16 path is taken only by layers whose widths it can
-hold, and its optional-kernels note never reaches users. The packed-path decision is forced on here
-(bitsandbytes makes it per layer from the CPU at construction), so these tests fail on any CPU when a
-pruned student's odd widths reach the packed conversion, which is plain torch code."""
+"""NF4 on every CPU: a base kdlora trains never takes bitsandbytes' packed AVX512-BF16 path (no backward;
+widths a pruned student need not have), and its optional-kernels note never reaches users. The packed-path
+decision is forced on here (bitsandbytes makes it per layer from the CPU at construction), so these tests
+fail on any CPU when a trained layer reaches the packed conversion, which is plain torch code."""
 
 import logging
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_checkpoint
-from training.nf4 import KERNELS_NOTE, fits_packed_cpu_format, keep_unpackable_layers_generic, quiet_kernels_note
+from training.nf4 import KERNELS_NOTE, keep_trainable, quiet_kernels_note
 
 
 @pytest.fixture
@@ -20,28 +20,49 @@ def packed_path_forced(monkeypatch):
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
 
 
-@pytest.mark.parametrize("out_features, in_features", [(576, 360), (64, 64), (96, 128), (40, 64), (64, 40), (360, 960), (32, 192)])
-def test_the_packed_format_rule_is_bitsandbytes_own(out_features, in_features):
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu, quantize_4bit
-
-    weight = torch.randn(out_features, in_features)
-    packed_weight, state = quantize_4bit(weight, blocksize=64, quant_type="nf4")
-    try:
-        _convert_weight_packed_for_cpu(packed_weight, state)
-        converts = True
-    except (RuntimeError, AssertionError):
-        converts = False
-    assert fits_packed_cpu_format(out_features, in_features, 64) == converts
-
-
-def test_only_layers_that_do_not_fit_leave_the_packed_path(packed_path_forced, capsys):
+def test_a_trained_base_keeps_its_input_gradients_after_an_eval(packed_path_forced, capsys):
+    """distill evaluates the student alone, then trains: on the packed path the second half has no backward."""
     import bitsandbytes as bnb
 
-    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64, quant_type="nf4"), bnb.nn.Linear4bit(360, 576, quant_type="nf4"))
-    assert keep_unpackable_layers_generic(model) == 1
-    assert [layer.support_avx512bf16_for_cpu for layer in model] == [True, False]
-    assert capsys.readouterr().err == ("NF4: 1 of 2 4-bit layers use bitsandbytes' generic CPU path: their widths (360->576) do not fit "
-                                       "its packed AVX512-BF16 format (in_features % 64, out_features % 32)\n")
+    def input_grad(layer, x):
+        x = x.clone().requires_grad_(True)
+        layer(x).square().sum().backward()
+        return x.grad
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(64, 128), torch.randn(3, 128)
+    layers = []
+    for _ in range(2):
+        layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=layer)._quantize("cpu")
+        layers.append(layer)
+    fresh, evaluated = layers
+    assert keep_trainable(torch.nn.Sequential(evaluated)) == 1
+    assert capsys.readouterr().err == ("NF4: 1 4-bit layers use bitsandbytes' generic CPU path: its packed AVX512-BF16 path has no "
+                                       "backward, so gradients would stop at the frozen base\n")
+    evaluated.eval()
+    with torch.no_grad():
+        evaluated(x)
+    evaluated.train()
+    reference = input_grad(fresh.requires_grad_(False), x)  # generic path, never evaluated
+    assert torch.equal(input_grad(evaluated, x), reference)
+
+
+def test_nf4_distillation_is_the_same_on_every_cpu(packed_path_forced, tiny_pair, tmp_path, monkeypatch):
+    """The tiny student's widths all fit the packed format; forcing it on must not change one trained weight."""
+    import bitsandbytes.nn.modules
+    from safetensors.torch import load_file
+
+    from training.distill import DistillConfig, run_distill
+
+    teacher, student = tiny_pair
+    settings = dict(student=str(student), teacher=str(teacher), max_rank=4, quantize="nf4", steps=3, batch_size=2, seq_len=32,
+                    eval_samples=2, data="builtin:pydoc")
+    run_distill(DistillConfig(out=tmp_path / "packed-cpu", **settings))
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
+    run_distill(DistillConfig(out=tmp_path / "other-cpu", **settings))
+    packed, other = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("packed-cpu", "other-cpu"))
+    assert packed.keys() == other.keys() and all(torch.equal(packed[k], other[k]) for k in packed)
 
 
 def test_odd_width_student_distills_in_nf4_with_the_packed_path_forced(packed_path_forced, tiny_pair, real_tokenizer_dir, tmp_path):
@@ -73,7 +94,7 @@ def test_pruned_student_evaluates_in_nf4_with_the_packed_path_forced(pruned_stud
 
     as_built = eval_logits()
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
-    assert torch.equal(eval_logits(), as_built)  # hidden 360 fits no packed layer: the same generic path either way
+    assert torch.equal(eval_logits(), as_built)  # a base kdlora loads never packs: the same generic path either way
 
 
 def test_the_optional_kernels_note_is_dropped_and_nothing_else(caplog):

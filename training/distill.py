@@ -206,9 +206,9 @@ def build_student(cfg: DistillConfig, device):
     if quantization is None:
         model.to(device)
     else:
-        from training.nf4 import keep_unpackable_layers_generic
+        from training.nf4 import keep_trainable
 
-        keep_unpackable_layers_generic(model)
+        keep_trainable(model)
     if cfg.train == "full":
         return model, tokenizer, None
     from peft import LoraConfig, get_peft_model

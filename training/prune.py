@@ -93,7 +93,7 @@ def _round_to(value: float, multiple: int) -> int:
 
 
 HARDWARE_MULTIPLES = (64, 32, 16, 8)  # widths tried, friendliest first: 64 fits GPU tensor-core tiles and
-# bitsandbytes' packed NF4 CPU format (in_features % 64, out_features % 32; training/nf4.py)
+# bitsandbytes' packed NF4 CPU inference format (in_features % 64, out_features % 32)
 TARGET_SLACK = 0.05  # a friendlier width may land the student up to 5% under the parameter target
 
 
