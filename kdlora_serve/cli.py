@@ -168,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--max-rank", type=int, help="R for qdylora (default 64)")
     distill.add_argument("--rank", type=int, help="r for --train lora (default 16)")
     distill.add_argument("--lora-alpha", type=float, help="LoRA alpha; rank b is scaled alpha/b (default 16)")
-    distill.add_argument("--rank-distribution", choices=("uniform", "pow2", "sandwich"),
-                         help="which ranks each qdylora step trains: one uniform or pow2 sample (default uniform), or "
-                              "sandwich: max + min + one sample")
+    distill.add_argument("--rank-distribution", choices=("uniform", "pow2", "sandwich", "matryoshka"),  # nested_lora.RANK_SCHEDULES
+                         help="which ranks each qdylora step trains: one uniform or pow2 sample (default uniform); "
+                              "sandwich: max + min + one sample; matryoshka: one pass of the mean of ranks 1, 2, 4, ..., R")
     distill.add_argument("--quantize", choices=("nf4", "none"), help="frozen base of the adapter modes (default nf4)")
     distill.add_argument("--kd-temperature", type=float, help="T of the KL term (default 2.0)")
     distill.add_argument("--kd-alpha", type=float, help="weight of KL vs next-token CE (default 0.5)")

@@ -94,6 +94,28 @@ def test_sandwich_trains_the_largest_and_smallest_rank_every_step():
     assert step_ranks(5, 0, 64) == [sample_rank(5, 0, 64)]
 
 
+def test_matryoshka_mixture_is_the_mean_of_its_ranks_and_trains_every_component():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 6)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    nested, x = NestedRank(model), torch.randn(3, 8)
+
+    def output(rank):
+        nested.set(rank)
+        return model(x)
+
+    torch.testing.assert_close(output((1, 2, 4)), (output(1) + output(2) + output(4)) / 3)  # one layer: linear in the ranks
+    output((1, 2, 4)).sum().backward()
+    lora_a = next(p for name, p in model.named_parameters() if "lora_A" in name)
+    assert bool((lora_a.grad.abs().sum(dim=1) > 0).all())  # every component, rank 3 included, gets gradient
+    torch.testing.assert_close(output(2), output((2,)))  # a one-rank mixture is that rank
+    assert step_ranks(7, 0, 16, "matryoshka") == [(1, 2, 4, 8, 16)] and step_ranks(0, 0, 12, "matryoshka") == [(1, 2, 4, 8, 12)]
+    with pytest.raises(ValueError, match="outside 0..4"):
+        nested.set((0, 2))
+
+
 def test_sandwich_run_trains_every_rank_it_names(tiny_pair, tmp_path):
     report = run_distill(tiny_config(tiny_pair, tmp_path / "adapter", rank_distribution="sandwich", steps=3))
     assert [h["ranks"][0] for h in report["history"]] == [8] * 3 and all(h["ranks"][-1] == 1 for h in report["history"])

@@ -5,6 +5,12 @@ makes every LoRA layer compute `B[:, :b] @ A[:b] x * alpha / b` by masking the r
 the output of `lora_A` and setting PEFT's per-layer scaling. Masked components get exactly zero
 gradient, so a step at rank b trains only what rank b uses, and the adapter saved at rank R truncates
 (hub.adapter) to exactly what training computed at rank b. `set(0)` switches the adapter off.
+
+`set((b1, b2, ...))`, for training only, computes the mean of those ranks' LoRA outputs in one pass
+(MatryoshkaLoRA, arXiv 2605.07850): component i weighted by p_i = mean over the b > i of alpha / b, a
+fixed diagonal between A and B. Every component then gets gradient at every step, in proportion to how
+many of the ranks use it. Served ranks use plain alpha / b: the diagonal exists only in training, so
+the exported format does not change.
 """
 
 import torch
@@ -20,22 +26,31 @@ class NestedRank:
             raise ValueError(f"no LoRA layers with adapter '{adapter}' in the model")
         self.max_rank = max(layer.r[adapter] for layer in self.layers)
         self.rank = self.max_rank
+        self._weights: dict[int, torch.Tensor] = {}  # per-component weights of a Matryoshka mixture, by layer width
         self._hooks = [layer.lora_A[adapter].register_forward_hook(self._mask) for layer in self.layers]
 
     def _mask(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        if self._weights:
+            return output * self._weights[output.shape[-1]].to(output.device, output.dtype)
         if self.rank >= output.shape[-1]:
             return output
         keep = torch.arange(output.shape[-1], device=output.device) < self.rank
         return output * keep.to(output.dtype)
 
-    def set(self, rank: int) -> None:
-        """Make the whole model compute at nested rank `rank` (0 <= rank <= max_rank)."""
-        if not 0 <= rank <= self.max_rank:
+    def set(self, rank: int | tuple[int, ...]) -> None:
+        """Make the whole model compute at nested rank `rank` (0 <= rank <= max_rank), or the mean of a tuple of ranks."""
+        ranks = rank if isinstance(rank, tuple) else (rank,)
+        if not ranks or not all(0 <= r <= self.max_rank for r in ranks) or (len(ranks) > 1 and 0 in ranks):
             raise ValueError(f"rank {rank} is outside 0..{self.max_rank}")
-        self.rank = rank
+        self.rank, self._weights = max(ranks), {}
         for layer in self.layers:
-            effective = min(rank, layer.r[self.adapter])
-            layer.scaling[self.adapter] = layer.lora_alpha[self.adapter] / max(effective, 1)  # DyLoRA: alpha / b
+            alpha, width = layer.lora_alpha[self.adapter], layer.r[self.adapter]
+            if isinstance(rank, tuple):
+                cuts = torch.tensor([min(r, width) for r in ranks], dtype=torch.float32)
+                self._weights[width] = ((torch.arange(width)[:, None] < cuts) * alpha / cuts).mean(dim=1)
+                layer.scaling[self.adapter] = 1.0  # the weights carry alpha / b
+            else:
+                layer.scaling[self.adapter] = alpha / max(min(rank, width), 1)  # DyLoRA: alpha / b
 
     def remove(self) -> None:
         self.set(self.max_rank)
@@ -43,18 +58,26 @@ class NestedRank:
             hook.remove()
 
 
-RANK_SCHEDULES = ("uniform", "pow2", "sandwich")
+RANK_SCHEDULES = ("uniform", "pow2", "sandwich", "matryoshka")
 
 
-def step_ranks(step: int, seed: int, max_rank: int, schedule: str = "uniform") -> list[int]:
-    """The ranks trained at `step`, largest first; a pure function of (seed, step).
+def step_ranks(step: int, seed: int, max_rank: int, schedule: str = "uniform") -> list[int | tuple[int, ...]]:
+    """The ranks trained at `step`, one forward/backward pass each, largest first; a pure function of (seed, step).
 
     uniform / pow2: one sampled rank (DyLoRA). sandwich (the slimmable networks' rule, Yu & Huang 2019): the
     largest and the smallest rank at every step plus one sampled between them, so the top of the ladder gets
-    an update every step instead of 1/R of them (costs up to 3 forward/backward passes per step)."""
+    an update every step instead of 1/R of them (costs up to 3 passes per step). matryoshka: one pass of the
+    mixture of the served ranks 1, 2, 4, ..., R (`NestedRank.set` of a tuple)."""
     if schedule == "sandwich":
         return sorted({max_rank, 1, sample_rank(step, seed, max_rank, "uniform")}, reverse=True)
+    if schedule == "matryoshka":
+        return [served_ranks(max_rank)]
     return [sample_rank(step, seed, max_rank, schedule)]
+
+
+def served_ranks(max_rank: int) -> tuple[int, ...]:
+    """1, 2, 4, ... and R itself: the ranks usually served."""
+    return tuple(sorted({2**i for i in range(max_rank.bit_length()) if 2**i <= max_rank} | {max_rank}))
 
 
 def sample_rank(step: int, seed: int, max_rank: int, distribution: str = "uniform") -> int:
@@ -62,7 +85,7 @@ def sample_rank(step: int, seed: int, max_rank: int, distribution: str = "unifor
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     if distribution == "uniform":
         return int(torch.randint(1, max_rank + 1, (1,), generator=generator))
-    if distribution == "pow2":  # 1, 2, 4, ... and R itself: the ranks usually served
-        choices = sorted({2**i for i in range(max_rank.bit_length()) if 2**i <= max_rank} | {max_rank})
+    if distribution == "pow2":
+        choices = served_ranks(max_rank)
         return choices[int(torch.randint(len(choices), (1,), generator=generator))]
     raise ValueError(f"unknown rank distribution '{distribution}'; use uniform or pow2")
