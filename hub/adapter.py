@@ -3,7 +3,8 @@
 Layout (the DESIGN's artifact): `adapter_config.json` + `adapter_model.safetensors` (a plain PEFT
 LoRA at max rank) + `kdlora.json` (rank metadata, hub.schema). Truncation to rank k keeps the first
 k rank components of every LoRA pair, `A[:k]` and `B[:, :k]`, and leaves `lora_alpha` alone, so
-PEFT and vLLM (both scale by alpha/r) compute exactly what training computed at rank k.
+PEFT and vLLM (both scale by alpha/r, or alpha/sqrt(r) with `use_rslora`) compute exactly what training
+computed at rank k.
 """
 
 import json
@@ -106,8 +107,8 @@ def _check_consistent(adapter: Adapter) -> None:
         raise KdloraError(
             f"{where}: {METADATA_FILE} says max_rank {meta.max_rank} but the tensors have rank {max(ranks.values())}; the files do not belong together"
         )
-    if meta is not None and (adapter.config.get("use_dora") or adapter.config.get("use_rslora")):
-        raise KdloraError(f"{where}: nested-rank truncation is exact for plain LoRA scaling (alpha/r) only, not DoRA or rsLoRA")
+    if meta is not None and adapter.config.get("use_dora"):
+        raise KdloraError(f"{where}: nested-rank truncation is exact for LoRA and rsLoRA scaling only, not DoRA")
 
 
 def adapter_bytes(adapter: Adapter, rank: int) -> int:

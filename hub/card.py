@@ -14,8 +14,14 @@ _METRICS = [
 ]
 
 
+def task_metric_names(metadata: RankMetadata) -> list[str]:
+    """The task metrics any evaluated rank (or the base) records, sorted: one more column / line each."""
+    results = [*metadata.ranks, *([metadata.base_quality] if metadata.base_quality else [])]
+    return sorted({name for result in results for name in result.task_metrics})
+
+
 def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
-    """KL to teacher and top-1 agreement against rank (log2 axis); None when nothing was evaluated."""
+    """KL to teacher, top-1 agreement and the task metrics against rank (log2 axis); None when nothing was evaluated."""
     points = [r for r in metadata.ranks if r.kl_to_teacher is not None or r.teacher_top1_agreement is not None]
     if not points:
         return None
@@ -34,7 +40,9 @@ def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
     kl_axis.set_ylabel("KL(teacher || student), nats/token", color="tab:red")
     agreement_axis = kl_axis.twinx()
     agreement_axis.plot(ranks, [nan if r.teacher_top1_agreement is None else r.teacher_top1_agreement for r in points], "s--", color="tab:blue", label="top-1 agreement (higher is better)")
-    agreement_axis.set_ylabel("top-1 agreement with teacher", color="tab:blue")
+    for name in task_metric_names(metadata):
+        agreement_axis.plot(ranks, [r.task_metrics.get(name, nan) for r in points], "^--", label=f"{name} (higher is better)")
+    agreement_axis.set_ylabel("agreement / task metrics (0-1)", color="tab:blue")
     kl_axis.set_title(f"quality vs rank, base {metadata.base_model.id}", fontsize=9)
     fig.legend(loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
@@ -45,13 +53,15 @@ def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
 
 def rank_table(metadata: RankMetadata) -> str:
     """Markdown table, one row per evaluated rank (also what `kdlora hub inspect` prints)."""
-    header = ["rank", *(title for _, _, title in _METRICS), "adapter MB", "ms/token (served)"]
+    tasks = task_metric_names(metadata)
+    header = ["rank", *(title for _, _, title in _METRICS), *tasks, "adapter MB", "ms/token (served)"]
     rows = [header, ["---"] * len(header)]
     if metadata.base_quality is not None:
-        rows.append(["0 (no adapter)", *(_fmt(getattr(metadata.base_quality, field)) for field, _, _ in _METRICS), "0", "–"])
+        base = metadata.base_quality
+        rows.append(["0 (no adapter)", *(_fmt(getattr(base, field)) for field, _, _ in _METRICS), *(_fmt(base.task_metrics.get(t)) for t in tasks), "0", "–"])
     for result in metadata.ranks:
         cells = [str(result.rank) + (" (default)" if result.rank == metadata.default_rank else "")]
-        cells += [_fmt(getattr(result, field)) for field, _, _ in _METRICS]
+        cells += [_fmt(getattr(result, field)) for field, _, _ in _METRICS] + [_fmt(result.task_metrics.get(t)) for t in tasks]
         cells.append(_fmt(result.adapter_bytes / 1e6 if result.adapter_bytes is not None else None))
         cells.append(_fmt(result.serving.ms_per_token if result.serving else None))
         rows.append(cells)
@@ -74,6 +84,11 @@ def adapter_card(metadata: RankMetadata, repo_id: str, base_model: str, plot: st
         for result in metadata.ranks
         for field, metric_type, title in _METRICS
         if getattr(result, field) is not None
+    ] + [
+        EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=f"{dataset} (held-out split)",
+                   metric_type=name, metric_name=name, metric_value=float(value), metric_config=f"rank={result.rank}")
+        for result in metadata.ranks
+        for name, value in sorted(result.task_metrics.items())
     ]
     data = ModelCardData(
         base_model=base_model,
@@ -91,7 +106,7 @@ def adapter_card(metadata: RankMetadata, repo_id: str, base_model: str, plot: st
 One **nested-rank LoRA adapter** for [{base_model}](https://huggingface.co/{base_model}), trained with
 kdlora by knowledge distillation from
 {f"`{metadata.teacher.id}`" if metadata.teacher else "its teacher"}. Every rank 1..{metadata.max_rank} works:
-rank k is the first k rank components (`lora_A[:k]`, `lora_B[:, :k]`, `r=k`, same `lora_alpha`).
+rank k is the first k rank components (`lora_A[:k]`, `lora_B[:, :k]`, `r=k`, same `lora_alpha` and `use_rslora`).
 Default rank: {metadata.default_rank}.
 
 ## Quality per rank (held-out)

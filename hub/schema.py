@@ -49,6 +49,11 @@ class Quality(_Strict):
     perplexity: float | None = Field(None, gt=0)
     task_metrics: dict[str, float] = Field(default_factory=dict, description="e.g. {'bbc_accuracy': 0.91}")
 
+    def quality_metrics(self) -> dict[str, float]:
+        """The higher-is-better numbers in [0, 1] a `min_quality` budget can name: top-1 agreement and the task metrics."""
+        common = {} if self.teacher_top1_agreement is None else {"teacher_top1_agreement": self.teacher_top1_agreement}
+        return common | self.task_metrics
+
 
 class RankResult(Quality):
     rank: int = Field(ge=1)

@@ -167,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--train", choices=("qdylora", "lora", "full"), help="qdylora (default): nested ranks 1..R; lora: one rank; full: all weights")
     distill.add_argument("--max-rank", type=int, help="R for qdylora (default 64)")
     distill.add_argument("--rank", type=int, help="r for --train lora (default 16)")
-    distill.add_argument("--lora-alpha", type=float, help="LoRA alpha; rank b is scaled alpha/b (default 16)")
+    distill.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
+    distill.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=None,
+                         help="scale rank b by alpha/sqrt(b) (rsLoRA; PEFT's and vLLM's use_rslora; default) or, with "
+                              "--no-rslora, by alpha/b")
     distill.add_argument("--rank-distribution", choices=("uniform", "pow2", "sandwich", "matryoshka"),  # nested_lora.RANK_SCHEDULES
                          help="which ranks each qdylora step trains: one uniform or pow2 sample (default uniform); "
                               "sandwich: max + min + one sample; matryoshka: one pass of the mean of ranks 1, 2, 4, ..., R")

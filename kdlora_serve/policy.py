@@ -1,4 +1,5 @@
-"""Budget -> rank: the largest evaluated rank that meets every constraint of a request.
+"""Budget -> rank: the largest evaluated rank that meets every constraint of a request (with only a quality
+floor: the smallest rank that meets it).
 
 Inputs: the adapter's metadata (per-rank quality and bytes, hub.schema) and this server's own measured
 cost per rank (`CostTracker`, fed by the middleware from finished requests: under the current load,
@@ -27,6 +28,9 @@ class RequestError(KdloraError):
         self.status, self.param = status, param
 
 
+DEFAULT_QUALITY_METRIC = "teacher_top1_agreement"
+
+
 class Budget(BaseModel):
     """What a request may spend; from `extra_body={"kdlora": {...}}` or `x-kdlora-*` headers.
     Strict types: `true` is no rank and "8" no number in JSON (headers are converted by `parse_budget`)."""
@@ -36,10 +40,15 @@ class Budget(BaseModel):
     max_rank: int | None = Field(None, ge=1)
     latency_ms_per_token: float | None = Field(None, gt=0, description="measured decode latency bound")
     memory_mb: float | None = Field(None, gt=0, description="adapter weights bound, MiB")
-    min_quality: float | None = Field(None, ge=0, le=1, description="minimum held-out top-1 agreement with the teacher")
+    min_quality: float | None = Field(None, ge=0, le=1, description="minimum held-out quality, by `quality_metric`")
+    quality_metric: str | None = Field(None, max_length=64, description=f"what min_quality bounds (default {DEFAULT_QUALITY_METRIC}; "
+                                                                         "or a task metric the adapter records)")
 
     def constrained(self) -> bool:
         return any(v is not None for v in self.model_dump().values())
+
+    def bounds_cost(self) -> bool:
+        return any(v is not None for v in (self.max_rank, self.latency_ms_per_token, self.memory_mb))
 
 
 def parse_budget(from_body: dict, from_headers: dict[str, str]) -> Budget:
@@ -61,6 +70,8 @@ def _header_value(name: str, text: str):
         return text
     if field.annotation == int | None:
         return int(text) if _RANK.fullmatch(text) else text
+    if field.annotation == str | None:
+        return text
     try:
         return float(text) if text.isascii() else text
     except ValueError:
@@ -116,6 +127,11 @@ class CostTracker:
 
 
 def choose_rank(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker, requested: int | None = None) -> Choice:
+    if budget.quality_metric is not None:
+        recorded = sorted({name for result in meta.ranks for name in result.quality_metrics()})
+        if budget.quality_metric not in recorded:
+            raise RequestError(f"quality_metric '{budget.quality_metric}': adapter '{adapter}' records "
+                               f"{', '.join(recorded) or 'no quality metric'}", param="kdlora.quality_metric")
     if requested is not None or budget.rank is not None:
         rank = requested if requested is not None else budget.rank
         if requested is not None and budget.rank is not None and budget.rank != requested:
@@ -130,8 +146,10 @@ def choose_rank(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTra
         return Choice(meta.default_rank, True, "default rank")
     candidates = sorted({r.rank for r in meta.ranks} | {meta.max_rank})
     fitting = [k for k in candidates if not _failed(meta, budget, adapter, costs, k)]
-    if fitting:
+    if fitting and budget.bounds_cost():
         return Choice(max(fitting), True, "largest rank within budget")
+    if fitting:  # a quality floor and nothing else: more rank would cost more and buy nothing asked for
+        return Choice(min(fitting), True, "smallest rank meeting min_quality")
     cheapest = candidates[0]
     return Choice(cheapest, False, _failed(meta, budget, adapter, costs, cheapest))
 
@@ -145,8 +163,9 @@ def _failed(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker
         if result is None or result.adapter_bytes is None or result.adapter_bytes / 2**20 > budget.memory_mb:
             return f"memory_mb {budget.memory_mb}"
     if budget.min_quality is not None:
-        if result is None or result.teacher_top1_agreement is None or result.teacher_top1_agreement < budget.min_quality:
-            return f"min_quality {budget.min_quality}"
+        value = None if result is None else result.quality_metrics().get(budget.quality_metric or DEFAULT_QUALITY_METRIC)
+        if value is None or value < budget.min_quality:
+            return f"min_quality {budget.min_quality}" + (f" ({budget.quality_metric})" if budget.quality_metric else "")
     if budget.latency_ms_per_token is not None:
         estimate = costs.estimate(adapter, rank)
         if estimate is not None and estimate > budget.latency_ms_per_token:

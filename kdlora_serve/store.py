@@ -232,7 +232,7 @@ class AdapterStore:
                 meta = loaded.metadata
                 row |= {"base_model": meta.base_model.id, "max_rank": meta.max_rank, "default_rank": meta.default_rank,
                         "ranks": [{"rank": r.rank, "kl_to_teacher": r.kl_to_teacher, "teacher_top1_agreement": r.teacher_top1_agreement,
-                                   "adapter_bytes": r.adapter_bytes, "warm": r.rank in warm,
+                                   "task_metrics": r.task_metrics, "adapter_bytes": r.adapter_bytes, "warm": r.rank in warm,
                                    "measured_ms_per_token": measured.get(r.rank)} for r in meta.ranks],
                         "warm_ranks": sorted(warm)}
             rows.append(row)

@@ -119,7 +119,8 @@ def write_nested_adapter(out: Path, model, rank: int = 8, alpha: int = 16, seed:
     ranks = sorted({1, 2, 4, rank} & set(range(1, rank + 1)))
     RankMetadata(
         max_rank=rank, default_rank=min(4, rank), base_model=ModelRef(id=base_model_id), teacher=ModelRef(id="tiny-teacher"),
-        ranks=[RankResult(rank=k, kl_to_teacher=1.0 / k, teacher_top1_agreement=min(1.0, 0.5 + k / 20), adapter_bytes=k * 100) for k in ranks],
+        ranks=[RankResult(rank=k, kl_to_teacher=1.0 / k, teacher_top1_agreement=min(1.0, 0.5 + k / 20), adapter_bytes=k * 100,
+                          task_metrics={"greedy_token_f1": min(1.0, k / 10)}) for k in ranks],
     ).save(out)
     return Path(out)
 

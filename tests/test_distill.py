@@ -27,18 +27,19 @@ def tiny_config(tiny_pair, out, **overrides) -> DistillConfig:
     return DistillConfig(**{**settings, **overrides})
 
 
-def _random_lora(tiny_pair):
+def _random_lora(tiny_pair, rslora=False):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_pair[1], dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, target_modules="all-linear", init_lora_weights=False))
     return model, NestedRank(model)
 
 
-def test_training_forward_at_rank_b_equals_peft_on_the_truncated_adapter(tiny_pair, tmp_path):
-    model, nested = _random_lora(tiny_pair)
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/b", "rslora alpha/sqrt(b)"])
+def test_training_forward_at_rank_b_equals_peft_on_the_truncated_adapter(tiny_pair, tmp_path, rslora):
+    model, nested = _random_lora(tiny_pair, rslora)
     ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         at_rank = {}

@@ -225,7 +225,8 @@ def test_local_directory_hub(adapter, student, base, tmp_path):
     inspected = kdlora_cli("hub", "inspect", f"file://{hub_root}/kd/tiny")
     assert inspected.returncode == 0, inspected.stderr
     assert f"base       {hub_root}/kd/tiny-student" in inspected.stdout  # loadable: the local hub's path
-    assert "| 4 (default) | 0.25 | 0.7 |" in inspected.stdout
+    assert "| 4 (default) | 0.25 | 0.7 | – | 0.4 |" in inspected.stdout  # KL, agreement, perplexity, greedy_token_f1
+    assert "greedy_token_f1" in (hub_root / "kd" / "tiny" / "README.md").read_text()  # card: table and model-index
     truncated = kdlora_cli("hub", "truncate", f"file://{hub_root}/kd/tiny", "--rank", "5", "--out", str(tmp_path / "r5"))
     assert truncated.returncode == 0, truncated.stderr
     torch.testing.assert_close(peft_logits(base, tmp_path / "r5", INPUT), reference_logits(base, adapter, 5, INPUT))

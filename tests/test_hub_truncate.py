@@ -163,6 +163,15 @@ def test_config_disagreeing_with_tensors(nested):
         read_adapter(nested)
 
 
+def test_dora_is_refused_and_rslora_read(nested):
+    config = json.loads((nested / ADAPTER_CONFIG).read_text())
+    (nested / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_rslora": True}))
+    assert read_adapter(nested).config["use_rslora"]  # alpha/sqrt(r) truncates exactly too (tests/test_distill.py)
+    (nested / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(KdloraError, match=r"nested-rank truncation is exact for LoRA and rsLoRA scaling only, not DoRA$"):
+        read_adapter(nested)
+
+
 def test_pickled_weights_are_refused(nested):
     (nested / "adapter_model.bin").write_bytes(b"not loaded")
     with pytest.raises(KdloraError, match=r"refusing pickled weight file\(s\) adapter_model.bin: loading a pickle can execute code"):

@@ -20,8 +20,14 @@ def test_no_budget_gives_the_default_rank():
 def test_largest_rank_meeting_every_constraint():
     assert choose(max_rank=8).rank == 4
     assert choose(max_rank=8, min_quality=0.58).rank == 4
-    assert choose(min_quality=0.6).rank == 16
     assert choose(memory_mb=250 / 2**20).rank == 2
+
+
+def test_a_quality_floor_alone_gets_the_smallest_rank_that_meets_it():
+    choice = choose(min_quality=0.6)  # agreement 0.55, 0.6, 0.7, 1.0 at ranks 1, 2, 4, 16
+    assert (choice.rank, choice.met, choice.reason) == (2, True, "smallest rank meeting min_quality")
+    assert choose(min_quality=0.65).rank == 4 and choose(min_quality=0.9).rank == 16
+    assert choose(min_quality=0.6, max_rank=16).rank == 16  # a cost bound too: the best quality it allows
 
 
 def test_measured_latency_decides():
@@ -30,6 +36,20 @@ def test_measured_latency_decides():
     costs.record("a", 2, seconds=0.2, tokens=10)  # 20 ms/token at rank 2
     assert choose(costs, latency_ms_per_token=50).rank == 4  # rank 4 unmeasured: estimated from rank 2
     assert choose(costs, latency_ms_per_token=200).rank == 16
+
+
+def test_min_quality_can_name_a_task_metric():
+    meta = META.model_copy(update={"ranks": [r.model_copy(update={"task_metrics": {"greedy_token_f1": r.rank / 20}}) for r in META.ranks]})
+    pick = lambda **budget: choose_rank(meta, Budget(**budget), "a", CostTracker())  # noqa: E731
+    assert pick(min_quality=0.15, quality_metric="greedy_token_f1").rank == 4  # F1 1/20, 2/20, 4/20, 16/20
+    assert pick(min_quality=0.15, quality_metric="greedy_token_f1", max_rank=16).rank == 16
+    assert pick(min_quality=0.15).rank == 1  # top-1 agreement, as before: 0.55, 0.6, 0.7, 1.0
+    assert pick(min_quality=0.75).rank == 16
+    missed = pick(min_quality=0.9, quality_metric="greedy_token_f1", max_rank=4)
+    assert (missed.rank, missed.met, missed.reason) == (1, False, "min_quality 0.9 (greedy_token_f1)")
+    with pytest.raises(RequestError, match=r"^quality_metric 'bbc_accuracy': adapter 'a' records greedy_token_f1, teacher_top1_agreement$"):
+        pick(min_quality=0.5, quality_metric="bbc_accuracy")
+    assert parse_budget({}, {"quality_metric": "greedy_token_f1", "min_quality": "0.5"}) == Budget(quality_metric="greedy_token_f1", min_quality=0.5)
 
 
 def test_nothing_fits_gives_the_cheapest_rank_and_says_so():

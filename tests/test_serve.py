@@ -32,22 +32,43 @@ def text(client, model, prompt=PROMPT):
     return complete(client, model, prompt).parse().choices[0].text
 
 
-@pytest.mark.parametrize("rank", [1, 4, 16])
-def test_rank_k_greedy_equals_peft_on_the_truncated_adapter(client, teacher_dir, teacher_adapter, tmp_path, rank):
+def peft_greedy(teacher_dir, adapter, rank, tmp_path) -> str:
+    """8 greedy tokens of PEFT on the adapter truncated to `rank`: what the server must answer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hub.adapter import truncate_adapter
 
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, truncate_adapter(adapter, rank, tmp_path / f"r{rank}")).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_rank_k_greedy_equals_peft_on_the_truncated_adapter(client, teacher_dir, teacher_adapter, tmp_path, rank):
     raw = complete(client, f"{ALIAS}@r{rank}")
     served = raw.parse()
     assert served.model == f"{ALIAS}@r{rank}" and raw.headers["x-kdlora-rank"] == str(rank)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    assert served.choices[0].text == peft_greedy(teacher_dir, teacher_adapter, rank, tmp_path)
+
+
+def test_rslora_ranks_equal_peft_alone_and_batched(client, session_hub, teacher_dir, tmp_path):
+    """kdlora distill's default scale, alpha / sqrt(r): each cut and a batch mixing cuts of it, as PEFT computes them."""
+    from transformers import AutoModelForCausalLM
+
+    _, hub = session_hub
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, truncate_adapter(teacher_adapter, rank, tmp_path / f"r{rank}")).eval()
-    ids = tokenizer(PROMPT, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert served.choices[0].text == tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    adapter = write_nested_adapter(tmp_path / "rs", base, rank=8, seed=11, base_model_id=str(teacher_dir), init_scale=0.1, use_rslora=True)
+    _push_raw(hub, "kd/rs", adapter)
+    expected = {rank: peft_greedy(teacher_dir, adapter, rank, tmp_path) for rank in (2, 8)}
+    assert expected[2] != expected[8]  # the check can tell the ranks apart
+    assert {rank: text(client, f"kd/rs@r{rank}") for rank in (2, 8)} == expected
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(lambda rank: text(client, f"kd/rs@r{rank}"), [2, 8] * 4))
+    assert together == [expected[2], expected[8]] * 4
 
 
 def test_ranks_really_differ(client):
@@ -69,6 +90,12 @@ def test_budget_from_extra_body_and_headers(client):
     raw = complete(client, ALIAS, extra_body={"kdlora": {"min_quality": 0.99, "max_rank": 2}})
     assert (raw.headers["x-kdlora-rank"], raw.headers["x-kdlora-budget-met"]) == ("1", "false")
     assert raw.headers["x-kdlora-budget-miss"] == "min_quality 0.99"
+    # greedy_token_f1 k/10: 0.1, 0.2, 0.4, 1.0 (agreement 0.55 .. 1.0 would meet both floors below at rank 4)
+    raw = complete(client, ALIAS, extra_headers={"x-kdlora-min-quality": "0.3", "x-kdlora-quality-metric": "greedy_token_f1",
+                                                 "x-kdlora-max-rank": "8"})
+    assert raw.headers["x-kdlora-rank"] == "4" and raw.headers["x-kdlora-budget-met"] == "true"
+    raw = complete(client, ALIAS, extra_body={"kdlora": {"min_quality": 0.5, "quality_metric": "greedy_token_f1", "max_rank": 8}})
+    assert (raw.headers["x-kdlora-rank"], raw.headers["x-kdlora-budget-miss"]) == ("1", "min_quality 0.5 (greedy_token_f1)")
 
 
 def test_streaming_chat(client):
@@ -85,6 +112,8 @@ def test_streaming_chat(client):
     (f"{ALIAS}@rfour", {}, 400, "the rank after '@r' must be a whole number"),
     (ALIAS, {"kdlora": {"max_rank": -2}}, 400, "budget field 'max_rank'"),
     (ALIAS, {"kdlora": {"latency_ms_per_token": "fast"}}, 400, "budget field 'latency_ms_per_token'"),
+    (ALIAS, {"kdlora": {"min_quality": 0.5, "quality_metric": "bleu"}}, 400,
+     f"quality_metric 'bleu': adapter '{ALIAS}' records greedy_token_f1, teacher_top1_agreement"),
     ("other/adapter@r2", {}, 403, "adapter 'other/adapter' is not on this server's allow-list (kd/*)"),
     ("kd/../etc@r2", {}, 400, "paths are not adapter names"),
     ("/etc/passwd@r2", {}, 400, "paths are not adapter names"),
@@ -161,7 +190,7 @@ def test_discovery_and_metrics(client, vllm_server):
     entry = next(row for row in listing if row["id"] == ALIAS)
     assert entry["max_rank"] == 16 and entry["default_rank"] == 4 and 2 in entry["warm_ranks"]
     assert [r["rank"] for r in entry["ranks"]] == [1, 2, 4, 16]
-    assert entry["ranks"][1]["measured_ms_per_token"] > 0
+    assert entry["ranks"][1]["measured_ms_per_token"] > 0 and entry["ranks"][1]["task_metrics"] == {"greedy_token_f1": 0.2}
     with urllib.request.urlopen(vllm_server + "/metrics") as response:
         metrics = response.read().decode()
     assert f'kdlora_requests_total{{adapter="{ALIAS}",rank="2"}}' in metrics

@@ -41,7 +41,9 @@ class DistillConfig:
     max_rank: int = 64  # qdylora: R
     rank: int = 16  # lora: r
     lora_alpha: float = 16.0
-    rank_distribution: str = "uniform"  # which ranks a step trains: uniform | pow2 | sandwich (nested_lora.step_ranks)
+    rslora: bool = True  # scale alpha / sqrt(b) (rsLoRA, arXiv 2312.03732), not alpha / b: with alpha / b more rank
+    # learns no faster, and a fixed budget gives a flat ladder (benchmarks/RESULTS.md, "Does rank buy quality?")
+    rank_distribution: str = "uniform"  # which ranks a step trains: nested_lora.RANK_SCHEDULES
     quantize: str = "nf4"  # frozen base of lora/qdylora: nf4 | none
     kd_temperature: float = 2.0
     kd_alpha: float = 0.5
@@ -218,7 +220,7 @@ def build_student(cfg: DistillConfig, device):
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # LoRA's A is randomly initialised: the same seed, the same run
     rank = cfg.max_rank if cfg.train == "qdylora" else cfg.rank
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, use_rslora=cfg.rslora, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     return model, tokenizer, NestedRank(model)
 
@@ -264,12 +266,17 @@ def eval_ranks(cfg: DistillConfig) -> list:
 
 
 def _evaluate(cfg, student, nested, teacher, heldout, settings) -> dict:
-    from training.evaluate import quality_against_teacher
+    """Per setting: KL / top-1 agreement / perplexity on the held-out blocks, and as `task_metrics` how well
+    greedy answers match the teacher's (prompt: each block's first half; answer: the next seq_len / 4 tokens)."""
+    from training.evaluate import greedy_agreement, quality_against_teacher
 
     was_training = student.training
     student.eval()
     configure = nested.set if nested is not None else (lambda setting: None)
     results = quality_against_teacher(student, teacher, heldout, settings, configure, batch_size=cfg.batch_size)
+    answers = greedy_agreement(student, teacher, heldout[:, : cfg.seq_len // 2], settings, configure, new_tokens=max(1, cfg.seq_len // 4))
+    for setting, metrics in answers.items():
+        results[setting]["task_metrics"] = metrics
     student.train(was_training)
     return results
 

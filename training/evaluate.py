@@ -43,3 +43,38 @@ def quality_against_teacher(model, teacher, blocks: torch.Tensor, settings, conf
             sums[setting]["nll"] -= logp.gather(-1, labels.unsqueeze(-1)).sum().item()
     return {s: {"kl_to_teacher": v["kl"] / tokens, "teacher_top1_agreement": v["agree"] / tokens,
                 "perplexity": math.exp(v["nll"] / tokens)} for s, v in sums.items()}
+
+
+def token_f1(predicted: list[int], reference: list[int]) -> float:
+    """SQuAD's token F1: harmonic mean of precision and recall of the tokens two answers share (as multisets)."""
+    from collections import Counter
+
+    if not predicted or not reference:
+        return float(predicted == reference)
+    shared = sum((Counter(predicted) & Counter(reference)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(predicted), shared / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def greedy(model, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of equal-length `prompts` [n, prompt_len], `new_tokens` each (no padding needed)."""
+    device = next(model.parameters()).device
+    out = model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts, device=device), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, prompts.shape[1]:].tolist()
+
+
+def greedy_agreement(model, teacher, prompts: torch.Tensor, settings, configure, new_tokens: int = 16) -> dict:
+    """How far each setting's greedy continuations match the teacher's: {setting: {greedy_exact_match,
+    greedy_token_f1}}, means over prompts. What a user of the generated text sees, next to per-token KL."""
+    reference = greedy(teacher, prompts, new_tokens)
+    results = {}
+    for setting in settings:
+        configure(setting)
+        answers = greedy(model, prompts, new_tokens)
+        results[setting] = {"greedy_exact_match": sum(a == r for a, r in zip(answers, reference)) / len(reference),
+                            "greedy_token_f1": sum(token_f1(a, r) for a, r in zip(answers, reference)) / len(reference)}
+    return results

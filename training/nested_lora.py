@@ -1,8 +1,8 @@
 """Nested-rank (DyLoRA / QDyLoRA) forward on top of PEFT's LoRA layers.
 
 PEFT injects an ordinary rank-R LoRA (also onto bitsandbytes 4-bit layers); `NestedRank.set(b)` then
-makes every LoRA layer compute `B[:, :b] @ A[:b] x * alpha / b` by masking the rank components >= b at
-the output of `lora_A` and setting PEFT's per-layer scaling. Masked components get exactly zero
+makes every LoRA layer compute `B[:, :b] @ A[:b] x * alpha / b` (alpha / sqrt(b) for an rsLoRA config) by
+masking the rank components >= b at the output of `lora_A` and setting PEFT's per-layer scaling. Masked components get exactly zero
 gradient, so a step at rank b trains only what rank b uses, and the adapter saved at rank R truncates
 (hub.adapter) to exactly what training computed at rank b. `set(0)` switches the adapter off.
 
@@ -25,6 +25,7 @@ class NestedRank:
         if not self.layers:
             raise ValueError(f"no LoRA layers with adapter '{adapter}' in the model")
         self.max_rank = max(layer.r[adapter] for layer in self.layers)
+        self.rslora = bool(peft_model.peft_config[adapter].use_rslora)  # PEFT's and vLLM's scale: alpha / sqrt(r)
         self.rank = self.max_rank
         self._weights: dict[int, torch.Tensor] = {}  # per-component weights of a Matryoshka mixture, by layer width
         self._hooks = [layer.lora_A[adapter].register_forward_hook(self._mask) for layer in self.layers]
@@ -47,10 +48,13 @@ class NestedRank:
             alpha, width = layer.lora_alpha[self.adapter], layer.r[self.adapter]
             if isinstance(rank, tuple):
                 cuts = torch.tensor([min(r, width) for r in ranks], dtype=torch.float32)
-                self._weights[width] = ((torch.arange(width)[:, None] < cuts) * alpha / cuts).mean(dim=1)
-                layer.scaling[self.adapter] = 1.0  # the weights carry alpha / b
+                self._weights[width] = ((torch.arange(width)[:, None] < cuts) * self._scale(alpha, cuts)).mean(dim=1)
+                layer.scaling[self.adapter] = 1.0  # the weights carry each rank's scale
             else:
-                layer.scaling[self.adapter] = alpha / max(min(rank, width), 1)  # DyLoRA: alpha / b
+                layer.scaling[self.adapter] = self._scale(alpha, max(min(rank, width), 1))  # DyLoRA: alpha / b
+
+    def _scale(self, alpha, rank):
+        return alpha / (rank**0.5 if self.rslora else rank)
 
     def remove(self) -> None:
         self.set(self.max_rank)
