@@ -30,7 +30,7 @@ def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, kl_axis = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, kl_axis = plt.subplots(figsize=(6, 4.2), dpi=120)
     ranks = [r.rank for r in points]
     nan = float("nan")  # a rank missing one of the two numbers leaves a gap, not an error
     kl_axis.plot(ranks, [nan if r.kl_to_teacher is None else r.kl_to_teacher for r in points], "o-", color="tab:red", label="KL to teacher (lower is better)")
@@ -40,12 +40,13 @@ def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
     kl_axis.set_ylabel("KL(teacher || student), nats/token", color="tab:red")
     agreement_axis = kl_axis.twinx()
     agreement_axis.plot(ranks, [nan if r.teacher_top1_agreement is None else r.teacher_top1_agreement for r in points], "s--", color="tab:blue", label="top-1 agreement (higher is better)")
-    for name in task_metric_names(metadata):
-        agreement_axis.plot(ranks, [r.task_metrics.get(name, nan) for r in points], "^--", label=f"{name} (higher is better)")
+    for name, color in zip(task_metric_names(metadata), ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:gray")):
+        agreement_axis.plot(ranks, [r.task_metrics.get(name, nan) for r in points], "^--", color=color, label=f"{name} (higher is better)")
     agreement_axis.set_ylabel("agreement / task metrics (0-1)", color="tab:blue")
     kl_axis.set_title(f"quality vs rank, base {metadata.base_model.id}", fontsize=9)
+    legend_rows = -(-len(fig.axes[0].lines + fig.axes[1].lines) // 2)
     fig.legend(loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))  # room for the legend below the axis label
     fig.savefig(path)
     plt.close(fig)
     return Path(path)

@@ -8,6 +8,7 @@ Every stage writes its result atomically under --out and is skipped when that re
 distillation stages resume from their checkpoints, so an interrupted quickstart continues where it was.
 """
 
+import math
 import os
 import sys
 import time
@@ -62,10 +63,12 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
         # after 50 steps KL 1.43 at 1e-3, 1.71 at 1e-4; distill_bench: 2.71 at 2e-5 after 30)
         run_distill(DistillConfig(student=str(pruned), out=student, train="full", quantize="none", steps=plan.heal_steps,
                                   seq_len=plan.seq_len, lr=5e-4, eval_samples=plan.eval_samples, resume=True))
-    _stage(4, f"distil ONE nested-rank adapter (QDyLoRA, NF4 base, max rank 64), {plan.adapter_steps} steps")
+    _stage(4, f"distil ONE nested-rank adapter (QDyLoRA, NF4 base, max rank 64, sandwich ranks), {plan.adapter_steps} steps")
     adapter = out / "adapter"
     if not (adapter / "distill_report.json").exists():
-        run_distill(DistillConfig(student=str(student), out=adapter, train="qdylora", max_rank=64, quantize="nf4",
+        # sandwich: ranks 64 and 1 train every step, so the top of the ladder is not starved in a short run
+        # (benchmarks/RESULTS.md, "Does rank buy quality?": the only strictly increasing ladder measured)
+        run_distill(DistillConfig(student=str(student), out=adapter, train="qdylora", max_rank=64, quantize="nf4", rank_distribution="sandwich",
                                   steps=plan.adapter_steps, seq_len=plan.seq_len, lr=1e-3, eval_ranks=plan.eval_ranks,
                                   eval_samples=plan.eval_samples, resume=True))
 
@@ -104,10 +107,11 @@ def _serve_and_query(adapter: Path, out: Path):
         for result in meta.ranks:
             rows.append({"rank": result.rank, "quality": result, "tok_s": _tok_s(client, f"{adapter.name}@r{result.rank}"),
                          "mb": (result.adapter_bytes or 0) / 1e6})
-        # quality floors alone (the smallest rank meeting each), then the best quality within a cost bound
+        # quality floors alone (the smallest rank meeting each: the lowest rank's quality, the best), then a
+        # floor with a cost bound (the largest rank within it); floored to 3 digits so the rank that set a floor meets it
         agreement = [r.teacher_top1_agreement for r in meta.ranks]
-        asked = [{"min_quality": round(agreement[0], 3)}, {"min_quality": round(max(agreement) * 0.98, 3)},
-                 {"max_rank": 16, "min_quality": round(max(agreement) * 0.98, 3)}]
+        low, high = (math.floor(value * 1000) / 1000 for value in (agreement[0], max(agreement)))
+        asked = [{"min_quality": low}, {"min_quality": high}, {"max_rank": 16, "min_quality": low}]
         budgets = []
         for budget in asked:
             raw = client.chat.completions.with_raw_response.create(

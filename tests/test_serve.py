@@ -61,7 +61,7 @@ def test_rslora_ranks_equal_peft_alone_and_batched(client, session_hub, teacher_
 
     _, hub = session_hub
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    adapter = write_nested_adapter(tmp_path / "rs", base, rank=8, seed=11, base_model_id=str(teacher_dir), init_scale=0.1, use_rslora=True)
+    adapter = write_nested_adapter(tmp_path / "rs", base, rank=8, seed=11, base_model_id=str(teacher_dir), init_scale=0.3, use_rslora=True)
     _push_raw(hub, "kd/rs", adapter)
     expected = {rank: peft_greedy(teacher_dir, adapter, rank, tmp_path) for rank in (2, 8)}
     assert expected[2] != expected[8]  # the check can tell the ranks apart

@@ -168,7 +168,7 @@ def run_distill(cfg: DistillConfig) -> dict:
             state["step"] = step + 1
             state["history"].append({"step": step + 1, "loss": loss, **parts, "ranks": ranks, "seconds": seconds})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", kl=f"{parts['kl']:.3f}", **({"rank": "/".join(map(str, ranks))} if rank else {}),
+            bar.set_postfix(loss=f"{loss:.3f}", kl=f"{parts['kl']:.3f}", **({"rank": "/".join(map(str, ranks))} if ranks[0] is not None else {}),
                             tok_s=f"{batch.numel() * accelerator.num_processes / seconds:.0f}")
             if state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
                 save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)

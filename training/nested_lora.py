@@ -1,16 +1,16 @@
 """Nested-rank (DyLoRA / QDyLoRA) forward on top of PEFT's LoRA layers.
 
 PEFT injects an ordinary rank-R LoRA (also onto bitsandbytes 4-bit layers); `NestedRank.set(b)` then
-makes every LoRA layer compute `B[:, :b] @ A[:b] x * alpha / b` (alpha / sqrt(b) for an rsLoRA config) by
-masking the rank components >= b at the output of `lora_A` and setting PEFT's per-layer scaling. Masked components get exactly zero
-gradient, so a step at rank b trains only what rank b uses, and the adapter saved at rank R truncates
+makes every LoRA layer compute `B[:, :b] @ A[:b] x * alpha / b` (alpha / sqrt(b) for an rsLoRA config)
+by masking the rank components >= b at the output of `lora_A` and setting PEFT's per-layer scaling.
+Masked components get exactly zero gradient, so a step at rank b trains only what rank b uses, and the adapter saved at rank R truncates
 (hub.adapter) to exactly what training computed at rank b. `set(0)` switches the adapter off.
 
 `set((b1, b2, ...))`, for training only, computes the mean of those ranks' LoRA outputs in one pass
-(MatryoshkaLoRA, arXiv 2605.07850): component i weighted by p_i = mean over the b > i of alpha / b, a
-fixed diagonal between A and B. Every component then gets gradient at every step, in proportion to how
-many of the ranks use it. Served ranks use plain alpha / b: the diagonal exists only in training, so
-the exported format does not change.
+(MatryoshkaLoRA, arXiv 2605.07850): component i weighted by p_i = the mean over the ranks of their
+scale where they use i (b > i) and 0 where they do not, a fixed diagonal between A and B. Every
+component gets gradient at every step, in proportion to how many of the ranks use it. A served rank
+has its own scale only: the diagonal exists in training, so the exported format does not change.
 """
 
 import torch
