@@ -32,7 +32,7 @@ class Plan:
 PLANS = {
     "smoke": Plan(calib_samples=16, heal_steps=2, adapter_steps=2, seq_len=64, eval_samples=4, eval_ranks=(1, 8, 64)),  # tests only
     "fast": Plan(calib_samples=64, heal_steps=30, adapter_steps=60, seq_len=128, eval_samples=16),  # <= 20 min on 2 cores
-    # the README's numbers; 50 min on 2 cores (builtin:pydoc: ~2 passes over its ~100k training tokens)
+    # ~75 min on 2 cores (estimated; 50 min measured before the sandwich schedule; builtin:pydoc: ~2 passes over its ~100k tokens)
     "full": Plan(calib_samples=256, heal_steps=250, adapter_steps=400, seq_len=128, eval_samples=64),
 }
 
