@@ -29,11 +29,13 @@ def test_flags_come_from_the_metadata(adapters):
     assert joined.count("--dtype") == 1  # the user's dtype replaces kdlora's CPU default
 
 
-def test_cpu_without_native_bf16_serves_in_fp32(adapters):
-    from kdlora_serve.engine import native_bf16
+@pytest.mark.parametrize("native", [True, False], ids=["avx512-bf16", "avx2-only"])
+def test_cpu_without_native_bf16_serves_in_fp32(adapters, monkeypatch, native):
+    from kdlora_serve import engine
 
+    monkeypatch.setattr(engine, "native_bf16", lambda: native)  # both kinds of CPU, whichever this one is
     argv, _ = serve_command([str(adapters[0])], "127.0.0.1", 9000, 2, [], [])
-    assert ("--dtype float32" in " ".join(argv)) == (not native_bf16())
+    assert ("--dtype float32" in " ".join(argv)) == (not native)
     assert "--enforce-eager" in argv
 
 
