@@ -25,7 +25,7 @@ import torch
 from hub.atomic import atomic_dir, require_empty_out
 from hub.errors import KdloraError
 from hub.remote import PRUNING_REPORT
-from training.nested_lora import RANK_SCHEDULES
+from training.nested_lora import RANK_SCHEDULES, step_ranks
 
 MODES = ("qdylora", "lora", "full")
 DEFAULT_EVAL_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -251,8 +251,6 @@ def batch_for_step(blocks: torch.Tensor, step: int, batch_size: int, seed: int) 
 
 def training_ranks(cfg: DistillConfig, step: int) -> list:
     """The LoRA ranks trained at `step`, largest first ([None] for full training)."""
-    from training.nested_lora import step_ranks
-
     if cfg.train == "qdylora":
         return step_ranks(step, cfg.seed, cfg.max_rank, cfg.rank_distribution)
     return [cfg.rank if cfg.train == "lora" else None]

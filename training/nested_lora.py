@@ -47,9 +47,10 @@ class NestedRank:
         for layer in self.layers:
             alpha, width = layer.lora_alpha[self.adapter], layer.r[self.adapter]
             if isinstance(rank, tuple):
-                cuts = torch.tensor([min(r, width) for r in ranks], dtype=torch.float32)
-                self._weights[width] = ((torch.arange(width)[:, None] < cuts) * self._scale(alpha, cuts)).mean(dim=1)
-                layer.scaling[self.adapter] = 1.0  # the weights carry each rank's scale
+                if width not in self._weights:  # per width, not per layer: alpha stays in PEFT's scaling
+                    cuts = torch.tensor([min(r, width) for r in ranks], dtype=torch.float32)
+                    self._weights[width] = ((torch.arange(width)[:, None] < cuts) * self._scale(1.0, cuts)).mean(dim=1)
+                layer.scaling[self.adapter] = alpha  # times the weights: each rank's own alpha / b (or / sqrt(b))
             else:
                 layer.scaling[self.adapter] = self._scale(alpha, max(min(rank, width), 1))  # DyLoRA: alpha / b
 
