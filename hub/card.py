@@ -60,6 +60,8 @@ def rank_table(metadata: RankMetadata) -> str:
     if metadata.base_quality is not None:
         base = metadata.base_quality
         rows.append(["0 (no adapter)", *(_fmt(getattr(base, field)) for field, _, _ in _METRICS), *(_fmt(base.task_metrics.get(t)) for t in tasks), "0", "–"])
+    if metadata.teacher_quality is not None and metadata.teacher_quality.task_metrics:
+        rows.append(["teacher", *(["–"] * len(_METRICS)), *(_fmt(metadata.teacher_quality.task_metrics.get(t)) for t in tasks), "–", "–"])
     for result in metadata.ranks:
         cells = [str(result.rank) + (" (default)" if result.rank == metadata.default_rank else "")]
         cells += [_fmt(getattr(result, field)) for field, _, _ in _METRICS] + [_fmt(result.task_metrics.get(t)) for t in tasks]

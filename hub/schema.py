@@ -20,7 +20,7 @@ METADATA_FILE = "kdlora.json"
 # "MAJOR.MINOR". A new optional field is a minor change: readers of the same major ignore fields they do
 # not know, so older kdlora keeps reading newer files. A major change (a field's meaning or a required
 # field) makes older readers refuse the file and say "upgrade". Files from kdlora <= 0.1 say 1 (= "1.0").
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"  # 1.2: teacher_quality
 _VERSION = re.compile(r"^(\d+)\.(\d+)$")
 
 
@@ -83,6 +83,7 @@ class RankMetadata(_Strict):
     default_rank: int = Field(ge=1, description="the rank served when a request names none")
     ranks: list[RankResult] = Field(default_factory=list, description="evaluated ranks, ascending")
     base_quality: Quality | None = Field(None, description="the base model without the adapter, same evaluation")
+    teacher_quality: Quality | None = Field(None, description="the teacher's own task metrics on the same data (what 'closing the gap' is measured against)")
     base_model: ModelRef
     teacher: ModelRef | None = None
     recipe: TrainingRecipe | None = None

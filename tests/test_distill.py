@@ -224,3 +224,51 @@ def test_two_ddp_processes_under_accelerate_launch(tiny_pair, tmp_path):
     assert read_adapter(tmp_path / "ddp").metadata.max_rank == 4
     report = json.loads((tmp_path / "ddp" / "distill_report.json").read_text())
     assert report["steps"] == 3
+
+
+def _labelled_data(path: Path) -> Path:
+    records = [{"prompt": f"Is {n} even or odd? Answer:", "completion": " odd" if n % 2 else " even", "choices": [" even", " odd"]}
+               for n in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_examples_train_on_the_answer_and_report_accuracy(tiny_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from training.data import load_token_data, trimmed
+    from training.distill import rows_for_step
+    from training.evaluate import predicted_choices
+    from training.losses import KDLoss
+    from training.teacher import load_causal_lm
+
+    cfg = tiny_config(tiny_pair, tmp_path / "adapter", data=str(_labelled_data(tmp_path / "parity.jsonl")), steps=2, eval_samples=8)
+    report = run_distill(cfg)
+    # step 1 starts from B = 0, i.e. the student itself: its loss is KD on the answer tokens of that step's rows only
+    teacher, tokenizer, _ = load_causal_lm(cfg.teacher)
+    student = AutoModelForCausalLM.from_pretrained(cfg.student)
+    data = load_token_data(cfg.data, tokenizer, cfg.seq_len)
+    rows = rows_for_step(len(data.train), 0, cfg.batch_size, cfg.seed)
+    batch, mask = trimmed(data.train[rows], data.train_mask[rows])
+    learned = mask[:, 1:]
+    assert learned.sum() == 2 * cfg.batch_size  # " even"/" odd" and EOS, per row
+    with torch.no_grad():
+        expected, _ = KDLoss(cfg.kd_alpha, cfg.kd_temperature)(student(batch).logits[:, :-1][learned], teacher(batch).logits[:, :-1][learned],
+                                                               batch[:, 1:][learned])
+    assert report["history"][0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    # accuracy per rank, for the student alone and for the teacher, from the held-out examples
+    meta = load_metadata(cfg.out)
+    examples = data.heldout_examples[:8]  # 4: a tenth of 40 is held out
+    # (same batches as distill: a tiny random model scores both options nearly equal, so batch numerics could flip a tie)
+    accuracy = lambda model: sum(p == e.label for p, e in zip(predicted_choices(model, examples, cfg.batch_size), examples)) / len(examples)  # noqa: E731
+    assert meta.teacher_quality.task_metrics == {"accuracy": accuracy(teacher)}
+    assert meta.base_quality.task_metrics == {"accuracy": accuracy(student)}
+    assert all(set(r.task_metrics) == {"accuracy"} for r in meta.ranks)
+    assert "| teacher |" in (cfg.out / "README.md").read_text()
+
+
+def test_kd_alpha_zero_is_plain_fine_tuning(tiny_pair, tmp_path):
+    report = run_distill(tiny_config(tiny_pair, tmp_path / "tuned", train="full", kd_alpha=0.0, steps=2,
+                                     data=str(_labelled_data(tmp_path / "parity.jsonl"))))
+    assert [set(h) - {"step", "ranks", "seconds"} for h in report["history"]] == [{"loss", "ce"}] * 2
+    assert all(h["loss"] == h["ce"] for h in report["history"])

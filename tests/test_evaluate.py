@@ -1,9 +1,10 @@
-"""Task metrics against hand computations: token F1 and exact match of greedy answers."""
+"""Task metrics against hand computations: token F1 and exact match of greedy answers, accuracy on labelled examples."""
 
 import pytest
 import torch
 
-from training.evaluate import greedy, greedy_agreement, token_f1
+from training.data import Example
+from training.evaluate import choice_accuracy, greedy, greedy_agreement, predicted_choices, token_f1
 
 
 @pytest.mark.parametrize("predicted, reference, expected", [
@@ -33,7 +34,16 @@ def test_greedy_is_the_argmax_of_each_next_token(tiny_models):
     with torch.no_grad():
         for _ in range(5):  # without a KV cache, one token at a time
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert greedy(model, prompts, 5) == ids[:, 8:].tolist()
+    assert greedy(model, prompts.tolist(), 5, eos_token_id=2) == ids[:, 8:].tolist()
+
+
+def test_greedy_left_pads_prompts_of_any_length_and_stops_at_eos(tiny_models):
+    model = tiny_models[0]
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    alone = [greedy(model, [p], 4, eos_token_id=2)[0] for p in prompts]
+    assert greedy(model, prompts, 4, eos_token_id=2) == alone  # padding changes no answer
+    eos = alone[1][0]  # call the second answer's first token EOS: that answer is empty, the other unchanged
+    assert eos not in alone[0] and greedy(model, prompts, 4, eos_token_id=eos) == [alone[0], []]
 
 
 def test_greedy_agreement_by_hand():
@@ -41,7 +51,7 @@ def test_greedy_agreement_by_hand():
     teacher = _Answers({"teacher": [[1, 2, 3, 4], [5, 6, 7, 8]]})
     answers = {"exact": [[1, 2, 3, 4], [5, 6, 7, 8]], "half": [[1, 2, 3, 4], [5, 9, 9, 8]], "reordered": [[4, 3, 2, 1], [8, 7, 6, 5]]}
     student = _Answers(answers)
-    results = greedy_agreement(student, teacher, prompts, list(answers), student.configured.append, new_tokens=4)
+    results = greedy_agreement(student, teacher, prompts.tolist(), list(answers), student.configured.append, new_tokens=4, eos_token_id=0)
     assert student.configured[1:] == list(answers)  # after the constructor's default
     assert results == {"exact": {"greedy_exact_match": 1.0, "greedy_token_f1": 1.0},
                        "half": {"greedy_exact_match": 0.5, "greedy_token_f1": 0.75},  # (1 + F1 of 2 shared of 4) / 2
@@ -56,7 +66,34 @@ class _Answers(torch.nn.Module):
         self.answers, self.configured = answers, [next(iter(answers))]
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # greedy() asks a model for its device
 
-    def generate(self, prompts, attention_mask, max_new_tokens, **kwargs):
+    def generate(self, prompts, attention_mask, max_new_tokens, eos_token_id, **kwargs):
         answers = torch.tensor(self.answers[self.configured[-1]])
         assert answers.shape[1] == max_new_tokens and torch.equal(attention_mask, torch.ones_like(prompts))
         return torch.cat([prompts, answers], dim=1)
+
+
+class _Bigram(torch.nn.Module):
+    """A model whose next-token log-probabilities depend only on the current token: given by hand."""
+
+    def __init__(self, probabilities: dict[int, dict[int, float]], vocab: int = 8):
+        super().__init__()
+        table = torch.full((vocab, vocab), 1e-6)
+        for token, following in probabilities.items():
+            for nxt, p in following.items():
+                table[token, nxt] = p
+        self.table = torch.nn.Parameter(table.log(), requires_grad=False)
+
+    def forward(self, ids):
+        return type("Out", (), {"logits": self.table[ids]})
+
+
+def test_choice_accuracy_by_hand():
+    model = _Bigram({2: {3: 0.6, 4: 0.3}, 5: {3: 0.5, 4: 0.4}, 1: {8: 0.3, 4: 0.4}, 8: {7: 0.9}, 6: {8: 0.5, 4: 0.4}}, vocab=10)
+    one_token = [Example([1, 2], [3, 0], [[3], [4]], 0), Example([5], [4, 0], [[3], [4]], 1)]
+    assert predicted_choices(model, one_token) == [0, 0]  # 0.6 > 0.3; 0.5 > 0.4
+    # options of several tokens: the product of their tokens' probabilities (a sum of log-probs), not normalised by length
+    several = [Example([1], [8, 7, 0], [[8, 7], [4]], 0), Example([6], [8, 7, 0], [[8, 7], [4]], 0)]
+    assert predicted_choices(model, several, batch_size=3) == [1, 0]  # 0.3 * 0.9 < 0.4; 0.5 * 0.9 > 0.4
+    configured = []
+    assert choice_accuracy(model, one_token + several, ["r1", "r2"], configured.append) == {"r1": {"accuracy": 0.5}, "r2": {"accuracy": 0.5}}
+    assert configured == ["r1", "r2"]

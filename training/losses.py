@@ -43,7 +43,10 @@ class KDLoss(nn.Module):
         self.ce = NextTokenLoss()
 
     def forward(self, student_logits, teacher_logits, labels) -> tuple[torch.Tensor, dict[str, float]]:
-        kl = self.kl(student_logits, teacher_logits)
+        """`teacher_logits` may be None when alpha is 0 (plain fine-tuning on the labels)."""
         ce = self.ce(student_logits, labels)
+        if self.alpha == 0:
+            return ce, {"ce": ce.item()}
+        kl = self.kl(student_logits, teacher_logits)
         loss = self.alpha * kl + (1 - self.alpha) * ce
         return loss, {"kl": kl.item(), "ce": ce.item()}
