@@ -32,6 +32,13 @@ def _teacher_export(args) -> int:
     return 0
 
 
+def _teacher_answers(args) -> int:
+    from training.answers import answer_prompts
+
+    print(answer_prompts(args.prompts, args.out, teacher=args.teacher, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed))
+    return 0
+
+
 def _quickstart(args) -> int:
     from kdlora_serve.quickstart import run_quickstart
 
@@ -140,12 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check the environment and say how to fix each problem")
     doctor.set_defaults(handler=_doctor)
 
-    teacher = commands.add_parser("teacher", help="the embedded teacher (SmolLM2-135M-Instruct)")
+    teacher = commands.add_parser("teacher", help="the embedded teacher (SmolLM2-135M-Instruct) and its answers")
     teacher_commands = teacher.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)
     export = teacher_commands.add_parser("export", help="write the teacher as a transformers checkpoint")
     export.add_argument("--out", type=Path, required=True, help="new or empty directory to write")
     export.add_argument("--gguf", type=Path, default=None, help="a Llama-family GGUF to convert (default: the embedded teacher)")
     export.set_defaults(handler=_teacher_export)
+    answers = teacher_commands.add_parser("answers", help="the teacher's answers to a prompts file, for sequence-level KD (vLLM batch, resumable)")
+    answers.add_argument("--prompts", type=Path, required=True, help='JSONL of {"prompt": ...} or {"messages": [...]} records')
+    answers.add_argument("--out", type=Path, required=True, help="JSONL to write (kdlora distill --data reads it); resumes <out>.partial")
+    answers.add_argument("--teacher", help="checkpoint directory or Hub id vLLM can load (default: the embedded teacher)")
+    answers.add_argument("--max-tokens", type=int, default=128, help="longest answer (default 128)")
+    answers.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples, seeded per prompt")
+    answers.add_argument("--seed", type=int, default=0)
+    answers.set_defaults(handler=_teacher_answers)
 
     prune = commands.add_parser("prune", help="Minitron-style structured pruning of a teacher into a student")
     prune.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
