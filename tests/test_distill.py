@@ -91,8 +91,17 @@ def test_sandwich_trains_the_largest_and_smallest_rank_every_step():
     steps = [step_ranks(step, 3, 16, "sandwich") for step in range(100)]
     assert steps == [step_ranks(step, 3, 16, "sandwich") for step in range(100)]  # a pure function of (seed, step)
     assert all(ranks[0] == 16 and ranks[-1] == 1 and ranks == sorted(set(ranks), reverse=True) for ranks in steps)
-    assert [ranks for ranks in steps if len(ranks) == 3] and {r[1] for r in steps if len(r) == 3} <= set(range(2, 16))
+    assert all(len(ranks) == 3 for ranks in steps) and {r[1] for r in steps} <= set(range(2, 16))
     assert step_ranks(5, 0, 64) == [sample_rank(5, 0, 64)]
+    assert step_ranks(0, 0, 2, "sandwich") == [2, 1] and step_ranks(0, 0, 1, "sandwich") == [1]
+
+
+def test_sandwich_samples_the_rank_between_log_uniformly():
+    """Every octave between 1 and R as often (2-3, 4-7, ..., 32-63 at R = 64: a fifth each), and every rank some of the time."""
+    between = [step_ranks(step, 0, 64, "sandwich")[1] for step in range(5000)]
+    octaves = [sum(2**k <= r < 2**(k + 1) for r in between) / len(between) for k in range(1, 6)]
+    assert all(abs(share - 0.2) < 0.03 for share in octaves), octaves
+    assert set(between) == set(range(2, 64))
 
 
 def test_matryoshka_mixture_is_the_mean_of_its_ranks_and_trains_every_component():

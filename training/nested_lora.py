@@ -71,10 +71,13 @@ def step_ranks(step: int, seed: int, max_rank: int, schedule: str = "uniform") -
 
     uniform / pow2: one sampled rank (DyLoRA). sandwich (the slimmable networks' rule, Yu & Huang 2019): the
     largest and the smallest rank at every step plus one sampled between them, so the top of the ladder gets
-    an update every step instead of 1/R of them (costs up to 3 passes per step). matryoshka: one pass of the
-    mixture of the served ranks 1, 2, 4, ..., R (`NestedRank.set` of a tuple)."""
+    an update every step instead of 1/R of them (costs up to 3 passes per step). The one between is
+    log-uniform (each octave 2-3, 4-7, ..., R/2..R-1 as likely): sampled uniformly, ranks 2-7 got 10% of the
+    steps at R = 64 and came out below rank 1 (benchmarks/RESULTS.md, "... on a task the adapter carries").
+    matryoshka: one pass of the mixture of the served ranks 1, 2, 4, ..., R (`NestedRank.set` of a tuple)."""
     if schedule == "sandwich":
-        return sorted({max_rank, 1, sample_rank(step, seed, max_rank, "uniform")}, reverse=True)
+        between = [_log_uniform(step, seed, 2, max_rank - 1)] if max_rank > 2 else []
+        return sorted({max_rank, 1, *between}, reverse=True)
     if schedule == "matryoshka":
         return [served_ranks(max_rank)]
     return [sample_rank(step, seed, max_rank, schedule)]
@@ -83,6 +86,12 @@ def step_ranks(step: int, seed: int, max_rank: int, schedule: str = "uniform") -
 def served_ranks(max_rank: int) -> tuple[int, ...]:
     """1, 2, 4, ... and R itself: the ranks usually served."""
     return tuple(sorted({2**i for i in range(max_rank.bit_length()) if 2**i <= max_rank} | {max_rank}))
+
+
+def _log_uniform(step: int, seed: int, low: int, high: int) -> int:
+    """An integer in [low, high], log-uniformly: a pure function of (seed, step)."""
+    u = float(torch.rand(1, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)))
+    return min(high, int(low * ((high + 1) / low) ** u))
 
 
 def sample_rank(step: int, seed: int, max_rank: int, distribution: str = "uniform") -> int:
