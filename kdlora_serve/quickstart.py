@@ -1,8 +1,10 @@
 """`kdlora quickstart`: the whole system on the embedded default, offline, the way a new user meets it.
 
-teacher (SmolLM2-135M-Instruct) -> prune to ~half -> full-parameter KD (healing) -> QDyLoRA KD (one
-adapter, max rank 64) -> push to a local directory hub (and to $HF_ENDPOINT if set) -> kdlora serve ->
-every evaluated rank and budget requests through the `openai` client -> a table and plots.
+KD-LoRA's setting on a task users can check (BBC News topics, 5 classes): teacher (SmolLM2-135M-Instruct)
+-> fine-tuned on the task (the task teacher) ; teacher -> pruned to ~half -> healed on generic text (the
+student: knows language, not the task) -> ONE QDyLoRA adapter (max rank 64) distilled from the task teacher
+-> push to a local directory hub (and to $HF_ENDPOINT if set) -> kdlora serve -> every evaluated rank and
+budget requests through the `openai` client -> a table (accuracy and cost per rank) and plots.
 
 Every stage writes its result atomically under --out and is skipped when that result exists; the two
 distillation stages resume from their checkpoints, so an interrupted quickstart continues where it was.
@@ -15,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+TASK = "builtin:bbc-news"
 PROMPT = "Explain what a Python list comprehension is."
 TOKENS = 32  # generated per throughput probe (ignore_eos: every rank generates the same length)
 
@@ -22,27 +25,29 @@ TOKENS = 32  # generated per throughput probe (ignore_eos: every rank generates 
 @dataclass(frozen=True)
 class Plan:
     calib_samples: int
+    teacher_steps: int  # task teacher: batch 16, labels only
     heal_steps: int
-    adapter_steps: int
-    seq_len: int
-    eval_samples: int
+    adapter_steps: int  # batch 8, sandwich ranks
+    eval_samples: int  # held-out task examples per evaluation
     eval_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
+# fast = benchmarks/task_bench.py's settings, so its two seeds are this run's run-to-run noise
 PLANS = {
-    "smoke": Plan(calib_samples=16, heal_steps=2, adapter_steps=2, seq_len=64, eval_samples=4, eval_ranks=(1, 8, 64)),  # tests only
-    "fast": Plan(calib_samples=64, heal_steps=30, adapter_steps=60, seq_len=128, eval_samples=16),  # <= 20 min on 2 cores
-    # ~75 min on 2 cores (estimated; 50 min measured before the sandwich schedule; builtin:pydoc: ~2 passes over its ~100k tokens)
-    "full": Plan(calib_samples=256, heal_steps=250, adapter_steps=400, seq_len=128, eval_samples=64),
+    "smoke": Plan(calib_samples=16, teacher_steps=2, heal_steps=2, adapter_steps=2, eval_samples=8, eval_ranks=(1, 8, 64)),  # tests only
+    "fast": Plan(calib_samples=64, teacher_steps=60, heal_steps=30, adapter_steps=80, eval_samples=100),  # ~30 min on 2 cores
+    "full": Plan(calib_samples=256, teacher_steps=120, heal_steps=250, adapter_steps=400, eval_samples=222),  # ~2 h on 2 cores (estimated)
 }
+STAGES = 7
 
 
 def _stage(number: int, title: str) -> None:
-    print(f"\n[{number}/6] {title}", file=sys.stderr, flush=True)
+    print(f"\n[{number}/{STAGES}] {title}", file=sys.stderr, flush=True)
 
 
 def run_quickstart(out: Path, mode: str = "fast") -> int:
     from hub.remote import push
+    from hub.schema import load_metadata
     from training.distill import DistillConfig, run_distill
     from training.prune import run_prune
     from training.teacher import embedded_teacher
@@ -52,27 +57,33 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
     _stage(1, "embedded teacher (exported once into the cache)")
     teacher = embedded_teacher()
 
-    _stage(2, "prune the teacher to ~50% of its parameters")
+    _stage(2, f"the task teacher: fine-tune it on BBC News topics (every weight, labels only), {plan.teacher_steps} steps")
+    task_teacher = out / "teacher-bbc"
+    if not (task_teacher / "distill_report.json").exists():
+        run_distill(DistillConfig(student=str(teacher), teacher=str(teacher), out=task_teacher, data=TASK, train="full", quantize="none",
+                                  kd_alpha=0.0, steps=plan.teacher_steps, batch_size=16, seq_len=128, lr=1e-4,
+                                  eval_samples=plan.eval_samples, resume=True))
+    _stage(3, "prune the (original) teacher to ~50% of its parameters")
     pruned = out / "student-pruned"
     if not (pruned / "pruning_report.json").exists():
-        run_prune(pruned, target_params="0.5", calib_samples=plan.calib_samples, seq_len=plan.seq_len)
-    _stage(3, f"heal the pruned student: full-parameter distillation, {plan.heal_steps} steps")
+        run_prune(pruned, target_params="0.5", calib_samples=plan.calib_samples, seq_len=128)
+    _stage(4, f"heal the pruned student on generic text (builtin:pydoc): full-parameter distillation, {plan.heal_steps} steps")
     student = out / "student"
     if not (student / "distill_report.json").exists():
         # lr: healing a half-pruned student wants far more than fine-tuning's 2e-5 (benchmarks/student_bench.py:
         # after 50 steps KL 1.43 at 1e-3, 1.71 at 1e-4; distill_bench: 2.71 at 2e-5 after 30)
         run_distill(DistillConfig(student=str(pruned), out=student, train="full", quantize="none", steps=plan.heal_steps,
-                                  seq_len=plan.seq_len, lr=5e-4, eval_samples=plan.eval_samples, resume=True))
-    _stage(4, f"distil ONE nested-rank adapter (QDyLoRA, NF4 base, max rank 64, sandwich ranks), {plan.adapter_steps} steps")
+                                  seq_len=128, lr=5e-4, eval_samples=16, resume=True))
+    _stage(5, f"distil the task into ONE nested-rank adapter (QDyLoRA, NF4 base, max rank 64, sandwich ranks), {plan.adapter_steps} steps")
     adapter = out / "adapter"
     if not (adapter / "distill_report.json").exists():
         # sandwich: ranks 64 and 1 train every step, so the top of the ladder is not starved in a short run
         # (benchmarks/RESULTS.md, "Does rank buy quality?": the only strictly increasing ladder measured)
-        run_distill(DistillConfig(student=str(student), out=adapter, train="qdylora", max_rank=64, quantize="nf4", rank_distribution="sandwich",
-                                  steps=plan.adapter_steps, seq_len=plan.seq_len, lr=1e-3, eval_ranks=plan.eval_ranks,
-                                  eval_samples=plan.eval_samples, resume=True))
+        run_distill(DistillConfig(student=str(student), teacher=str(task_teacher), out=adapter, data=TASK, train="qdylora", max_rank=64,
+                                  quantize="nf4", rank_distribution="sandwich", steps=plan.adapter_steps, batch_size=8, seq_len=128,
+                                  lr=1e-3, eval_ranks=plan.eval_ranks, eval_samples=plan.eval_samples, resume=True))
 
-    _stage(5, "publish student + adapter to the local directory hub" + (" and $HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else ""))
+    _stage(6, "publish student + adapter to the local directory hub" + (" and $HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else ""))
     hub = out / "hub" / "kdlora"
     published = hub / "smollm2-half-qdylora"
     for where in push(adapter, str(published), student=student, student_repo=str(hub / "smollm2-half"), materialize_ranks=[8]):
@@ -82,12 +93,15 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
         for where in push(adapter, f"{namespace}/smollm2-half-qdylora", student=student, student_repo=f"{namespace}/smollm2-half"):
             print(f"      {where}", file=sys.stderr)
 
-    _stage(6, "serve with vLLM (kdlora serve) and query every evaluated rank through the openai client")
+    _stage(7, "serve with vLLM (kdlora serve) and query every evaluated rank through the openai client")
     rows, budgets = _serve_and_query(published, out)
-    print("\n" + _table(published, rows))
+    teacher_quality = load_metadata(published).teacher_quality
+    teacher_accuracy = teacher_quality.task_metrics.get("accuracy") if teacher_quality else None
+    print("\n" + _table(published, rows, teacher_accuracy))
     for budget in budgets:
-        print(f"budget request {budget['asked']} -> served at rank {budget['rank']} (budget met: {budget['met']})")
-    _plot(rows, out / "quickstart.png")
+        print(f"budget request {budget['asked']} -> served at rank {budget['rank']} (budget met: {budget['met']}), "
+              f"answer {budget['answer']!r} (label {budget['label']!r})")
+    _plot(rows, teacher_accuracy, out / "quickstart.png")
     print(f"\nplots: {published / 'quality_vs_rank.png'}, {out / 'quickstart.png'}\nadapter: {published}")
     return 0
 
@@ -107,21 +121,31 @@ def _serve_and_query(adapter: Path, out: Path):
         for result in meta.ranks:
             rows.append({"rank": result.rank, "quality": result, "tok_s": _tok_s(client, f"{adapter.name}@r{result.rank}"),
                          "mb": (result.adapter_bytes or 0) / 1e6})
-        # quality floors alone (the smallest rank meeting each: the lowest rank's quality, the best), then a
+        # accuracy floors alone (the smallest rank meeting each: the lowest rank's accuracy, the best), then a
         # floor with a cost bound (the largest rank within it); floored to 3 digits so the rank that set a floor meets it
-        agreement = [r.teacher_top1_agreement for r in meta.ranks]
-        low, high = (math.floor(value * 1000) / 1000 for value in (agreement[0], max(agreement)))
-        asked = [{"min_quality": low}, {"min_quality": high}, {"max_rank": 16, "min_quality": low}]
+        accuracy = [r.task_metrics["accuracy"] for r in meta.ranks]
+        low, high = (math.floor(value * 1000) / 1000 for value in (accuracy[0], max(accuracy)))
+        asked = [{"min_quality": low, "quality_metric": "accuracy"}, {"min_quality": high, "quality_metric": "accuracy"},
+                 {"max_rank": 16, "min_quality": low, "quality_metric": "accuracy"}]
+        example = _task_example()
         budgets = []
         for budget in asked:
-            raw = client.chat.completions.with_raw_response.create(
-                model=adapter.name, messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0.0,
-                extra_body={"kdlora": budget})
-            budgets.append({"asked": budget, "rank": int(raw.headers["x-kdlora-rank"]), "met": raw.headers["x-kdlora-budget-met"]})
+            raw = client.completions.with_raw_response.create(model=adapter.name, prompt=example.prompt, max_tokens=3, temperature=0.0,
+                                                              extra_body={"kdlora": budget})
+            budgets.append({"asked": budget, "rank": int(raw.headers["x-kdlora-rank"]), "met": raw.headers["x-kdlora-budget-met"],
+                            "answer": raw.parse().choices[0].text, "label": example.completion})
         return rows, budgets
     finally:
         server.terminate()
         server.wait(timeout=120)
+
+
+def _task_example():
+    """A BBC News article the adapter never trained on (the held-out split's first), as its prompt and label."""
+    from training.data import load_records, split_rows
+
+    records = load_records(TASK)
+    return records[int(split_rows(len(records))[0][0])]
 
 
 def _tok_s(client, model: str) -> float:
@@ -133,39 +157,39 @@ def _tok_s(client, model: str) -> float:
     return reply.usage.completion_tokens / (time.perf_counter() - started)
 
 
-def _table(adapter: Path, rows) -> str:
-    lines = [f"{adapter.name}: held-out quality per rank, served throughput (1 request, {TOKENS} tokens)",
-             "| rank | KL to teacher | top-1 agreement | greedy token F1 | tok/s | adapter MB |", "| --- | --- | --- | --- | --- | --- |"]
+def _table(adapter: Path, rows, teacher_accuracy: float | None) -> str:
+    lines = [f"{adapter.name}: held-out BBC News topic accuracy and KL to the task teacher (answer token) per rank, "
+             f"served throughput (1 request, {TOKENS} tokens)",
+             "| rank | accuracy | KL to teacher | tok/s | adapter MB |", "| --- | --- | --- | --- | --- |"]
     for row in rows:
         q = row["quality"]
         name = "0 (student alone)" if row["rank"] == 0 else str(row["rank"])
-        f1 = q.task_metrics.get("greedy_token_f1")
-        lines.append(f"| {name} | {q.kl_to_teacher:.3f} | {q.teacher_top1_agreement:.3f} | {'–' if f1 is None else f'{f1:.3f}'} | "
-                     f"{row['tok_s']:.1f} | {row.get('mb', 0):.2f} |")
+        lines.append(f"| {name} | {q.task_metrics['accuracy']:.3f} | {q.kl_to_teacher:.3f} | {row['tok_s']:.1f} | {row.get('mb', 0):.2f} |")
+    lines.append(f"| task teacher (135M) | {'–' if teacher_accuracy is None else f'{teacher_accuracy:.3f}'} | 0 | – | – |")
     return "\n".join(lines)
 
 
-def _plot(rows, path: Path) -> None:
+def _plot(rows, teacher_accuracy: float | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ranked = [r for r in rows if r["rank"] > 0]
-    fig, kl_axis = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, quality_axis = plt.subplots(figsize=(6, 3.6), dpi=120)
     ranks = [r["rank"] for r in ranked]
-    kl_axis.plot(ranks, [r["quality"].kl_to_teacher for r in ranked], "o-", color="tab:red", label="held-out KL to teacher")
-    kl_axis.set_xscale("log", base=2)
-    kl_axis.set_xticks(ranks, [str(r) for r in ranks])
-    kl_axis.set_xlabel("rank served (one nested adapter)")
-    kl_axis.set_ylabel("KL(teacher || student)", color="tab:red")
-    speed = kl_axis.twinx()
+    quality_axis.plot(ranks, [r["quality"].task_metrics["accuracy"] for r in ranked], "o-", color="tab:green", label="held-out accuracy")
+    quality_axis.set_xscale("log", base=2)
+    quality_axis.set_xticks(ranks, [str(r) for r in ranks])
+    quality_axis.set_xlabel("rank served (one nested adapter)")
+    quality_axis.set_ylabel("BBC News topic accuracy", color="tab:green")
+    speed = quality_axis.twinx()
     speed.plot(ranks, [r["tok_s"] for r in ranked], "s--", color="tab:blue", label="served tok/s")
     speed.set_ylabel("tok/s (1 request)", color="tab:blue")
-    # the student alone is named, not drawn: a line far outside the ranks' range sits on the frame and flattens them
+    # the student alone and the teacher are named, not drawn: lines far outside the ranks' range flatten them
     alone = rows[0]
-    kl_axis.set_title(f"quickstart: quality and cost per rank\nstudent alone: KL {alone['quality'].kl_to_teacher:.3f}, "
-                      f"{alone['tok_s']:.1f} tok/s", fontsize=9)
+    quality_axis.set_title(f"quickstart: quality and cost per rank\nstudent alone: accuracy {alone['quality'].task_metrics['accuracy']:.3f}, "
+                           f"{alone['tok_s']:.1f} tok/s; task teacher: accuracy {teacher_accuracy or float('nan'):.3f}", fontsize=9)
     fig.legend(loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)

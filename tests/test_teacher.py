@@ -72,11 +72,12 @@ def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     out = tmp_path / "qs"
     first = kdlora_cli("quickstart", "--smoke", "--out", str(out), timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "| rank | KL to teacher | top-1 agreement | greedy token F1 | tok/s | adapter MB |" in first.stdout
-    for row in ("| 0 (student alone) |", "| 1 |", "| 8 |", "| 64 |"):
+    assert "| rank | accuracy | KL to teacher | tok/s | adapter MB |" in first.stdout
+    for row in ("| 0 (student alone) |", "| 1 |", "| 8 |", "| 64 |", "| task teacher (135M) | "):
         assert row in first.stdout
     assert "budget request {'min_quality': " in first.stdout and "budget request {'max_rank': 16" in first.stdout
-    assert first.stdout.count("-> served at rank") == 3
+    assert first.stdout.count("-> served at rank") == 3 and first.stdout.count("'quality_metric': 'accuracy'") == 3
+    assert (out / "teacher-bbc" / "model.safetensors").is_file()
     published = out / "hub" / "kdlora" / "smollm2-half-qdylora"
     assert (published / "quality_vs_rank.png").is_file() and (out / "quickstart.png").is_file()
     assert (published / "r8" / "adapter_model.safetensors").is_file()
