@@ -273,7 +273,7 @@ def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
     """Per setting, on the first `eval_samples` held-out rows: KL / top-1 agreement / perplexity on the tokens the
     loss covers, and `task_metrics`: accuracy for labelled examples; otherwise how well greedy answers match the
     teacher's (examples: to each prompt; blocks: to each block's first half, seq_len / 4 tokens)."""
-    from training.evaluate import greedy_agreement, quality_against_teacher
+    from training.evaluate import choice_accuracy, greedy_agreement, quality_against_teacher
 
     was_training = model.training
     model.eval()
@@ -281,10 +281,9 @@ def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
     rows, masks = data.heldout[: cfg.eval_samples], data.heldout_mask[: cfg.eval_samples]
     examples = (data.heldout_examples or [])[: cfg.eval_samples]
     results = quality_against_teacher(model, teacher, rows, masks, settings, configure, batch_size=cfg.batch_size)
-    if _labelled_examples(cfg, data):
-        from training.evaluate import choice_accuracy
-
-        task = choice_accuracy(model, examples, settings, configure, batch_size=cfg.batch_size)
+    labelled = _labelled_examples(cfg, data)
+    if labelled:
+        task = choice_accuracy(model, labelled, settings, configure, batch_size=cfg.batch_size)
     elif examples:
         task = greedy_agreement(model, teacher, [e.prompt for e in examples], settings, configure,
                                 new_tokens=max(len(e.answer) for e in examples), eos_token_id=tokenizer.eos_token_id)
