@@ -95,8 +95,9 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
             print(f"      {where}", file=sys.stderr)
 
     _stage(7, "serve with vLLM (kdlora serve) and query every evaluated rank through the openai client")
-    rows, budgets = _serve_and_query(published, out)
-    teacher_quality = load_metadata(published).teacher_quality
+    meta = load_metadata(published)
+    rows, budgets = _serve_and_query(published, meta, out)
+    teacher_quality = meta.teacher_quality
     teacher_accuracy = teacher_quality.task_metrics.get("accuracy") if teacher_quality else None
     print("\n" + _table(published, rows, teacher_accuracy))
     for budget in budgets:
@@ -107,13 +108,11 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
     return 0
 
 
-def _serve_and_query(adapter: Path, out: Path):
+def _serve_and_query(adapter: Path, meta, out: Path):
     from openai import OpenAI
 
-    from hub.schema import load_metadata
     from kdlora_serve.serve import start_background
 
-    meta = load_metadata(adapter)
     server, url = start_background(["--adapter", str(adapter), "--", "--served-model-name", "student", "--max-model-len", "1024"],
                                    out / "serve.log", env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
     try:

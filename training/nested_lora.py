@@ -88,15 +88,20 @@ def served_ranks(max_rank: int) -> tuple[int, ...]:
     return tuple(sorted({2**i for i in range(max_rank.bit_length()) if 2**i <= max_rank} | {max_rank}))
 
 
+def _step_generator(step: int, seed: int) -> torch.Generator:
+    """The random stream of one training step: a pure function of (seed, step)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def _log_uniform(step: int, seed: int, low: int, high: int) -> int:
     """An integer in [low, high], log-uniformly: a pure function of (seed, step)."""
-    u = float(torch.rand(1, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)))
+    u = float(torch.rand(1, generator=_step_generator(step, seed)))
     return min(high, int(low * ((high + 1) / low) ** u))
 
 
 def sample_rank(step: int, seed: int, max_rank: int, distribution: str = "uniform") -> int:
     """The rank trained at `step`: a pure function of (seed, step), so resumed and multi-process runs agree."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    generator = _step_generator(step, seed)
     if distribution == "uniform":
         return int(torch.randint(1, max_rank + 1, (1,), generator=generator))
     if distribution == "pow2":
