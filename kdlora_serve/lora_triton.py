@@ -1,0 +1,273 @@
+"""Rank-aware LoRA for vLLM's CUDA path: Triton shrink/expand kernels that follow each slot's true rank.
+
+Stock vLLM pads every adapter slot to `--max-lora-rank` and its Triton kernels read all of it, so a rank-8
+adapter costs what a rank-64 one does (vLLM's PR 11267 measured rank 8 at 0.66x of base on an A100). These
+kernels keep vLLM's padded tensors (same shapes and addresses every step, so CUDA graphs and torch.compile see
+nothing new) and read each slot's rank from a small device table that lora_slots fills at adapter activation:
+loads of A and B are masked to that rank and rank tiles past it do no work, so the bytes read, which decode-time
+LoRA is bound by, follow the adapter's rank and not the padding.
+
+Tokens are grouped by the slot whose weights they read. For a cut of a nested adapter (kdlora serves rank k of
+an adapter as its own LoRA) that is the slot of the largest cut present: a batch mixing ranks of one adapter
+reads its weights once, each token masked to its own rank and scaled by its cut's alpha/r relative to that slot.
+Base-model tokens (slot -1) are in no group.
+
+Installed by the plugin on CUDA only, for the vLLM versions tested. Verified for correctness on CPU under
+Triton's interpreter (tests/triton_interp), never run on a GPU yet: the block sizes are not tuned.
+`KDLORA_RANK_AWARE=0` keeps vLLM's stock kernels.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from vllm.triton_utils import HAS_TRITON, tl, triton  # placeholders where Triton is unusable (vLLM's CPU build)
+
+from kdlora_serve import lora_slots
+from kdlora_serve.lora_slots import log
+
+TESTED_VLLM_VERSIONS = ("0.32.0",)
+BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N = 16, 16, 64, 64  # tokens, ranks, hidden (shrink), outputs (expand); untuned
+SHRINK_SPLIT_K = 8  # decode: programs per token block along the hidden dim, so a step fills more than a few SMs
+
+
+@triton.jit
+def _group_tokens(sorted_tokens_ptr, group_start_ptr, group, count, pid_m, BLOCK_M: tl.constexpr):
+    """The token indices of this program's block of a group, and which of them are real."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    real = rows < count
+    tokens = tl.load(sorted_tokens_ptr + tl.load(group_start_ptr + group) + rows, mask=real, other=0).to(tl.int64)
+    return tokens, real
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, out_ptr, token_slot_ptr, sorted_tokens_ptr, group_count_ptr, group_start_ptr,
+                   group_slot_ptr, slot_rank_ptr, slot_scale_ptr, hidden, scale,
+                   stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_ot, stride_or,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """out[t, :rank(t)] (+)= x[t] @ A[slot][:rank(t)]^T * scale * scale(t) for the tokens t of one group."""
+    pid_mk, pid_r, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_k = pid_mk // SPLIT_K, pid_mk % SPLIT_K
+    slot, count = tl.load(group_slot_ptr + group), tl.load(group_count_ptr + group)
+    if (slot < 0) | (pid_m * BLOCK_M >= count):  # base-model tokens, or no tokens left for this block
+        return
+    rank = tl.load(slot_rank_ptr + slot)
+    if pid_r * BLOCK_R >= rank:  # a rank tile past the slot's rank: nothing to read
+        return
+    tokens, real = _group_tokens(sorted_tokens_ptr, group_start_ptr, group, count, pid_m, BLOCK_M)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    token_slots = tl.load(token_slot_ptr + tokens, mask=real, other=0)
+    token_rank = tl.load(slot_rank_ptr + token_slots, mask=real, other=0)
+    token_scale = tl.load(slot_scale_ptr + token_slots, mask=real, other=0.0)
+    in_rank = ranks < rank
+    ks = tl.arange(0, BLOCK_K)
+    a_slot = a_ptr + slot.to(tl.int64) * stride_as
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(pid_k * BLOCK_K, hidden, BLOCK_K * SPLIT_K):
+        in_hidden = k + ks < hidden
+        x = tl.load(x_ptr + tokens[:, None] * stride_xt + (k + ks)[None, :] * stride_xh,
+                    mask=real[:, None] & in_hidden[None, :], other=0.0)
+        a = tl.load(a_slot + ranks[None, :] * stride_ar + (k + ks)[:, None] * stride_ah,
+                    mask=in_rank[None, :] & in_hidden[:, None], other=0.0)  # masked rows past the rank: never read
+        acc += tl.dot(x, a)
+    acc = tl.where(ranks[None, :] < token_rank[:, None], acc * (scale * token_scale)[:, None], 0.0)
+    out = out_ptr + tokens[:, None] * stride_ot + ranks[None, :] * stride_or
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=real[:, None] & in_rank[None, :])
+    else:
+        tl.atomic_add(out, acc, mask=real[:, None] & in_rank[None, :])
+
+
+@triton.jit
+def _expand_kernel(in_ptr, b_ptr, y_ptr, sorted_tokens_ptr, group_count_ptr, group_start_ptr, group_slot_ptr,
+                   slot_rank_ptr, width, column_offset,
+                   stride_it, stride_ir, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ADD_INPUTS: tl.constexpr):
+    """y[t, offset + n] (+)= shrunk[t, :rank] @ B[slot][n, :rank]^T for the tokens t of one group (the shrink
+    already zeroed each token's columns past its own rank)."""
+    pid_m, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot, count = tl.load(group_slot_ptr + group), tl.load(group_count_ptr + group)
+    if (slot < 0) | (pid_m * BLOCK_M >= count):
+        return
+    rank = tl.load(slot_rank_ptr + slot)
+    tokens, real = _group_tokens(sorted_tokens_ptr, group_start_ptr, group, count, pid_m, BLOCK_M)
+    columns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_width = columns < width
+    rs = tl.arange(0, BLOCK_R)
+    b_slot = b_ptr + slot.to(tl.int64) * stride_bs
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, rank, BLOCK_R):
+        in_rank = r + rs < rank
+        shrunk = tl.load(in_ptr + tokens[:, None] * stride_it + (r + rs)[None, :] * stride_ir,
+                         mask=real[:, None] & in_rank[None, :], other=0.0)
+        b = tl.load(b_slot + columns[None, :] * stride_bn + (r + rs)[:, None] * stride_br,
+                    mask=in_rank[:, None] & in_width[None, :], other=0.0)
+        acc += tl.dot(shrunk.to(b.dtype), b)
+    y = y_ptr + tokens[:, None] * stride_yt + (column_offset + columns)[None, :] * stride_yn
+    if ADD_INPUTS:
+        acc += tl.load(y, mask=real[:, None] & in_width[None, :], other=0.0).to(tl.float32)
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=real[:, None] & in_width[None, :])
+
+
+# Custom ops: torch.compile (vLLM compiles the model on CUDA) calls them as opaque mutations, never tracing the
+# host-side checks inside. `groups`: (tokens sorted by group, tokens per group, group starts, each group's slot,
+# slot ranks, slot scales, the no-LoRA flag on the host), as `_groups_args` packs them.
+@torch.library.custom_op("kdlora::lora_shrink", mutates_args=("out",))
+def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], out: torch.Tensor, token_slots: torch.Tensor,
+                groups: list[torch.Tensor], scale: float, split_k: int) -> None:
+    """out[i] = the slice-i shrink of every LoRA token, zero elsewhere. out: [slices, tokens, padded rank] fp32."""
+    out.zero_()
+    sorted_tokens, counts, starts, group_slots, slot_rank, slot_scale, no_lora = groups
+    if no_lora.item():
+        return
+    padded_rank, hidden = lora_a[0].shape[-2], x.shape[-1]
+    grid = (triton.cdiv(x.shape[0], BLOCK_M) * split_k, triton.cdiv(padded_rank, BLOCK_R), group_slots.numel())
+    for a, out_slice in zip(lora_a, out):
+        _shrink_kernel[grid](x, a, out_slice, token_slots, sorted_tokens, counts, starts, group_slots, slot_rank, slot_scale,
+                             hidden, scale, x.stride(0), x.stride(1), a.stride(0), a.stride(-2), a.stride(-1),
+                             out_slice.stride(0), out_slice.stride(1),
+                             BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, SPLIT_K=split_k)
+
+
+@torch.library.custom_op("kdlora::lora_expand", mutates_args=("y",))
+def lora_expand(shrunk: torch.Tensor, lora_b: list[torch.Tensor], y: torch.Tensor, groups: list[torch.Tensor],
+                offset_start: int, add_inputs: bool) -> None:
+    """y[:, offset:offset + width_i] (+)= shrunk[i] @ B_i^T for every LoRA token, slices side by side from offset_start."""
+    sorted_tokens, counts, starts, group_slots, slot_rank, _, no_lora = groups
+    if no_lora.item():
+        return
+    offset = offset_start
+    for b, shrunk_slice in zip(lora_b, shrunk):
+        width = b.shape[-2]
+        grid = (triton.cdiv(shrunk_slice.shape[0], BLOCK_M), triton.cdiv(width, BLOCK_N), group_slots.numel())
+        _expand_kernel[grid](shrunk_slice, b, y, sorted_tokens, counts, starts, group_slots, slot_rank, width, offset,
+                             shrunk_slice.stride(0), shrunk_slice.stride(1), b.stride(0), b.stride(-2), b.stride(-1),
+                             y.stride(0), y.stride(1),
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, ADD_INPUTS=add_inputs)
+        offset += width
+
+
+@dataclass
+class SlotTable:
+    """Per punica wrapper, on its device: each slot's rank, the slot whose weights it reads (itself, or the largest
+    cut of its nested adapter) and its scale relative to that slot; and the token grouping of the current step, for
+    the layers' tokens and for the sampled ones (lm_head). Filled in place, so captured CUDA graphs stay valid."""
+
+    slot_rank: torch.Tensor
+    slot_root: torch.Tensor
+    slot_scale: torch.Tensor
+    tokens: object  # vLLM's LoRAKernelMeta over root slots: tokens sorted by group, counts, starts, group slots
+    samples: object
+
+    @classmethod
+    def of(cls, wrapper) -> "SlotTable":
+        table = wrapper.__dict__.get("kdlora_table")
+        if table is None:
+            from vllm.lora.ops.triton_ops import LoRAKernelMeta
+
+            max_loras, device, max_tokens = wrapper.max_loras, wrapper.device, wrapper._token_lora_indices.numel()
+            table = wrapper.__dict__["kdlora_table"] = cls(
+                slot_rank=torch.full((max_loras,), wrapper.lora_config.max_lora_rank, dtype=torch.int32, device=device),
+                slot_root=torch.arange(max_loras, dtype=torch.int32, device=device),
+                slot_scale=torch.ones(max_loras, dtype=torch.float32, device=device),
+                tokens=LoRAKernelMeta.make(max_loras, max_tokens, device), samples=LoRAKernelMeta.make(max_loras, max_tokens, device))
+        return table
+
+    def groups(self, meta, num_tokens: int) -> list[torch.Tensor]:
+        return [meta.token_indices_sorted_by_lora_ids[:num_tokens], meta.num_tokens_per_lora, meta.lora_token_start_loc,
+                meta.active_lora_ids, self.slot_rank, self.slot_scale, meta.no_lora_flag_cpu]
+
+    def prepare(self, meta, token_slots: torch.Tensor) -> None:
+        roots = torch.where(token_slots >= 0, self.slot_root[token_slots.clamp(min=0)].to(token_slots.dtype), token_slots)
+        meta.prepare_tensors(roots)
+
+
+def slots_changed(wrapper, slot: int, rank: int, nested: dict[int, tuple[int, float]]) -> None:
+    """vLLM wrote an adapter of `rank` into `slot` (lora_slots): update the device table in place."""
+    table = SlotTable.of(wrapper)
+    roots, scales = list(range(len(table.slot_root))), [1.0] * len(table.slot_root)
+    for member, (root, factor) in nested.items():
+        roots[member], scales[member] = root, factor
+    table.slot_rank[slot] = rank
+    table.slot_root.copy_(torch.tensor(roots, dtype=torch.int32))
+    table.slot_scale.copy_(torch.tensor(scales, dtype=torch.float32))
+
+
+def update_metadata(self, *args, **kwargs):
+    from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+
+    _STOCK["update_metadata"](self, *args, **kwargs)
+    table = SlotTable.of(self)
+    with gpu_sync_allowed():  # as vLLM's own metadata step: grouping sorts and counts on the host's request
+        table.prepare(table.tokens, self.token_lora_indices)
+        table.prepare(table.samples, self.sampler_indices)
+
+
+def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+    if self.lora_config.fully_sharded_loras:  # the rank itself is split over GPUs there: vLLM's kernels
+        return _STOCK["add_shrink"](self, y, x, lora_a_stacked, scale, **kwargs)
+    x = x.view(-1, x.shape[-1])
+    table = SlotTable.of(self)
+    lora_shrink(x, list(lora_a_stacked), y, self._token_lora_indices, table.groups(table.tokens, x.shape[0]), scale,
+                _split_k(x.shape[-1], x.shape[0]))
+
+
+def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
+    if self.lora_config.fully_sharded_loras:
+        return _STOCK["add_expand"](self, y, x, lora_b_stacked, output_slices, offset_start, add_inputs, **kwargs)
+    assert x.ndim == 3 and x.size(0) == len(output_slices) == len(lora_b_stacked)
+    table = SlotTable.of(self)
+    lora_expand(x, list(lora_b_stacked), y.view(-1, y.shape[-1]), table.groups(table.tokens, x.shape[1]), offset_start, add_inputs)
+
+
+def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+    y, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+    table = SlotTable.of(self)
+    groups = table.groups(table.samples, x.shape[0])
+    shrunk = torch.empty((1, x.shape[0], lora_b_stacked.shape[-1]), dtype=torch.float32, device=x.device)
+    lora_shrink(x, [lora_a_stacked], shrunk, self._sampler_indices, groups, scale, _split_k(x.shape[-1], x.shape[0]))
+    lora_expand(shrunk, [lora_b_stacked], y, groups, 0, True)
+
+
+def _split_k(hidden: int, tokens: int) -> int:
+    """Split the shrink's hidden dim over programs (atomic adds) only for decode-sized batches: prefill has
+    enough token blocks to fill the GPU."""
+    return 1 if tokens > 4 * BLOCK_M else max(1, min(SHRINK_SPLIT_K, hidden // (4 * BLOCK_K)))
+
+
+_STOCK: dict = {}
+
+
+def unsupported_reason(vllm_version: str) -> str | None:
+    """Why a CUDA server with this vLLM keeps vLLM's stock kernels; None when it takes kdlora's."""
+    if lora_slots.switched_off():
+        return lora_slots.SWITCHED_OFF
+    if vllm_version not in TESTED_VLLM_VERSIONS:
+        return f"vLLM {vllm_version} is not a version kdlora's kernels were tested with ({', '.join(TESTED_VLLM_VERSIONS)})"
+    if not HAS_TRITON:
+        return "vLLM finds Triton unusable"
+    return None
+
+
+def install() -> bool:
+    """Patch vLLM's CUDA LoRA path (idempotent). True when the rank-aware kernels are active."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return False
+    reason = unsupported_reason(vllm.__version__)
+    if reason:
+        if reason != lora_slots.SWITCHED_OFF:
+            log.warning("kdlora: vLLM's stock CUDA LoRA kernels (%s); LoRA cost will not follow the rank", reason)
+        return False
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+    if not _STOCK:
+        _STOCK.update({name: getattr(PunicaWrapperGPU, name) for name in ("update_metadata", "add_shrink", "add_expand")})
+    PunicaWrapperGPU.update_metadata = update_metadata
+    PunicaWrapperGPU.add_shrink = add_shrink
+    PunicaWrapperGPU.add_expand = add_expand
+    PunicaWrapperGPU.add_lora_logits = add_lora_logits
+    PunicaWrapperGPU.kdlora_slots_changed = slots_changed
+    lora_slots.install()
+    return True

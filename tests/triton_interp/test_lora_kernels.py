@@ -1,0 +1,201 @@
+"""kdlora's Triton LoRA kernels (kdlora_serve/lora_triton.py) == a torch reference == vLLM's stock kernels on the
+padded weights, through vLLM's own PunicaWrapperGPU on CPU tensors under Triton's interpreter (fp16: numpy has
+no bf16). One mixed batch: base tokens, three adapters at ranks 16 / 8 / 32 (padded to 32), and a rank-4 cut of
+the rank-16 adapter, in the layer shapes vLLM calls: q/k/v slices (GQA widths), gate/up, a row-parallel
+down_proj (shrink and expand called apart) and lm_head (sampled tokens)."""
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+import vllm
+from vllm.lora.layers import LoRAMapping
+from vllm.lora.model_manager import LoRAModelManager
+from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+from vllm.platforms import current_platform
+from vllm.triton_utils import HAS_TRITON
+
+from kdlora_serve import lora_slots, lora_triton
+
+pytestmark = pytest.mark.triton_interpreter
+
+HIDDEN, VOCAB, MAX_RANK = 64, 256, 32
+SLOT_RANKS = {0: 16, 1: 4, 2: 8, 3: 32}  # slot 1: slot 0's adapter cut to rank 4 (B times 2: its alpha/r ratio)
+TOKEN_SLOTS = [-1, 0, 1, 2, 3, 1, -1, 0, 2, 1]  # -1: base model
+LAYERS = {"qkv": (64, 32, 32), "gate_up": (96, 96), "down": (64,), "lm_head": (VOCAB,)}
+CONFIG = SimpleNamespace(max_loras=4, max_lora_rank=MAX_RANK, specialize_active_lora=False, fully_sharded_loras=False)
+
+
+def adapter_weights(widths: tuple[int, ...], seed: int) -> tuple[tuple, tuple]:
+    """Stacked (A per slice [slots, 1, MAX_RANK, HIDDEN], B per slice [slots, 1, width, MAX_RANK]) as vLLM holds them:
+    each slot zero past its adapter's rank; slot 1 = slot 0 cut to rank 4, B scaled by 2."""
+    g = torch.Generator().manual_seed(seed)
+    a_all, b_all = [], []
+    for width in widths:
+        a = torch.zeros(4, 1, MAX_RANK, HIDDEN)
+        b = torch.zeros(4, 1, width, MAX_RANK)
+        for slot, rank in SLOT_RANKS.items():
+            a[slot, 0, :rank] = torch.randn(rank, HIDDEN, generator=g) * 0.2
+            b[slot, 0, :, :rank] = torch.randn(width, rank, generator=g) * 0.2
+        a[1, 0, :4], b[1, 0, :, :4] = a[0, 0, :4], 2 * b[0, 0, :, :4]
+        a_all.append(a.half())
+        b_all.append(b.half())
+    return tuple(a_all), tuple(b_all)
+
+
+WEIGHTS = {name: adapter_weights(widths, seed) for seed, (name, widths) in enumerate(LAYERS.items())}
+NESTED = lora_slots.nested_slots([SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b) for a, b in WEIGHTS.values()], SLOT_RANKS)
+X = torch.randn(len(TOKEN_SLOTS), HIDDEN, generator=torch.Generator().manual_seed(7)).half()
+Y0 = {name: torch.randn(len(TOKEN_SLOTS), sum(widths), generator=torch.Generator().manual_seed(8)).half()
+      for name, widths in LAYERS.items()}
+
+
+def reference(name: str) -> torch.Tensor:
+    """y0 + x @ A_s^T @ B_s^T per token, s its slot, in fp32 on the slot's own (zero-padded) weights."""
+    y = Y0[name].float().clone()
+    lora_a, lora_b = WEIGHTS[name]
+    for token, slot in enumerate(TOKEN_SLOTS):
+        if slot >= 0:
+            y[token] += torch.cat([(X[token].float() @ a[slot, 0].float().t()) @ b[slot, 0].float().t() for a, b in zip(lora_a, lora_b)])
+    return y
+
+
+def wrapper() -> PunicaWrapperGPU:
+    """vLLM's GPU punica wrapper on CPU tensors with the batch mapped; kdlora's slot table filled when installed."""
+    punica = PunicaWrapperGPU(64, 8, "cpu", lora_config=CONFIG)
+    if hasattr(punica, "kdlora_slots_changed"):
+        for slot, rank in SLOT_RANKS.items():
+            punica.kdlora_slots_changed(slot, rank, NESTED)
+    lora_ids = tuple(slot + 1 for slot in TOKEN_SLOTS)  # id 0 = no LoRA; slot s holds id s + 1
+    punica.update_metadata(LoRAMapping(lora_ids, lora_ids, is_prefill=False), [1, 2, 3, 4], 4, VOCAB)
+    return punica
+
+
+def apply(punica: PunicaWrapperGPU, name: str, weights=None) -> torch.Tensor:
+    """One layer's LoRA, called as vLLM's layer of that kind calls the wrapper."""
+    lora_a, lora_b = weights or WEIGHTS[name]
+    y = Y0[name].clone()
+    if name == "lm_head":
+        punica.add_lora_logits(y, X, lora_a[0][:, 0], lora_b[0][:, 0], 1.0)
+    elif name == "down":  # RowParallelLinearWithLoRA: a zeroed buffer, shrink, (all-reduce), expand
+        buffer = torch.zeros(1, len(X), MAX_RANK, dtype=torch.float32)
+        punica.add_shrink(buffer, X, lora_a, 1.0)
+        punica.add_expand(y, buffer, lora_b, LAYERS[name], offset_start=0, add_input=True)
+    else:
+        punica.add_lora_linear(y, X, lora_a, lora_b, 1.0, LAYERS[name])
+    return y
+
+
+@pytest.fixture(scope="module")
+def stock() -> dict[str, torch.Tensor]:
+    """vLLM's own Triton kernels (module scope: computed before any test installs kdlora's)."""
+    assert HAS_TRITON, "the interpreter set-up in conftest.py did not make vLLM's Triton kernels importable"
+    return {name: apply(wrapper(), name) for name in LAYERS}
+
+
+@pytest.fixture
+def kdlora(monkeypatch) -> None:
+    """kdlora's kernels installed on PunicaWrapperGPU as the plugin does on CUDA; vLLM's restored after the test."""
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    for name in ("update_metadata", "add_shrink", "add_expand", "add_lora_logits", "kdlora_slots_changed"):
+        monkeypatch.setattr(PunicaWrapperGPU, name, getattr(PunicaWrapperGPU, name, None), raising=False)
+    monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
+    assert lora_triton.install()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual.float(), expected.float(), atol=3e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_kdlora_kernels_equal_the_reference_and_vllms_stock_kernels(stock, kdlora, name):
+    assert NESTED == {0: (0, 1.0), 1: (0, 2.0), 2: (2, 1.0), 3: (3, 1.0)}
+    ours = apply(wrapper(), name)
+    assert_close(ours, reference(name))
+    assert_close(stock[name], reference(name))
+    base_rows = [token for token, slot in enumerate(TOKEN_SLOTS) if slot < 0]
+    assert torch.equal(ours[base_rows], Y0[name][base_rows])  # base-model tokens untouched, bit for bit
+
+
+def test_a_cut_of_a_resident_adapter_reads_the_largest_cut_not_its_own_copy(kdlora):
+    """Slot 1's own weights are zeroed after the nesting was found: its tokens still get rank 4 of slot 0's."""
+    punica = wrapper()
+    lora_a, lora_b = (tuple(t.clone() for t in group) for group in WEIGHTS["qkv"])
+    for t in lora_a + lora_b:
+        t[1].zero_()
+    assert_close(apply(punica, "qkv", (lora_a, lora_b)), reference("qkv"))
+    assert punica.kdlora_table.tokens.active_lora_ids.tolist()[:4] == [-1, 0, 2, 3]  # three groups read weights, not four
+
+
+@pytest.mark.parametrize("slot, wrong_rank", [(1, 16), (3, 31), (0, 8)])
+def test_a_wrong_rank_mask_fails_the_comparison(kdlora, slot, wrong_rank):
+    """Mutation check: the comparison above catches a rank mask off in either direction: a cut reading past its
+    rank into the larger cut's weights, or a slot cut short. (A mask past the rank of a slot's OWN weights reads
+    vLLM's zero padding: same numbers, more bytes; only a benchmark sees that.)"""
+    punica = wrapper()
+    punica.kdlora_table.slot_rank[slot] = wrong_rank
+    ours = apply(punica, "qkv")
+    rows = [token for token, s in enumerate(TOKEN_SLOTS) if s == slot]
+    assert (ours[rows].float() - reference("qkv")[rows]).abs().max() > 0.05
+
+
+def test_split_k_accumulates_the_same(kdlora, monkeypatch):
+    """The shrink split over the hidden dim (atomic adds), as on a GPU with a large hidden size."""
+    monkeypatch.setattr(lora_triton, "BLOCK_K", 16)
+    monkeypatch.setattr(lora_triton, "_split_k", lambda hidden, tokens: 2)
+    assert_close(apply(wrapper(), "gate_up"), reference("gate_up"))
+
+
+def test_traces_whole_under_torch_compile(kdlora):
+    """vLLM compiles the model on CUDA with full graphs: the LoRA calls must trace without a graph break (the kernels
+    are custom ops; the host-side checks run inside them)."""
+    punica = wrapper()
+    lora_a, lora_b = WEIGHTS["qkv"]
+
+    def layer(y, x):
+        punica.add_lora_linear(y, x, lora_a, lora_b, 1.0, LAYERS["qkv"])
+        return y
+
+    assert_close(torch.compile(layer, backend="eager", fullgraph=True)(Y0["qkv"].clone(), X), reference("qkv"))
+
+
+def test_vllm_signatures_are_the_ones_kdlora_was_written_against():
+    """If this fails, vLLM changed what kdlora patches or compares with: check lora_triton against the new code
+    before adding the version to TESTED_VLLM_VERSIONS."""
+    from vllm.lora.ops.triton_ops.lora_expand_op import _lora_expand
+    from vllm.lora.ops.triton_ops.lora_shrink_op import _lora_shrink
+
+    signatures = {f.__qualname__: str(inspect.signature(f)) for f in (
+        PunicaWrapperGPU.update_metadata, PunicaWrapperGPU.add_shrink, PunicaWrapperGPU.add_expand,
+        PunicaWrapperGPU.add_lora_linear, PunicaWrapperGPU.add_lora_logits, _lora_shrink, _lora_expand)}
+    assert signatures == RECORDED_SIGNATURES
+
+
+RECORDED_SIGNATURES = {  # vLLM 0.32.0
+    'PunicaWrapperGPU.add_expand':
+        '(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: tuple[torch.Tensor, ...], output_slices: tuple[int, ...], offset_start: int = 0, add_inputs=True, **kwargs: Any) -> None',
+    'PunicaWrapperGPU.add_lora_linear':
+        '(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...], *, buffer: torch.Tensor | None = None, **kwargs: Any) -> None',
+    'PunicaWrapperGPU.add_lora_logits':
+        '(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor, lora_b_stacked: torch.Tensor, scale, *, buffer: torch.Tensor | None = None, **kwargs: Any) -> None',
+    'PunicaWrapperGPU.add_shrink':
+        '(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...], scale: float, **kwargs: Any)',
+    'PunicaWrapperGPU.update_metadata':
+        '(self, mapping: vllm.lora.layers.utils.LoRAMapping, lora_index_to_id: list[int | None], max_loras: int, vocab_size: int, **kwargs)',
+    '_lora_expand':
+        '(inputs: torch.Tensor, lora_b_weights: list[torch.Tensor], output_tensor: torch.Tensor, token_lora_mapping: torch.Tensor, token_indices_sorted_by_lora_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start_loc: torch.Tensor, lora_ids: torch.Tensor, no_lora_flag_cpu: torch.Tensor, num_active_loras: torch.Tensor, offset_start: int = 0, add_inputs: bool = False) -> None',
+    '_lora_shrink':
+        '(inputs: torch.Tensor, lora_a_weights: list[torch.Tensor], output_tensor: torch.Tensor, token_lora_mapping: torch.Tensor, token_indices_sorted_by_lora_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start_loc: torch.Tensor, lora_ids: torch.Tensor, no_lora_flag_cpu: torch.Tensor, num_active_loras: torch.Tensor, scaling: float) -> None',
+}
+
+
+def test_install_is_version_guarded(monkeypatch):
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(PunicaWrapperGPU, "add_shrink", PunicaWrapperGPU.add_shrink)
+    stock = PunicaWrapperGPU.add_shrink
+    monkeypatch.setenv("KDLORA_RANK_AWARE", "0")
+    assert lora_triton.install() is False and PunicaWrapperGPU.add_shrink is stock
+    monkeypatch.delenv("KDLORA_RANK_AWARE")
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    assert lora_triton.install() is False and PunicaWrapperGPU.add_shrink is stock
