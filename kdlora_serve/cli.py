@@ -39,6 +39,14 @@ def _teacher_answers(args) -> int:
     return 0
 
 
+def _teacher_cache(args) -> int:
+    from training.teacher_cache import build_cache
+
+    print(build_cache(args.data, args.out, teacher=args.teacher, seq_len=args.seq_len, top_k=args.top_k, temperature=args.temperature,
+                      batch_size=args.batch_size))
+    return 0
+
+
 def _quickstart(args) -> int:
     from kdlora_serve.quickstart import run_quickstart
 
@@ -147,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check the environment and say how to fix each problem")
     doctor.set_defaults(handler=_doctor)
 
-    teacher = commands.add_parser("teacher", help="the embedded teacher (SmolLM2-135M-Instruct) and its answers")
+    teacher = commands.add_parser("teacher", help="the embedded teacher (SmolLM2-135M-Instruct), its answers and its cached targets")
     teacher_commands = teacher.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)
     export = teacher_commands.add_parser("export", help="write the teacher as a transformers checkpoint")
     export.add_argument("--out", type=Path, required=True, help="new or empty directory to write")
@@ -161,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     answers.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples, seeded per prompt")
     answers.add_argument("--seed", type=int, default=0)
     answers.set_defaults(handler=_teacher_answers)
+    cache = teacher_commands.add_parser("cache", help="the teacher's top-k log-probs on the training rows, once, for `distill --teacher-cache` (resumable)")
+    cache.add_argument("--data", metavar="SPEC", default="builtin:pydoc", help=DATA_HELP + " (default builtin:pydoc; as distill's --data)")
+    cache.add_argument("--out", type=Path, required=True, help="directory to write; resumes <out>.partial")
+    cache.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded teacher)")
+    cache.add_argument("--seq-len", type=int, default=256, help="as distill's --seq-len (default 256)")
+    cache.add_argument("--top-k", type=int, default=64, help="log-probs kept per token, plus one bucket for the rest (default 64)")
+    cache.add_argument("--temperature", type=float, default=2.0, help="as distill's --kd-temperature (default 2.0)")
+    cache.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward (default 8)")
+    cache.set_defaults(handler=_teacher_cache)
 
     prune = commands.add_parser("prune", help="Minitron-style structured pruning of a teacher into a student")
     prune.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -190,8 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="which ranks each qdylora step trains: one uniform or pow2 sample (default uniform); "
                               "sandwich: max + min + one sample; matryoshka: one pass of the mean of ranks 1, 2, 4, ..., R")
     distill.add_argument("--quantize", choices=("nf4", "none"), help="frozen base of the adapter modes (default nf4)")
+    distill.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"),
+                         help="compute dtype of teacher and student (default auto: bf16 on GPUs that have it, else fp32); "
+                              "full training keeps fp32 weights and autocasts")
+    distill.add_argument("--teacher-quantize", choices=("nf4", "int8", "none"), help="load the frozen teacher through bitsandbytes (default none)")
+    distill.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                         help="recompute the student's activations in backward (less memory, ~30%% more time)")
+    distill.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"),
+                         help="adamw (default, fp32 states) or bitsandbytes' 8-bit AdamW (states at 1/4 of the memory)")
     distill.add_argument("--kd-temperature", type=float, help="T of the KL term (default 2.0)")
     distill.add_argument("--kd-alpha", type=float, help="weight of KL vs next-token CE (default 0.5)")
+    distill.add_argument("--teacher-cache", type=Path, help="train from `kdlora teacher cache` output instead of a teacher in memory "
+                                                             "(the teacher is loaded only to evaluate)")
+    distill.add_argument("--loss-chunk-tokens", type=int, help="tokens whose full-vocabulary logits exist at once in the "
+                                                                 "KD loss (default 256; memory only, same loss)")
     distill.add_argument("--steps", type=int, help="optimizer steps (default 200)")
     distill.add_argument("--batch-size", type=int, help="blocks per step, over all processes (default 4)")
     distill.add_argument("--seq-len", type=int, help="tokens per block (default 256)")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, kdlora_cli, peft_logits, tiny_checkpoint
+from conftest import REPO, kdlora_cli, peft_logits, tiny_checkpoint, tiny_llama
 from hub.adapter import read_adapter, truncate_adapter
 from hub.errors import KdloraError
 from hub.schema import load_metadata
@@ -160,6 +160,44 @@ def test_full_mode_writes_a_student_checkpoint(tiny_pair, tmp_path):
     assert report["mode"] == "full" and set(report["after"]) == {"None"}
 
 
+@pytest.fixture(scope="module")
+def fp32_runs(tiny_pair, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("fp32_runs")
+    return {mode: run_distill(tiny_config(tiny_pair, root / mode, steps=6, eval_ranks=(8,), train=mode)) for mode in ("qdylora", "full")}
+
+
+@pytest.mark.parametrize("options", [{"dtype": "bf16"}, {"teacher_quantize": "nf4"}, {"teacher_quantize": "int8"},
+                                     {"train": "full", "dtype": "bf16", "optimizer": "adamw8bit"}], ids=str)
+def test_precision_and_memory_options_train_close_to_fp32(tiny_pair, tmp_path, fp32_runs, options):
+    """Each option trains what the fp32 run trains, to within 1% of its loss at every step, and writes the usual
+    result in fp32 (adapters on a bf16 base are fp32; full training keeps fp32 weights under bf16 autocast)."""
+    mode = options.get("train", "qdylora")
+    report = run_distill(tiny_config(tiny_pair, tmp_path / "out", steps=6, eval_ranks=(8,), **options))
+    assert [h["loss"] for h in report["history"]] == pytest.approx([h["loss"] for h in fp32_runs[mode]["history"]], rel=1e-2)
+    weights = load_file(tmp_path / "out" / ("model.safetensors" if mode == "full" else "adapter_model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    if mode == "full":  # the healing run learns: held-out KL falls, as in fp32
+        assert report["after"]["None"]["kl_to_teacher"] < report["before"]["kl_to_teacher"]
+    else:  # the adapter moved away from its zero-initialised B
+        assert max(t.abs().max().item() for name, t in weights.items() if "lora_B" in name) > 0
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(tiny_pair, tmp_path):
+    plain = run_distill(tiny_config(tiny_pair, tmp_path / "plain", steps=3))
+    recomputed = run_distill(tiny_config(tiny_pair, tmp_path / "recomputed", steps=3, gradient_checkpointing=True))
+    assert [h["loss"] for h in recomputed["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-5)
+
+
+def test_eight_bit_adamw_keeps_8_bit_states():
+    from training.distill import make_optimizer
+
+    big, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(8))
+    optimizer = make_optimizer("adamw8bit", [big, small], 1e-3)
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    optimizer.step()
+    assert optimizer.state[big]["state1"].dtype == torch.uint8 and optimizer.state[small]["state1"].dtype == torch.float32
+
+
 def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp_path, monkeypatch):
     run_distill(tiny_config(tiny_pair, tmp_path / "straight"))
     original = distill_mod.training_ranks
@@ -199,6 +237,9 @@ def test_resume_with_other_settings_is_refused(tiny_pair, tmp_path, monkeypatch)
     ({"eval_ranks": (4, 16)}, "--eval-ranks 16 above --max-rank 8; list ranks <= 8"),
     ({"train": "full", "quantize": "nf4"}, "--train full updates every weight, which a 4-bit base cannot hold; add --quantize none"),
     ({"batch_size": 5000}, "fewer than one batch"),
+    ({"dtype": "fp16"}, "--dtype fp16 needs a CUDA GPU (CPUs compute fp16 slowly and autocast does not support it there); use bf16 or fp32"),
+    ({"optimizer": "sgd"}, "--optimizer sgd: use one of adamw, adamw8bit, paged_adamw8bit"),
+    ({"loss_chunk_tokens": 0}, "--loss-chunk-tokens must be at least 1"),
 ])
 def test_bad_settings(tiny_pair, tmp_path, overrides, message):
     with pytest.raises(KdloraError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -281,3 +322,22 @@ def test_kd_alpha_zero_is_plain_fine_tuning(tiny_pair, tmp_path):
                                      data=str(_labelled_data(tmp_path / "parity.jsonl"))))
     assert [set(h) - {"step", "ranks", "seconds"} for h in report["history"]] == [{"loss", "ce"}] * 2
     assert all(h["loss"] == h["ce"] for h in report["history"])
+
+
+def test_the_chunked_loss_refuses_a_model_that_post_processes_its_logits():
+    """Gemma 2 soft-caps its logits after the LM head: training on head(hidden) would be training on other numbers."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from training.losses import check_head_split, final_hidden_states
+
+    ids = torch.randint(0, 64, (1, 6))
+    llama = tiny_llama()
+    check_head_split(llama, ids)  # a plain head: accepted, and the swap is undone
+    with final_hidden_states(llama) as head:
+        assert llama(ids).logits.shape[-1] == 32 and isinstance(head, torch.nn.Linear)
+    assert llama(ids).logits.shape[-1] == 128
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=8, final_logit_softcapping=3.0)).eval()
+    with pytest.raises(KdloraError, match=r"^Gemma2ForCausalLM's logits are not its LM head applied to its final hidden states \(the "
+                                          r"model post-processes them\); kdlora's chunked distillation loss does not support it$"):
+        check_head_split(gemma, ids)

@@ -11,13 +11,13 @@ are pure functions of seed and step). Runs unchanged under `accelerate launch` (
 """
 
 import dataclasses
+import gc
 import json
-import math
 import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +28,8 @@ from hub.remote import PRUNING_REPORT
 from training.nested_lora import RANK_SCHEDULES, step_ranks
 
 MODES = ("qdylora", "lora", "full")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DEFAULT_EVAL_RANKS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -45,8 +47,14 @@ class DistillConfig:
     # learns no faster, and a fixed budget gives a flat ladder (benchmarks/RESULTS.md, "Does rank buy quality?")
     rank_distribution: str = "uniform"  # which ranks a step trains: nested_lora.RANK_SCHEDULES
     quantize: str = "nf4"  # frozen base of lora/qdylora: nf4 | none
+    dtype: str = "auto"  # compute dtype: bf16 | fp16 | fp32; auto = bf16 on GPUs that have it, else fp32 (CPUs too)
+    teacher_quantize: str = "none"  # nf4 | int8 | none: the frozen teacher through bitsandbytes
+    gradient_checkpointing: bool = False  # recompute the student's layer activations in backward: memory for time
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes: 8-bit states, 1/4 of fp32 AdamW's)
     kd_temperature: float = 2.0
     kd_alpha: float = 0.5
+    teacher_cache: Path | None = None  # `kdlora teacher cache` output: train without the teacher in memory
+    loss_chunk_tokens: int = 256  # tokens per chunk of the KD loss's LM head + softmax (memory, not results)
     steps: int = 200
     batch_size: int = 4
     seq_len: int = 256
@@ -60,12 +68,18 @@ class DistillConfig:
 
     # what a checkpoint must agree on to be resumed (everything but bookkeeping)
     def fingerprint(self) -> dict:
-        ignore = {"out", "resume", "save_every", "eval_ranks", "eval_samples"}
+        ignore = {"out", "resume", "save_every", "eval_ranks", "eval_samples", "loss_chunk_tokens"}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items() if k not in ignore}
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (2e-5 if self.train == "full" else 2e-4)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return DTYPES[self.dtype]
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -87,9 +101,19 @@ def validate(cfg: DistillConfig) -> None:
         raise KdloraError(f"--rank-distribution {cfg.rank_distribution}: use one of {', '.join(RANK_SCHEDULES)}")
     if cfg.quantize not in ("nf4", "none"):
         raise KdloraError(f"--quantize {cfg.quantize}: use nf4 or none")
+    if cfg.dtype not in (*DTYPES, "auto"):
+        raise KdloraError(f"--dtype {cfg.dtype}: use bf16, fp16, fp32 or auto")
+    if cfg.dtype == "fp16" and not torch.cuda.is_available():
+        raise KdloraError("--dtype fp16 needs a CUDA GPU (CPUs compute fp16 slowly and autocast does not support it there); use bf16 or fp32")
+    if cfg.dtype == "fp16" and cfg.train == "full":
+        raise KdloraError("--train full in fp16 would need loss scaling, which kdlora does not do; use --dtype bf16")
+    if cfg.teacher_quantize not in ("nf4", "int8", "none"):
+        raise KdloraError(f"--teacher-quantize {cfg.teacher_quantize}: use nf4, int8 or none")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise KdloraError(f"--optimizer {cfg.optimizer}: use one of {', '.join(OPTIMIZERS)}")
     if cfg.train == "full" and cfg.quantize == "nf4":
         raise KdloraError("--train full updates every weight, which a 4-bit base cannot hold; add --quantize none")
-    for name in ("steps", "batch_size", "seq_len", "save_every"):
+    for name in ("steps", "batch_size", "seq_len", "save_every", "loss_chunk_tokens"):
         if getattr(cfg, name) < 1:
             raise KdloraError(f"--{name.replace('_', '-')} must be at least 1")
     if not cfg.resume and cfg.checkpoint_dir.exists():
@@ -103,17 +127,22 @@ def run_distill(cfg: DistillConfig) -> dict:
 
     from training.data import load_token_data, trimmed
     from training.evaluate import choice_accuracy
-    from training.losses import KDLoss
-    from training.teacher import load_causal_lm
-
+    from training.losses import ChunkedKDLoss, TeacherLogits, check_head_split, final_hidden_states
     validate(cfg)
     accelerator = Accelerator()
     say = _printer(accelerator)
-    teacher, teacher_tokenizer, teacher_id = load_causal_lm(cfg.teacher, device=accelerator.device)
-    teacher.requires_grad_(False)
+    teacher, teacher_tokenizer, teacher_id = load_teacher(cfg, accelerator.device)
     student, tokenizer, nested = build_student(cfg, accelerator.device)
     check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer)
     data = load_token_data(cfg.data, tokenizer, cfg.seq_len)
+    cache = None
+    if cfg.teacher_cache is not None:
+        from training.teacher_cache import TeacherCache
+
+        cache = TeacherCache(Path(cfg.teacher_cache), data, cfg.kd_temperature, teacher.get_output_embeddings().weight.shape[0])
+        if cache.teacher != teacher_id:
+            raise KdloraError(f"--teacher-cache {cfg.teacher_cache} was made from teacher {cache.teacher}, this run's teacher is "
+                              f"{teacher_id}; give the same --teacher (it evaluates), or rebuild the cache")
     if len(data.train) < cfg.batch_size:
         raise KdloraError(f"data {cfg.data} gives {len(data.train)} training blocks of {cfg.seq_len} tokens, fewer than one batch "
                           f"(--batch-size {cfg.batch_size}); give more data or lower --batch-size / --seq-len")
@@ -122,7 +151,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     eval_settings = eval_ranks(cfg)
 
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    optimizer = make_optimizer(cfg.optimizer, trainable, cfg.learning_rate)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, cfg.steps)
     state = {"step": 0, "history": [], "before": None, "teacher": None, "seconds": 0.0}
@@ -134,8 +163,15 @@ def run_distill(cfg: DistillConfig) -> dict:
         state["before"] = _evaluate(cfg, student, nested, teacher, data, tokenizer, [alone])[alone]
         labelled = _labelled_examples(cfg, data)  # the teacher's own accuracy: what the student's is measured against
         state["teacher"] = choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.batch_size)[None] if labelled else None
+    for lm in (student, teacher):
+        check_head_split(lm, data.train[:1, :8].to(accelerator.device))
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    loss_fn = KDLoss(cfg.kd_alpha, cfg.kd_temperature)
+    loss_fn = ChunkedKDLoss(cfg.kd_alpha, cfg.kd_temperature, cfg.loss_chunk_tokens)
+    if cache is not None:  # the cache stands in for the teacher while training; it is loaded again to evaluate
+        teacher = None
+        gc.collect()
+    setup_peak = peak_memory_mb()
+    reset_peak_memory()  # from here the peak is the training steps' own
 
     say(f"distilling {teacher_id} -> {cfg.student} ({cfg.train}, {len(trainable)} trainable tensors, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M params) on {cfg.data}: {len(data.train)} blocks x {cfg.seq_len} tokens")
@@ -153,16 +189,20 @@ def run_distill(cfg: DistillConfig) -> dict:
             batch, learned = batch[shard].to(accelerator.device), mask[shard, 1:].to(accelerator.device)
             labels = batch[:, 1:][learned]  # the loss is on these tokens only (every one of a block, an example's answer)
             ranks = training_ranks(cfg, step)
-            teacher_logits = None
-            if cfg.kd_alpha > 0:  # --kd-alpha 0 is plain fine-tuning (e.g. of a teacher on the task): no teacher forward
-                with torch.no_grad():
-                    teacher_logits = teacher(batch).logits[:, :-1][learned]
+            target = None
+            if cache is not None:
+                target = cache.targets(rows[shard], accelerator.device)
+            elif cfg.kd_alpha > 0:  # --kd-alpha 0 is plain fine-tuning (e.g. of a teacher on the task): no teacher forward
+                with torch.no_grad(), final_hidden_states(teacher) as teacher_head:
+                    target = TeacherLogits(teacher(batch).logits[:, :-1][learned], teacher_head)
             losses = []
             for rank in ranks:  # one pass per rank this step trains; their gradients add up (mean loss)
                 if nested is not None:
                     nested.set(rank)
-                logits = model(batch).logits[:, :-1][learned]
-                loss, parts = loss_fn(logits, teacher_logits, labels)
+                with mixed_precision(cfg, accelerator.device):
+                    with final_hidden_states(student) as head:
+                        hidden = model(batch).logits[:, :-1][learned]
+                    loss, parts = loss_fn(hidden, head, labels, target)
                 accelerator.backward(loss / len(ranks))
                 losses.append(loss.item())
             loss = sum(losses) / len(losses)  # parts: of the step's last (smallest) rank
@@ -186,9 +226,13 @@ def run_distill(cfg: DistillConfig) -> dict:
     finally:
         bar.close()
 
+    state["train_peak_memory_mb"] = peak_memory_mb()
+    state["setup_peak_memory_mb"] = setup_peak
     model.eval()
     report = None
     if accelerator.is_main_process:
+        if teacher is None:
+            teacher = load_teacher(cfg, accelerator.device)[0]
         student = accelerator.unwrap_model(model)
         after = _evaluate(cfg, student, nested, teacher, data, tokenizer, eval_settings)
         report = write_result(cfg, student, nested, tokenizer, teacher_id, data, state, after)
@@ -197,18 +241,40 @@ def run_distill(cfg: DistillConfig) -> dict:
     return report
 
 
+def mixed_precision(cfg: DistillConfig, device):
+    """Full training keeps fp32 weights and computes in the compute dtype (autocast; checkpointed chunks recompute
+    under the same state). Adapters need none: their base is loaded in the compute dtype, and PEFT keeps them fp32."""
+    return torch.autocast(device.type, dtype=cfg.compute_dtype, enabled=cfg.train == "full" and cfg.compute_dtype != torch.float32)
+
+
+def load_teacher(cfg: DistillConfig, device):
+    from training.teacher import load_causal_lm
+
+    teacher, tokenizer, teacher_id = load_causal_lm(cfg.teacher, dtype=cfg.compute_dtype, device=device, quantize=cfg.teacher_quantize)
+    return teacher.requires_grad_(False), tokenizer, teacher_id
+
+
+def make_optimizer(name: str, params: list, lr: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    import bitsandbytes as bnb  # 8-bit states for tensors of >= 4096 elements, 32-bit for smaller ones
+
+    return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name](params, lr=lr, weight_decay=0.0)
+
+
 def build_student(cfg: DistillConfig, device):
     """(model to train, tokenizer, NestedRank or None). Adapters sit on a frozen base, NF4 if asked."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.nf4 import quantization_config
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-        quantization = None
-        if cfg.train != "full" and cfg.quantize == "nf4":
-            compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32, quantization_config=quantization,
-                                                     use_safetensors=True, device_map={"": device} if quantization else None)
+        adapters = cfg.train != "full"
+        quantization = quantization_config(cfg.quantize if adapters else "none", cfg.compute_dtype)
+        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=cfg.compute_dtype if adapters else torch.float32,
+                                                     quantization_config=quantization, use_safetensors=True,
+                                                     device_map={"": device} if quantization else None)
     except OSError as err:
         raise KdloraError(f"cannot load student '{cfg.student}' ({str(err).splitlines()[0]}); give the checkpoint directory "
                           "`kdlora prune` wrote, or a Hub id") from err
@@ -218,6 +284,8 @@ def build_student(cfg: DistillConfig, device):
         from training.nf4 import keep_trainable
 
         keep_trainable(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train == "full":
         return model, tokenizer, None
     from peft import LoraConfig, get_peft_model
@@ -350,7 +418,8 @@ def write_result(cfg, student, nested, tokenizer, teacher_id, data, state, after
         "data_fingerprint": data.fingerprint, "train_blocks": len(data.train), "heldout_blocks_evaluated": min(cfg.eval_samples, len(data.heldout)),
         "steps": state["step"], "tokens": state["step"] * cfg.batch_size * cfg.seq_len,
         "seconds_training": state["seconds"], "mean_step_seconds": state["seconds"] / max(1, state["step"]),
-        "peak_memory_mb": peak_memory_mb(),
+        # whole run (teacher, evaluation included) and training steps alone (this session's, on a resumed run)
+        "peak_memory_mb": max(peak_memory_mb(), state["setup_peak_memory_mb"]), "train_peak_memory_mb": state["train_peak_memory_mb"],
         "before": state["before"], "after": {str(k): v for k, v in after.items()},
         "final_loss": steps[-1]["loss"] if steps else None,
         "history": steps,
@@ -401,10 +470,26 @@ def _default_rank(cfg, after) -> int:
     return min(k for k, v in after.items() if v["kl_to_teacher"] <= best * 1.1)
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak: CUDA's allocator counter, or Linux's resident-set high-water mark (VmHWM)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the peak stays the whole process's
+        pass
+
+
 def peak_memory_mb() -> float:
+    """Peak since the last reset_peak_memory (or the start): CUDA max allocated, else the resident-set high-water mark."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _printer(accelerator):

@@ -38,6 +38,21 @@ def keep_trainable(model) -> int:
     return len(packed)
 
 
+def quantization_config(kind: str, compute_dtype):
+    """transformers' BitsAndBytesConfig for a frozen model: `nf4` (4-bit NF4, computing in `compute_dtype`), `int8`
+    (LLM.int8), or None for `none`."""
+    from transformers import BitsAndBytesConfig
+
+    if kind == "none":
+        return None
+    quiet_kernels_note()
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization {kind!r}: use nf4, int8 or none")
+
+
 def _not_kernels_note(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(KERNELS_NOTE)
 

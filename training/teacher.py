@@ -104,14 +104,17 @@ def _sha256(path: Path) -> str:
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
 
 
-def load_causal_lm(spec: str | Path | None, dtype=None, device=None, check_config=None):
-    """(model, tokenizer, model id) for a Hub id or local checkpoint; None means the embedded teacher.
+def load_causal_lm(spec: str | Path | None, dtype=None, device=None, check_config=None, quantize: str = "none"):
+    """(model, tokenizer, model id) for a Hub id or local checkpoint; None means the embedded teacher. `dtype`: of the
+    weights (default fp32); `quantize`: nf4 | int8 loads a frozen model through bitsandbytes (computing in `dtype`).
 
     `check_config(config)` runs before any weights load (e.g. to refuse an unsupported architecture).
     Weights load from safetensors only: a repo that has only pickled `.bin` weights is refused.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from training.nf4 import quantization_config
 
     path = embedded_teacher() if spec is None else spec
     model_id = EMBEDDED_HUB_ID if spec is None else str(spec)
@@ -120,8 +123,10 @@ def load_causal_lm(spec: str | Path | None, dtype=None, device=None, check_confi
         if check_config is not None:
             check_config(config)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+        quantization = quantization_config(quantize, dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True, quantization_config=quantization,
+                                                     device_map={"": device or "cpu"} if quantization else None)
     except (OSError, ValueError) as err:
         raise KdloraError(f"cannot load model '{model_id}' ({str(err).splitlines()[0]}); give a transformers checkpoint "
                           "directory with safetensors weights and a tokenizer, or a Hub id") from err
-    return model.to(device or "cpu").eval(), tokenizer, model_id
+    return (model if quantization else model.to(device or "cpu")).eval(), tokenizer, model_id
