@@ -14,6 +14,7 @@ benchmarks/results/. Usage:
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -26,9 +27,9 @@ WORK = ROOT / "benchmarks" / ".work"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def kdlora(*args: str) -> float:
+def kdlora(*args: str, env: dict | None = None) -> float:
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "kdlora"), *args], check=True)
+    subprocess.run([str(Path(sys.executable).parent / "kdlora"), *args], check=True, env=None if env is None else {**os.environ, **env})
     return time.perf_counter() - started
 
 

@@ -4,30 +4,20 @@ the peak of its training steps alone (`train_peak_memory_mb`: Linux's resident-s
 set-up and the first evaluation; CUDA max allocated on a GPU) and the whole run's. The teacher cache is built once
 (`kdlora teacher cache`) and its build time and size are reported. Writes JSON + PNG to benchmarks/results/.
 
-    .venv/bin/python benchmarks/memory_bench.py [--student DIR] [--steps 20] [--batch-size 4] [--seq-len 256]
+    .venv/bin/python benchmarks/memory_bench.py [--student DIR] [--steps 20] [--batch-size 4] [--seq-len 256] [--only 'NAME;NAME']
 
 "Dense" runs put the whole batch in one loss chunk (`--loss-chunk-tokens` = batch x seq-len), which holds the
-batch's full-vocabulary logits as the loss did before chunking; every other run uses the default 256.
+batch's full-vocabulary logits as the loss did before chunking; every other run uses the default 256. One run sets
+MALLOC_MMAP_THRESHOLD_ (glibc keeps freed activation memory otherwise; training/memory.py).
 """
 
 import argparse
 import json
 import platform
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / ".work"
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def kdlora(*args: str) -> float:
-    started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "kdlora"), *args], check=True)
-    return time.perf_counter() - started
+from distill_bench import RESULTS, WORK, kdlora  # the same student and the same way of running kdlora
 
 
 def main() -> None:
@@ -38,15 +28,20 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-rank", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--only", help="run only these runs (names separated by ';'), keeping the other rows of results/memory.json "
+                                       "and the teacher cache of the last full run")
     args = parser.parse_args()
     runs_dir = WORK / "memory"
-    shutil.rmtree(runs_dir, ignore_errors=True)
-    runs_dir.mkdir(parents=True)
+    previous = json.loads((RESULTS / "memory.json").read_text()) if args.only else None
+    if previous is None:
+        shutil.rmtree(runs_dir, ignore_errors=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
     student = args.student or WORK / "student"
     if not student.exists():
         kdlora("prune", "--out", str(student), "--target-params", "0.5", "--calib-samples", "64", "--seq-len", "128")
     cache = runs_dir / "teacher-cache"
-    cache_seconds = kdlora("teacher", "cache", "--out", str(cache), "--seq-len", str(args.seq_len), "--top-k", str(args.top_k))
+    cache_seconds = previous["cache"]["seconds"] if previous else kdlora("teacher", "cache", "--out", str(cache), "--seq-len", str(args.seq_len),
+                                                                          "--top-k", str(args.top_k))
     cache_settings = json.loads((cache / "cache.json").read_text())
     cache_bytes = sum(p.stat().st_size for p in cache.iterdir())
     from safetensors import safe_open
@@ -66,28 +61,40 @@ def main() -> None:
         "qdylora NF4, chunked loss": adapter,
         "qdylora NF4, chunked, NF4 teacher": adapter + ["--teacher-quantize", "nf4"],
         "qdylora NF4, chunked, cached teacher": adapter + ["--teacher-cache", str(cache)],
+        "qdylora NF4, chunked, cached teacher, grad. checkpointing": adapter + ["--teacher-cache", str(cache), "--gradient-checkpointing"],
+        "qdylora NF4, chunked, cached teacher, MALLOC_MMAP_THRESHOLD_": adapter + ["--teacher-cache", str(cache)],
     }
+    environments = {"qdylora NF4, chunked, cached teacher, MALLOC_MMAP_THRESHOLD_": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
     common = ["--student", str(student), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
               "--eval-samples", "16"]
-    results = {}
+    results = previous["runs"] if previous else {}
     for number, (name, flags) in enumerate(runs.items()):
+        if args.only and name not in args.only.split(";"):
+            continue
         out = runs_dir / f"run{number}"
-        wall = kdlora("distill", *common, *flags, "--out", str(out))
+        shutil.rmtree(out, ignore_errors=True)
+        wall = kdlora("distill", *common, *flags, "--out", str(out), env=environments.get(name))
         report = json.loads((out / "distill_report.json").read_text())
         setting = "None" if "full" in name else str(args.max_rank)
-        results[name] = {"flags": flags, "wall_seconds": wall, "mean_step_seconds": report["mean_step_seconds"],
+        results[name] = {"flags": flags, "env": environments.get(name), "wall_seconds": wall, "mean_step_seconds": report["mean_step_seconds"],
                          "train_peak_memory_mb": report["train_peak_memory_mb"], "peak_memory_mb": report["peak_memory_mb"],
                          "kl_before": report["before"]["kl_to_teacher"], "kl_after": report["after"][setting]["kl_to_teacher"]}
         print(f"{name}: train peak {report['train_peak_memory_mb']:.0f} MB, {report['mean_step_seconds']:.2f} s/step, "
               f"KL {results[name]['kl_after']:.3f}", flush=True)
     full_peak = results["full, dense loss (before)"]["train_peak_memory_mb"]
     online, cached = results["qdylora NF4, chunked loss"], results["qdylora NF4, chunked, cached teacher"]
-    summary = {"machine": {"platform": platform.platform(), "python": platform.python_version()}, "settings": vars(args) | {"student": str(student)},
+    results = {name: results[name] for name in runs if name in results}  # in the table's order
+    summary = {"machine": {"platform": platform.platform(), "python": platform.python_version()},
+               "settings": vars(args) | {"student": str(student), "only": None},
                "cache": {"seconds": cache_seconds, "bytes": cache_bytes, "tokens": cache_tokens, "bytes_per_token": cache_bytes / cache_tokens,
                          "top_k": cache_settings["top_k"], "rows": cache_settings["rows"]},
                "runs": results,
                "goals": {"cached_qdylora_peak_over_full_peak": cached["train_peak_memory_mb"] / full_peak,
                          "cached_kl_over_online_kl": cached["kl_after"] / online["kl_after"]}}
+    checkpointed = results.get("qdylora NF4, chunked, cached teacher, grad. checkpointing")
+    if checkpointed:
+        summary["goals"] |= {"cached_checkpointed_qdylora_peak_over_full_peak": checkpointed["train_peak_memory_mb"] / full_peak,
+                             "cached_checkpointed_kl_over_online_kl": checkpointed["kl_after"] / online["kl_after"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, RESULTS / "memory.png")

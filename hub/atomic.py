@@ -6,6 +6,7 @@ trust it; a crash leaves at most a `.<name>.tmp-*` directory, which the next run
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -19,6 +20,16 @@ def require_empty_out(out: Path) -> None:
     """Refuse to write into a directory that already holds something (it may be someone's work)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KdloraError(f"--out {out} exists and is not empty; choose a new directory or remove it first")
+
+
+def refuse_other_settings(partial: Path, settings_file: Path, settings: dict, holds: str) -> None:
+    """An interrupted job resumes only with the settings it started with (`settings_file`): continuing with others
+    would mix two results in one output."""
+    saved = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+    changed = sorted(k for k in settings if saved.get(k) != settings[k])
+    if changed:
+        raise KdloraError(f"{partial} holds {holds} made with other settings ({', '.join(changed)}); rerun with the original "
+                          "settings to continue it, or delete it to start over")
 
 
 @contextlib.contextmanager

@@ -122,8 +122,17 @@ def _prune(args) -> int:
 def _distill(args) -> int:
     from training.distill import DistillConfig, run_distill
 
+    if args.out is None and not args.plan:
+        raise KdloraError("give --out DIR (where the result goes), or --plan to only estimate memory")
     fields = {k: v for k, v in vars(args).items() if k in DistillConfig.__dataclass_fields__ and v is not None}
-    run_distill(DistillConfig(**fields))
+    cfg = DistillConfig(**{"out": Path("(plan)"), **fields})
+    if args.plan:
+        from training.plan import plan
+
+        print(plan(cfg, devices=args.devices, sharding=args.sharding, device_gb=args.device_gb,
+                   cuda=None if args.plan_device is None else args.plan_device == "cuda"))
+        return 0
+    run_distill(cfg)
     print(args.out)
     return 0
 
@@ -194,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill = commands.add_parser("distill", help="knowledge distillation into one nested-rank adapter (or the whole student)")
     distill.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     distill.add_argument("--student", required=True, help="student checkpoint directory (e.g. from kdlora prune) or Hub id")
-    distill.add_argument("--out", type=Path, required=True, help="new or empty directory for the adapter (or the student, --train full)")
+    distill.add_argument("--out", type=Path, help="new or empty directory for the adapter (or the student, --train full)")
     distill.add_argument("--data", metavar="SPEC", help=DATA_HELP + " (default builtin:pydoc)")
     distill.add_argument("--train", choices=("qdylora", "lora", "full"), help="qdylora (default): nested ranks 1..R; lora: one rank; full: all weights")
     distill.add_argument("--max-rank", type=int, help="R for qdylora (default 64)")
@@ -230,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 50)")
     distill.add_argument("--resume", action="store_true", help="continue from <out>.checkpoint")
     distill.add_argument("--seed", type=int, help="seed for data order and sampled ranks (default 0)")
+    distill.add_argument("--plan", action="store_true", help="only print the estimated peak memory per device (configs only, no weights)")
+    distill.add_argument("--devices", type=int, default=1, help="--plan: devices the run spreads over (default 1)")
+    distill.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp", help="--plan: how the student is spread (default ddp)")
+    distill.add_argument("--device-gb", type=float, help="--plan: memory per device, to say whether it fits and what would make it")
+    distill.add_argument("--plan-device", choices=("cpu", "cuda"), help="--plan: plan for GPUs or CPU processes (default: this machine's)")
     distill.set_defaults(handler=_distill)
 
     serve = commands.add_parser("serve", help="serve adapters at any rank from vLLM's OpenAI-compatible server",

@@ -154,11 +154,7 @@ _STOCK: dict = {}
 
 def unsupported_reason(vllm_version: str) -> str | None:
     """Why a CPU server with this vLLM keeps vLLM's stock LoRA ops; None when it takes kdlora's grouped path."""
-    if lora_slots.switched_off():
-        return lora_slots.SWITCHED_OFF
-    if vllm_version not in TESTED_VLLM_VERSIONS:
-        return f"vLLM {vllm_version} is not a version kdlora's CPU path was tested with ({', '.join(TESTED_VLLM_VERSIONS)})"
-    return None
+    return lora_slots.unsupported_reason(vllm_version, TESTED_VLLM_VERSIONS, "CPU path")
 
 
 def install() -> bool:
@@ -176,12 +172,6 @@ def install() -> bool:
         return False
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    if not _STOCK:
-        _STOCK.update(update_metadata=PunicaWrapperCPU.update_metadata, add_lora_linear=PunicaWrapperCPU.add_lora_linear,
-                      add_lora_logits=PunicaWrapperCPU.add_lora_logits)
-    PunicaWrapperCPU.update_metadata = update_metadata
-    PunicaWrapperCPU.add_lora_linear = add_lora_linear
-    PunicaWrapperCPU.add_lora_logits = add_lora_logits
-    PunicaWrapperCPU.kdlora_slots_changed = slot_changed
-    lora_slots.install()
+    lora_slots.patch(PunicaWrapperCPU, {"update_metadata": update_metadata, "add_lora_linear": add_lora_linear,
+                                        "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slot_changed}, _STOCK)
     return True

@@ -79,9 +79,22 @@ def activate_adapter(self, lora_id: int) -> bool:
     return activated
 
 
-def install() -> None:
-    """Patch vLLM's adapter activation (idempotent); the caller checked the platform and version."""
+def unsupported_reason(vllm_version: str, tested: tuple[str, ...], path: str) -> str | None:
+    """Why a backend keeps vLLM's stock LoRA compute (switched off, or a vLLM version it was not tested with)."""
+    if switched_off():
+        return SWITCHED_OFF
+    if vllm_version not in tested:
+        return f"vLLM {vllm_version} is untested with kdlora's {path} (tested: {', '.join(tested)})"
+    return None
+
+
+def patch(wrapper_class, methods: dict, stock: dict) -> None:
+    """Give vLLM's punica wrapper class kdlora's methods (idempotent: vLLM's originals are kept in `stock` the first
+    time) and record adapter activations for them."""
     from vllm.lora.model_manager import LoRAModelManager
 
+    for name, method in methods.items():
+        stock.setdefault(name, getattr(wrapper_class, name, None))
+        setattr(wrapper_class, name, method)
     _STOCK.setdefault("activate_adapter", LoRAModelManager.activate_adapter)
     LoRAModelManager.activate_adapter = activate_adapter

@@ -203,7 +203,7 @@ def update_metadata(self, *args, **kwargs):
 
 
 def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
-    if self.lora_config.fully_sharded_loras:  # the rank itself is split over GPUs there: vLLM's kernels
+    if self.lora_config.fully_sharded_loras:  # the rank itself is split over GPUs there: vLLM's kernels (here and below)
         return _STOCK["add_shrink"](self, y, x, lora_a_stacked, scale, **kwargs)
     x = x.view(-1, x.shape[-1])
     table = SlotTable.of(self)
@@ -220,6 +220,8 @@ def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_in
 
 
 def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+    if self.lora_config.fully_sharded_loras:
+        return _STOCK["add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
     y, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
     table = SlotTable.of(self)
     groups = table.groups(table.samples, x.shape[0])
@@ -239,13 +241,8 @@ _STOCK: dict = {}
 
 def unsupported_reason(vllm_version: str) -> str | None:
     """Why a CUDA server with this vLLM keeps vLLM's stock kernels; None when it takes kdlora's."""
-    if lora_slots.switched_off():
-        return lora_slots.SWITCHED_OFF
-    if vllm_version not in TESTED_VLLM_VERSIONS:
-        return f"vLLM {vllm_version} is not a version kdlora's kernels were tested with ({', '.join(TESTED_VLLM_VERSIONS)})"
-    if not HAS_TRITON:
-        return "vLLM finds Triton unusable"
-    return None
+    reason = lora_slots.unsupported_reason(vllm_version, TESTED_VLLM_VERSIONS, "kernels")
+    return reason or (None if HAS_TRITON else "vLLM finds Triton unusable")
 
 
 def install() -> bool:
@@ -262,12 +259,6 @@ def install() -> bool:
         return False
     from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
-    if not _STOCK:
-        _STOCK.update({name: getattr(PunicaWrapperGPU, name) for name in ("update_metadata", "add_shrink", "add_expand")})
-    PunicaWrapperGPU.update_metadata = update_metadata
-    PunicaWrapperGPU.add_shrink = add_shrink
-    PunicaWrapperGPU.add_expand = add_expand
-    PunicaWrapperGPU.add_lora_logits = add_lora_logits
-    PunicaWrapperGPU.kdlora_slots_changed = slots_changed
-    lora_slots.install()
+    lora_slots.patch(PunicaWrapperGPU, {"update_metadata": update_metadata, "add_shrink": add_shrink, "add_expand": add_expand,
+                                        "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slots_changed}, _STOCK)
     return True

@@ -200,20 +200,20 @@ def test_eight_bit_adamw_keeps_8_bit_states():
 
 def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp_path, monkeypatch):
     run_distill(tiny_config(tiny_pair, tmp_path / "straight"))
-    original = distill_mod.training_ranks
+    original = distill_mod.Mode.step_ranks
 
-    def ctrl_c_at_step_3(cfg, step):
+    def ctrl_c_at_step_3(mode, cfg, step):
         if step == 3:
             raise KeyboardInterrupt
-        return original(cfg, step)
+        return original(mode, cfg, step)
 
-    monkeypatch.setattr(distill_mod, "training_ranks", ctrl_c_at_step_3)
+    monkeypatch.setattr(distill_mod.Mode, "step_ranks", ctrl_c_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         run_distill(tiny_config(tiny_pair, tmp_path / "resumed"))
     checkpoint = tmp_path / "resumed.checkpoint"
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 3  # Ctrl-C saved where it stopped
     assert not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(distill_mod, "training_ranks", original)
+    monkeypatch.setattr(distill_mod.Mode, "step_ranks", original)
     run_distill(tiny_config(tiny_pair, tmp_path / "resumed", resume=True))
     straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
@@ -223,7 +223,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp
 
 
 def test_resume_with_other_settings_is_refused(tiny_pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(distill_mod, "training_ranks", lambda cfg, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else [1])
+    monkeypatch.setattr(distill_mod.Mode, "step_ranks", lambda mode, cfg, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else [1])
     with pytest.raises(KeyboardInterrupt):
         run_distill(tiny_config(tiny_pair, tmp_path / "a"))
     with pytest.raises(KdloraError, match=r"--resume: the checkpoint in .*a.checkpoint was made with other settings \(kd_alpha: 0.5 -> 0.9\)"):

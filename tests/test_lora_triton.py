@@ -40,5 +40,5 @@ def test_doctor_says_which_lora_path_the_server_takes(monkeypatch):
     assert doctor.check_lora_path() == ("CUDA: kdlora's rank-aware Triton kernels (correctness verified on CPU under Triton's "
                                         "interpreter; no GPU run recorded)")
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
-    assert doctor.check_lora_path() == ("CUDA: vLLM's stock LoRA path, cost does not follow the rank (vLLM 0.99.0 is not a "
-                                        "version kdlora's kernels were tested with (0.32.0))")
+    assert doctor.check_lora_path() == ("CUDA: vLLM's stock LoRA path, cost does not follow the rank (vLLM 0.99.0 is untested "
+                                        "with kdlora's kernels (tested: 0.32.0))")

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from hub.atomic import refuse_other_settings
 from hub.errors import KdloraError
 
 CHUNK = 256  # prompts per engine call: big enough to batch well, small enough to lose little on a crash
@@ -83,11 +84,7 @@ def _resume(partial: Path, settings_file: Path, settings: dict) -> int:
         partial.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps(settings))
         return 0
-    saved = json.loads(settings_file.read_text()) if settings_file.exists() else {}
-    changed = sorted(k for k in settings if saved.get(k) != settings[k])
-    if changed:
-        raise KdloraError(f"{partial} holds answers made with other settings ({', '.join(changed)}); rerun with the original "
-                          "settings to continue it, or delete it to start over")
+    refuse_other_settings(partial, settings_file, settings, "answers")
     text = partial.read_text(encoding="utf-8")
     whole = text[: text.rfind("\n") + 1]  # a line cut by a crash is dropped and answered again
     partial.write_text(whole, encoding="utf-8")

@@ -13,11 +13,10 @@ are pure functions of seed and step). Runs unchanged under `accelerate launch` (
 import dataclasses
 import gc
 import json
-import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,9 +24,9 @@ import torch
 from hub.atomic import atomic_dir, require_empty_out
 from hub.errors import KdloraError
 from hub.remote import PRUNING_REPORT
+from training.memory import peak_memory_mb, reset_peak_memory
 from training.nested_lora import RANK_SCHEDULES, step_ranks
 
-MODES = ("qdylora", "lora", "full")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DEFAULT_EVAL_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -73,7 +72,7 @@ class DistillConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-5 if self.train == "full" else 2e-4)
+        return self.lr if self.lr is not None else (2e-4 if MODES[self.train].adapter else 2e-5)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -86,12 +85,56 @@ class DistillConfig:
         return Path(f"{self.out}.checkpoint")
 
 
+@dataclass(frozen=True)
+class Mode:
+    """What differs between the --train modes: what trains, which ranks a step trains, what is evaluated."""
+
+    name: str
+    adapter: bool  # a LoRA on a frozen (optionally NF4) base; else every weight of the student
+    nested: bool  # every rank 1..R from one run (QDyLoRA)
+
+    def rank(self, cfg: DistillConfig) -> int | None:
+        """The adapter's rank as saved (R for qdylora), None for full training."""
+        return (cfg.max_rank if self.nested else cfg.rank) if self.adapter else None
+
+    def step_ranks(self, cfg: DistillConfig, step: int) -> list:
+        """The LoRA ranks trained at `step`, largest first ([None] for full training)."""
+        return step_ranks(step, cfg.seed, cfg.max_rank, cfg.rank_distribution) if self.nested else [self.rank(cfg)]
+
+    def eval_settings(self, cfg: DistillConfig) -> list:
+        if not self.nested:
+            return [self.rank(cfg)]
+        requested = cfg.eval_ranks or [r for r in DEFAULT_EVAL_RANKS if r <= cfg.max_rank]
+        return sorted(set(requested) | {cfg.max_rank})
+
+    @property
+    def alone(self) -> int | None:
+        """The setting that evaluates the student without what training adds (rank 0: adapter off)."""
+        return 0 if self.adapter else None
+
+
+MODES = {mode.name: mode for mode in (Mode("qdylora", adapter=True, nested=True), Mode("lora", adapter=True, nested=False),
+                                      Mode("full", adapter=False, nested=False))}
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides weights, optimizer and scheduler (state.json); resuming restores it."""
+
+    step: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    before: dict | None = None  # the student alone, evaluated before the first step
+    teacher: dict | None = None  # the teacher's own task metrics (labelled data), what the student is measured against
+
+
 def validate(cfg: DistillConfig) -> None:
     if cfg.train not in MODES:
         raise KdloraError(f"--train {cfg.train} is not a mode; use one of {', '.join(MODES)}")
+    mode = MODES[cfg.train]
     if cfg.max_rank < 1 or cfg.rank < 1:
         raise KdloraError(f"ranks must be positive: --max-rank {cfg.max_rank}, --rank {cfg.rank}")
-    if cfg.train == "qdylora" and cfg.eval_ranks:
+    if mode.nested and cfg.eval_ranks:
         above = [r for r in cfg.eval_ranks if r > cfg.max_rank]
         if above:
             raise KdloraError(f"--eval-ranks {','.join(map(str, above))} above --max-rank {cfg.max_rank}; list ranks <= {cfg.max_rank}")
@@ -105,13 +148,13 @@ def validate(cfg: DistillConfig) -> None:
         raise KdloraError(f"--dtype {cfg.dtype}: use bf16, fp16, fp32 or auto")
     if cfg.dtype == "fp16" and not torch.cuda.is_available():
         raise KdloraError("--dtype fp16 needs a CUDA GPU (CPUs compute fp16 slowly and autocast does not support it there); use bf16 or fp32")
-    if cfg.dtype == "fp16" and cfg.train == "full":
+    if cfg.dtype == "fp16" and not mode.adapter:
         raise KdloraError("--train full in fp16 would need loss scaling, which kdlora does not do; use --dtype bf16")
     if cfg.teacher_quantize not in ("nf4", "int8", "none"):
         raise KdloraError(f"--teacher-quantize {cfg.teacher_quantize}: use nf4, int8 or none")
     if cfg.optimizer not in OPTIMIZERS:
         raise KdloraError(f"--optimizer {cfg.optimizer}: use one of {', '.join(OPTIMIZERS)}")
-    if cfg.train == "full" and cfg.quantize == "nf4":
+    if not mode.adapter and cfg.quantize == "nf4":
         raise KdloraError("--train full updates every weight, which a 4-bit base cannot hold; add --quantize none")
     for name in ("steps", "batch_size", "seq_len", "save_every", "loss_chunk_tokens"):
         if getattr(cfg, name) < 1:
@@ -123,46 +166,32 @@ def validate(cfg: DistillConfig) -> None:
 
 def run_distill(cfg: DistillConfig) -> dict:
     from accelerate import Accelerator
+    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from training.data import load_token_data, trimmed
-    from training.evaluate import choice_accuracy
-    from training.losses import ChunkedKDLoss, TeacherLogits, check_head_split, final_hidden_states
+    from training.data import trimmed
+    from training.losses import ChunkedKDLoss, check_head_split, final_hidden_states
+
     validate(cfg)
+    mode = MODES[cfg.train]
     accelerator = Accelerator()
     say = _printer(accelerator)
     teacher, teacher_tokenizer, teacher_id = load_teacher(cfg, accelerator.device)
     student, tokenizer, nested = build_student(cfg, accelerator.device)
     check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer)
-    data = load_token_data(cfg.data, tokenizer, cfg.seq_len)
-    cache = None
-    if cfg.teacher_cache is not None:
-        from training.teacher_cache import TeacherCache
-
-        cache = TeacherCache(Path(cfg.teacher_cache), data, cfg.kd_temperature, teacher.get_output_embeddings().weight.shape[0])
-        if cache.teacher != teacher_id:
-            raise KdloraError(f"--teacher-cache {cfg.teacher_cache} was made from teacher {cache.teacher}, this run's teacher is "
-                              f"{teacher_id}; give the same --teacher (it evaluates), or rebuild the cache")
-    if len(data.train) < cfg.batch_size:
-        raise KdloraError(f"data {cfg.data} gives {len(data.train)} training blocks of {cfg.seq_len} tokens, fewer than one batch "
-                          f"(--batch-size {cfg.batch_size}); give more data or lower --batch-size / --seq-len")
-    if cfg.batch_size % accelerator.num_processes:
-        raise KdloraError(f"--batch-size {cfg.batch_size} must divide evenly over {accelerator.num_processes} processes")
-    eval_settings = eval_ranks(cfg)
+    data = load_data(cfg, tokenizer, accelerator.num_processes)
+    cache = open_cache(cfg, data, teacher, teacher_id)
 
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.learning_rate)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, cfg.steps)
-    state = {"step": 0, "history": [], "before": None, "teacher": None, "seconds": 0.0}
+    state = TrainState()
     if cfg.resume and cfg.checkpoint_dir.exists():
         state = load_checkpoint(cfg, student, optimizer, scheduler)
-        say(f"resuming from step {state['step']} ({cfg.checkpoint_dir})")
-    if state["before"] is None:  # quality before training: the student alone (rank 0 = adapter off), and the teacher's own
-        alone = 0 if nested is not None else None
-        state["before"] = _evaluate(cfg, student, nested, teacher, data, tokenizer, [alone])[alone]
-        labelled = _labelled_examples(cfg, data)  # the teacher's own accuracy: what the student's is measured against
-        state["teacher"] = choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.batch_size)[None] if labelled else None
+        say(f"resuming from step {state.step} ({cfg.checkpoint_dir})")
+    if state.before is None:
+        state.before, state.teacher = _quality_before(cfg, mode, student, nested, teacher, data, tokenizer)
     for lm in (student, teacher):
         check_head_split(lm, data.train[:1, :8].to(accelerator.device))
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
@@ -170,32 +199,24 @@ def run_distill(cfg: DistillConfig) -> dict:
     if cache is not None:  # the cache stands in for the teacher while training; it is loaded again to evaluate
         teacher = None
         gc.collect()
-    setup_peak = peak_memory_mb()
+    targets = target_source(cfg, teacher, cache, accelerator.device)
+    memory = {"setup_peak_memory_mb": peak_memory_mb()}
     reset_peak_memory()  # from here the peak is the training steps' own
 
     say(f"distilling {teacher_id} -> {cfg.student} ({cfg.train}, {len(trainable)} trainable tensors, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M params) on {cfg.data}: {len(data.train)} blocks x {cfg.seq_len} tokens")
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"distill ({cfg.train})", disable=not accelerator.is_main_process)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"distill ({cfg.train})", disable=not accelerator.is_main_process)
     model.train()
     try:
-        while state["step"] < cfg.steps:
-            step = state["step"]
+        while state.step < cfg.steps:
             started = time.perf_counter()
-            rows = rows_for_step(len(data.train), step, cfg.batch_size, cfg.seed)
+            rows = rows_for_step(len(data.train), state.step, cfg.batch_size, cfg.seed)
             batch, mask = trimmed(data.train[rows], data.train_mask[rows])
-            shard = slice(accelerator.process_index, None, accelerator.num_processes)
-            batch, learned = batch[shard].to(accelerator.device), mask[shard, 1:].to(accelerator.device)
+            mine = slice(accelerator.process_index, None, accelerator.num_processes)  # this process's share of the batch
+            batch, learned = batch[mine].to(accelerator.device), mask[mine, 1:].to(accelerator.device)
             labels = batch[:, 1:][learned]  # the loss is on these tokens only (every one of a block, an example's answer)
-            ranks = training_ranks(cfg, step)
-            target = None
-            if cache is not None:
-                target = cache.targets(rows[shard], accelerator.device)
-            elif cfg.kd_alpha > 0:  # --kd-alpha 0 is plain fine-tuning (e.g. of a teacher on the task): no teacher forward
-                with torch.no_grad(), final_hidden_states(teacher) as teacher_head:
-                    target = TeacherLogits(teacher(batch).logits[:, :-1][learned], teacher_head)
-            losses = []
+            target = targets(batch, learned, rows[mine])
+            ranks, losses = mode.step_ranks(cfg, state.step), []
             for rank in ranks:  # one pass per rank this step trains; their gradients add up (mean loss)
                 if nested is not None:
                     nested.set(rank)
@@ -211,40 +232,90 @@ def run_distill(cfg: DistillConfig) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - started
-            state["seconds"] += seconds
-            state["step"] = step + 1
-            state["history"].append({"step": step + 1, "loss": loss, **parts, "ranks": ranks, "seconds": seconds})
+            state.seconds += seconds
+            state.step += 1
+            state.history.append({"step": state.step, "loss": loss, **parts, "ranks": ranks, "seconds": seconds})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, **({"rank": "/".join(map(str, ranks))} if ranks[0] is not None else {}),
+            bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, **({"rank": "/".join(map(str, ranks))} if mode.adapter else {}),
                             tok_s=f"{batch.numel() * accelerator.num_processes / seconds:.0f}")
-            if state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
+            if state.step % cfg.save_every == 0 and state.step < cfg.steps:
                 save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)
     except KeyboardInterrupt:
         save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)
-        say(f"\ninterrupted at step {state['step']}: checkpoint saved in {cfg.checkpoint_dir}; rerun with --resume to continue")
+        say(f"\ninterrupted at step {state.step}: checkpoint saved in {cfg.checkpoint_dir}; rerun with --resume to continue")
         raise
     finally:
         bar.close()
 
-    state["train_peak_memory_mb"] = peak_memory_mb()
-    state["setup_peak_memory_mb"] = setup_peak
+    memory["train_peak_memory_mb"] = peak_memory_mb()
     model.eval()
     report = None
     if accelerator.is_main_process:
         if teacher is None:
             teacher = load_teacher(cfg, accelerator.device)[0]
         student = accelerator.unwrap_model(model)
-        after = _evaluate(cfg, student, nested, teacher, data, tokenizer, eval_settings)
-        report = write_result(cfg, student, nested, tokenizer, teacher_id, data, state, after)
+        after = _evaluate(cfg, student, nested, teacher, data, tokenizer, mode.eval_settings(cfg))
+        report = write_result(cfg, mode, student, nested, tokenizer, teacher_id, data, state, after, memory)
         shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report
 
 
+def load_data(cfg: DistillConfig, tokenizer, processes: int):
+    from training.data import load_token_data
+
+    data = load_token_data(cfg.data, tokenizer, cfg.seq_len)
+    if len(data.train) < cfg.batch_size:
+        raise KdloraError(f"data {cfg.data} gives {len(data.train)} training blocks of {cfg.seq_len} tokens, fewer than one batch "
+                          f"(--batch-size {cfg.batch_size}); give more data or lower --batch-size / --seq-len")
+    if cfg.batch_size % processes:
+        raise KdloraError(f"--batch-size {cfg.batch_size} must divide evenly over {processes} processes")
+    return data
+
+
+def open_cache(cfg: DistillConfig, data, teacher, teacher_id: str):
+    """The --teacher-cache, checked against this run (None without one)."""
+    if cfg.teacher_cache is None:
+        return None
+    from training.teacher_cache import TeacherCache
+
+    cache = TeacherCache(Path(cfg.teacher_cache), data, cfg.kd_temperature, teacher.get_output_embeddings().weight.shape[0])
+    if cache.teacher != teacher_id:
+        raise KdloraError(f"--teacher-cache {cfg.teacher_cache} was made from teacher {cache.teacher}, this run's teacher is "
+                          f"{teacher_id}; give the same --teacher (it evaluates), or rebuild the cache")
+    return cache
+
+
+def target_source(cfg: DistillConfig, teacher, cache, device):
+    """Where each step's KD targets come from, as `targets(batch, learned, rows)`: the cache, the teacher's forward
+    (its final hidden states at the learned tokens; ChunkedKDLoss applies its head chunk by chunk), or nowhere
+    (--kd-alpha 0: plain fine-tuning on the labels, no teacher forward)."""
+    from training.losses import TeacherLogits, final_hidden_states
+
+    if cache is not None:
+        return lambda batch, learned, rows: cache.targets(rows, device)
+    if cfg.kd_alpha == 0:
+        return lambda batch, learned, rows: None
+
+    def online(batch, learned, rows):
+        with torch.no_grad(), final_hidden_states(teacher) as head:
+            return TeacherLogits(teacher(batch).logits[:, :-1][learned], head)
+    return online
+
+
+def _quality_before(cfg, mode: Mode, student, nested, teacher, data, tokenizer) -> tuple[dict, dict | None]:
+    """(the student alone, the teacher's own task metrics on labelled data or None), before training."""
+    from training.evaluate import choice_accuracy
+
+    alone = _evaluate(cfg, student, nested, teacher, data, tokenizer, [mode.alone])[mode.alone]
+    labelled = _labelled_examples(cfg, data)
+    return alone, choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.batch_size)[None] if labelled else None
+
+
 def mixed_precision(cfg: DistillConfig, device):
     """Full training keeps fp32 weights and computes in the compute dtype (autocast; checkpointed chunks recompute
     under the same state). Adapters need none: their base is loaded in the compute dtype, and PEFT keeps them fp32."""
-    return torch.autocast(device.type, dtype=cfg.compute_dtype, enabled=cfg.train == "full" and cfg.compute_dtype != torch.float32)
+    return torch.autocast(device.type, dtype=cfg.compute_dtype, enabled=not MODES[cfg.train].adapter and cfg.compute_dtype != torch.float32)
 
 
 def load_teacher(cfg: DistillConfig, device):
@@ -270,7 +341,7 @@ def build_student(cfg: DistillConfig, device):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-        adapters = cfg.train != "full"
+        adapters = MODES[cfg.train].adapter
         quantization = quantization_config(cfg.quantize if adapters else "none", cfg.compute_dtype)
         model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=cfg.compute_dtype if adapters else torch.float32,
                                                      quantization_config=quantization, use_safetensors=True,
@@ -286,7 +357,7 @@ def build_student(cfg: DistillConfig, device):
         keep_trainable(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train == "full":
+    if not adapters:
         return model, tokenizer, None
     from peft import LoraConfig, get_peft_model
 
@@ -294,7 +365,7 @@ def build_student(cfg: DistillConfig, device):
 
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # LoRA's A is randomly initialised: the same seed, the same run
-    rank = cfg.max_rank if cfg.train == "qdylora" else cfg.rank
+    rank = MODES[cfg.train].rank(cfg)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, use_rslora=cfg.rslora, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     return model, tokenizer, NestedRank(model)
@@ -321,20 +392,6 @@ def rows_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
         take = min(batch_size - len(indices), n - offset)
         indices += order[offset:offset + take].tolist()
     return indices
-
-
-def training_ranks(cfg: DistillConfig, step: int) -> list:
-    """The LoRA ranks trained at `step`, largest first ([None] for full training)."""
-    if cfg.train == "qdylora":
-        return step_ranks(step, cfg.seed, cfg.max_rank, cfg.rank_distribution)
-    return [cfg.rank if cfg.train == "lora" else None]
-
-
-def eval_ranks(cfg: DistillConfig) -> list:
-    if cfg.train == "qdylora":
-        requested = cfg.eval_ranks or [r for r in DEFAULT_EVAL_RANKS if r <= cfg.max_rank]
-        return sorted(set(requested) | {cfg.max_rank})
-    return [cfg.rank] if cfg.train == "lora" else [None]
 
 
 def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
@@ -384,10 +441,10 @@ def save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state) -> Non
     with atomic_dir(cfg.checkpoint_dir, replace=True) as tmp:
         save_file(_trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "config": cfg.fingerprint()}, indent=1))
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), "config": cfg.fingerprint()}, indent=1))
 
 
-def load_checkpoint(cfg, model, optimizer, scheduler) -> dict:
+def load_checkpoint(cfg, model, optimizer, scheduler) -> TrainState:
     from safetensors.torch import load_file
 
     state = json.loads((cfg.checkpoint_dir / "state.json").read_text())
@@ -406,26 +463,26 @@ def load_checkpoint(cfg, model, optimizer, scheduler) -> dict:
     opt = torch.load(cfg.checkpoint_dir / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    return state
+    return TrainState(**state)
 
 
 # --- the result ------------------------------------------------------------------------------------
 
-def write_result(cfg, student, nested, tokenizer, teacher_id, data, state, after) -> dict:
-    steps = state["history"]
+def write_result(cfg, mode: Mode, student, nested, tokenizer, teacher_id, data, state: TrainState, after, memory) -> dict:
+    steps = state.history
     report = {
-        "mode": cfg.train, "teacher": teacher_id, "student": str(cfg.student), "config": cfg.fingerprint(),
+        "mode": mode.name, "teacher": teacher_id, "student": str(cfg.student), "config": cfg.fingerprint(),
         "data_fingerprint": data.fingerprint, "train_blocks": len(data.train), "heldout_blocks_evaluated": min(cfg.eval_samples, len(data.heldout)),
-        "steps": state["step"], "tokens": state["step"] * cfg.batch_size * cfg.seq_len,
-        "seconds_training": state["seconds"], "mean_step_seconds": state["seconds"] / max(1, state["step"]),
+        "steps": state.step, "tokens": state.step * cfg.batch_size * cfg.seq_len,
+        "seconds_training": state.seconds, "mean_step_seconds": state.seconds / max(1, state.step),
         # whole run (teacher, evaluation included) and training steps alone (this session's, on a resumed run)
-        "peak_memory_mb": max(peak_memory_mb(), state["setup_peak_memory_mb"]), "train_peak_memory_mb": state["train_peak_memory_mb"],
-        "before": state["before"], "after": {str(k): v for k, v in after.items()},
+        "peak_memory_mb": max(peak_memory_mb(), memory["setup_peak_memory_mb"]), "train_peak_memory_mb": memory["train_peak_memory_mb"],
+        "before": state.before, "after": {str(k): v for k, v in after.items()},
         "final_loss": steps[-1]["loss"] if steps else None,
         "history": steps,
     }
     with atomic_dir(cfg.out) as tmp:
-        if cfg.train == "full":
+        if not mode.adapter:
             student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             if (Path(cfg.student) / PRUNING_REPORT).is_file():  # lineage: a healed student keeps its pruning report
@@ -433,25 +490,24 @@ def write_result(cfg, student, nested, tokenizer, teacher_id, data, state, after
         else:
             nested.remove()
             student.save_pretrained(tmp)
-            _write_metadata(cfg, tmp, teacher_id, data, state, after)
+            _write_metadata(cfg, mode, tmp, teacher_id, data, state, after)
         (tmp / "distill_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
-def _write_metadata(cfg, out: Path, teacher_id, data, state, after) -> None:
+def _write_metadata(cfg, mode: Mode, out: Path, teacher_id, data, state: TrainState, after) -> None:
     from hub.adapter import adapter_bytes, read_adapter
     from hub.card import PLOT_FILE, adapter_card, plot_quality_vs_rank
     from hub.schema import ModelRef, Quality, RankMetadata, RankResult, TrainingRecipe
 
-    max_rank = cfg.max_rank if cfg.train == "qdylora" else cfg.rank
-    metadata = RankMetadata(max_rank=max_rank, default_rank=_default_rank(cfg, after), nested=cfg.train == "qdylora",
+    metadata = RankMetadata(max_rank=mode.rank(cfg), default_rank=_default_rank(cfg, mode, after), nested=mode.nested,
                             base_model=ModelRef(id=str(cfg.student)), teacher=ModelRef(id=teacher_id),
-                            base_quality=Quality(**state["before"]),
-                            teacher_quality=Quality(task_metrics=state["teacher"]) if state.get("teacher") else None,
-                            recipe=TrainingRecipe(method="kd-qdylora" if cfg.train == "qdylora" else "kd-lora", quantization=cfg.quantize,
+                            base_quality=Quality(**state.before),
+                            teacher_quality=Quality(task_metrics=state.teacher) if state.teacher else None,
+                            recipe=TrainingRecipe(method="kd-qdylora" if mode.nested else "kd-lora", quantization=cfg.quantize,
                                                   kd_temperature=cfg.kd_temperature, kd_alpha=cfg.kd_alpha,
-                                                  rank_distribution=cfg.rank_distribution if cfg.train == "qdylora" else None,
-                                                  steps=state["step"], tokens=state["step"] * cfg.batch_size * cfg.seq_len,
+                                                  rank_distribution=cfg.rank_distribution if mode.nested else None,
+                                                  steps=state.step, tokens=state.step * cfg.batch_size * cfg.seq_len,
                                                   learning_rate=cfg.learning_rate, seed=cfg.seed, data=cfg.data,
                                                   data_fingerprint=data.fingerprint))
     metadata.save(out)  # written first so read_adapter can check the tensors against it
@@ -462,34 +518,12 @@ def _write_metadata(cfg, out: Path, teacher_id, data, state, after) -> None:
     adapter_card(metadata, Path(cfg.out).name, str(cfg.student), plot=PLOT_FILE if plot else None).save(out / "README.md")
 
 
-def _default_rank(cfg, after) -> int:
+def _default_rank(cfg, mode: Mode, after) -> int:
     """The smallest evaluated rank within 10% of the best held-out KL: most of the quality, least cost."""
-    if cfg.train != "qdylora":
-        return cfg.rank
+    if not mode.nested:
+        return mode.rank(cfg)
     best = min(v["kl_to_teacher"] for v in after.values())
     return min(k for k, v in after.items() if v["kl_to_teacher"] <= best * 1.1)
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak: CUDA's allocator counter, or Linux's resident-set high-water mark (VmHWM)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux: the peak stays the whole process's
-        pass
-
-
-def peak_memory_mb() -> float:
-    """Peak since the last reset_peak_memory (or the start): CUDA max allocated, else the resident-set high-water mark."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
-    except (OSError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _printer(accelerator):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from hub.atomic import refuse_other_settings
 from hub.errors import KdloraError
 
 FORMAT = 1
@@ -104,11 +105,7 @@ def _resume(partial: Path, settings: dict) -> int:
         partial.mkdir(parents=True)
         settings_file.write_text(json.dumps(settings, indent=1))
         return 0
-    saved = json.loads(settings_file.read_text()) if settings_file.exists() else {}
-    changed = sorted(k for k in settings if saved.get(k) != settings[k])
-    if changed:
-        raise KdloraError(f"{partial} holds a cache made with other settings ({', '.join(changed)}); rerun with the original "
-                          "settings to continue it, or delete it to start over")
+    refuse_other_settings(partial, settings_file, settings, "a cache")
     done = 0
     while (partial / _shard_name(done)).exists():
         done += 1

@@ -61,9 +61,9 @@ def reference(name: str) -> torch.Tensor:
     return y
 
 
-def wrapper() -> PunicaWrapperGPU:
+def wrapper(config=CONFIG) -> PunicaWrapperGPU:
     """vLLM's GPU punica wrapper on CPU tensors with the batch mapped; kdlora's slot table filled when installed."""
-    punica = PunicaWrapperGPU(64, 8, "cpu", lora_config=CONFIG)
+    punica = PunicaWrapperGPU(64, 8, "cpu", lora_config=config)
     if hasattr(punica, "kdlora_slots_changed"):
         for slot, rank in SLOT_RANKS.items():
             punica.kdlora_slots_changed(slot, rank, NESTED)
@@ -138,6 +138,14 @@ def test_a_wrong_rank_mask_fails_the_comparison(kdlora, slot, wrong_rank):
     ours = apply(punica, "qkv")
     rows = [token for token, s in enumerate(TOKEN_SLOTS) if s == slot]
     assert (ours[rows].float() - reference("qkv")[rows]).abs().max() > 0.05
+
+
+def test_fully_sharded_loras_keep_vllms_kernels(stock, kdlora, monkeypatch):
+    """With the rank itself split over GPUs (fully_sharded_loras), kdlora's rank table does not apply: vLLM's path."""
+    sharded = wrapper(SimpleNamespace(**{**vars(CONFIG), "fully_sharded_loras": True}))
+    monkeypatch.setattr(lora_triton, "lora_shrink", lambda *args: pytest.fail("kdlora's kernel ran on fully sharded LoRAs"))
+    for name in ("down", "lm_head"):
+        assert torch.equal(apply(sharded, name), stock[name])
 
 
 def test_split_k_accumulates_the_same(kdlora, monkeypatch):

@@ -1,0 +1,55 @@
+"""`kdlora distill --plan`: the counts it builds on, and its estimates against measured training peaks."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import kdlora_cli, tiny_checkpoint
+from training.distill import DistillConfig
+from training.plan import GIB, Shapes, estimate, format_plan
+
+
+def test_shapes_count_what_the_model_and_peft_hold(tiny_pair):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    shapes = Shapes.of(tiny_pair[1])
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[1])
+    assert shapes.params == sum(p.numel() for p in model.parameters())
+    assert (shapes.layers, shapes.hidden, shapes.intermediate, shapes.kv, shapes.vocab) == (2, 32, 64, 16, 49152)
+    lora = get_peft_model(model, LoraConfig(r=3, target_modules="all-linear"))
+    assert shapes.lora_params_per_rank * 3 == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+
+
+def test_plan_says_what_would_make_it_fit(tiny_pair):
+    cfg = DistillConfig(student=str(tiny_pair[1]), teacher=str(tiny_pair[0]), out=None, train="full", quantize="none")
+    items = estimate(cfg, Shapes.of(tiny_pair[0]), Shapes.of(tiny_pair[1]), cuda=True)
+    assert dict(items)["runtime"] == 0.5 * GIB and dict(items)["optimizer (adamw)"] == 8 * Shapes.of(tiny_pair[1]).params
+    text = format_plan(cfg, items, 1, "ddp", device_bytes=0.1 * GIB, cuda=True)
+    assert "fits in 0.10 GiB                                 NO" in text
+    assert "to fit, try: --teacher-cache DIR (kdlora teacher cache)" in text and "to fit, try: --optimizer adamw8bit" in text
+    fsdp = dict(estimate(cfg, Shapes.of(tiny_pair[0]), Shapes.of(tiny_pair[1]), devices=8, sharding="fsdp", cuda=True))
+    assert fsdp["optimizer (adamw)"] == dict(items)["optimizer (adamw)"] / 8
+
+
+@pytest.mark.integration
+def test_plan_is_within_15_percent_of_measured_training_peaks(real_tokenizer_dir, tmp_path):
+    """Two runs whose peaks differ by what the plan models (fp32 AdamW and the whole batch's logits, vs an adapter
+    with a cached teacher): each measured training peak (a fresh `kdlora distill` process) within 15% of its plan."""
+    teacher = tiny_checkpoint(tmp_path / "teacher", real_tokenizer_dir, seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+    student = tiny_checkpoint(tmp_path / "student", real_tokenizer_dir, seed=1, hidden_size=96, intermediate_size=192, num_hidden_layers=4)
+    common = ["--student", str(student), "--teacher", str(teacher), "--steps", "2", "--batch-size", "4", "--seq-len", "128",
+              "--eval-samples", "1", "--quantize", "none"]
+    cache = tmp_path / "cache"
+    assert kdlora_cli("teacher", "cache", "--teacher", str(teacher), "--out", str(cache), "--seq-len", "128", "--top-k", "8").returncode == 0
+    runs = {"full-dense": ["--train", "full", "--loss-chunk-tokens", "512"],
+            "lora-cached": ["--train", "lora", "--rank", "8", "--teacher-cache", str(cache)]}
+    for name, flags in runs.items():
+        result = kdlora_cli("distill", *common, *flags, "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-2000:]
+        measured = json.loads((tmp_path / name / "distill_report.json").read_text())["train_peak_memory_mb"]
+        planned = kdlora_cli("distill", "--plan", *common, *flags)
+        estimate_mb = float(planned.stdout.split("peak per device (estimate)")[1].split()[0]) * 1024
+        print(name, f"measured {measured:.0f} MB, planned {estimate_mb:.0f} MB")
+        assert estimate_mb == pytest.approx(measured, rel=0.15), planned.stdout
