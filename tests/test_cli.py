@@ -111,3 +111,10 @@ def test_doctor_names_the_fix_for_a_broken_torchvision(monkeypatch, capsys):
         "FAIL torchvision & co  torchvision 0.29.0 is installed but does not import (operator torchvision::nms does not exist); "
         "it breaks transformers' model imports: pip uninstall -y torchvision"
     )
+
+
+def test_distill_needs_out_unless_it_only_plans(capsys):
+    from kdlora_serve.cli import main
+
+    assert main(["distill", "--student", "some/student"]) == 1
+    assert capsys.readouterr().err == "kdlora: error: give --out DIR (where the result goes), or --plan to only estimate memory\n"
