@@ -3,7 +3,13 @@
 Modes: `qdylora` (default) trains ONE nested-rank LoRA on a frozen (NF4) student, a rank b ~ 1..R per
 step (QDyLoRA, arXiv 2402.10462) against the teacher's logits (KD-LoRA, arXiv 2410.20777); `lora`
 trains a plain fixed-rank adapter (the baseline); `full` trains every student weight (Minitron's
-recovery step after pruning) and writes a student checkpoint.
+recovery step after pruning) and writes a student checkpoint; each is a `Mode` (what trains, which ranks a
+step trains, what is evaluated).
+
+Memory: the KD loss is taken from hidden states chunk by chunk (training/losses.py ChunkedKDLoss); the
+targets come from the teacher's forward or from a `kdlora teacher cache` (then no teacher is in memory while
+training); --dtype, --teacher-quantize, --gradient-checkpointing and --optimizer adamw8bit trade precision or
+time for memory; `kdlora distill --plan` estimates the peak (training/plan.py).
 
 Long runs: a progress bar, a checkpoint every `save_every` steps (and on Ctrl-C) in `<out>.checkpoint/`,
 `--resume` continues from it with the same result as an uninterrupted run (data order and sampled ranks
