@@ -182,6 +182,16 @@ def test_precision_and_memory_options_train_close_to_fp32(tiny_pair, tmp_path, f
         assert max(t.abs().max().item() for name, t in weights.items() if "lora_B" in name) > 0
 
 
+def test_nf4_teacher_on_bitsandbytes_generic_cpu_path(tiny_pair, tmp_path, fp32_runs, monkeypatch):
+    """A frozen NF4 teacher takes bitsandbytes' packed path on AVX512-BF16 CPUs (the parametrized test above, here)
+    and the generic one elsewhere: forced here, so both branches run on this machine."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
+    report = run_distill(tiny_config(tiny_pair, tmp_path / "out", steps=6, eval_ranks=(8,), teacher_quantize="nf4"))
+    assert [h["loss"] for h in report["history"]] == pytest.approx([h["loss"] for h in fp32_runs["qdylora"]["history"]], rel=1e-2)
+
+
 def test_gradient_checkpointing_changes_memory_not_the_result(tiny_pair, tmp_path):
     plain = run_distill(tiny_config(tiny_pair, tmp_path / "plain", steps=3))
     recomputed = run_distill(tiny_config(tiny_pair, tmp_path / "recomputed", steps=3, gradient_checkpointing=True))
