@@ -61,6 +61,11 @@ class Shapes:
                    intermediate=config.intermediate_size, kv=kv, vocab=config.vocab_size)
 
 
+def planned_dtype(cfg, cuda: bool) -> torch.dtype:
+    """The compute dtype the run would use on the planned device (auto: bf16 on GPUs, fp32 on CPUs)."""
+    return cfg.compute_dtype if cfg.dtype != "auto" else torch.bfloat16 if cuda else torch.float32
+
+
 def _bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
@@ -79,7 +84,7 @@ def runtime_bytes(cuda: bool) -> float:
 def estimate(cfg, teacher: Shapes | None, student: Shapes, devices: int = 1, sharding: str = "ddp", cuda: bool | None = None) -> list[tuple[str, float]]:
     """[(what, bytes per device)] for DistillConfig `cfg` over `devices` (sharding: ddp | fsdp); teacher None = cached."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    compute = cfg.compute_dtype if cfg.dtype != "auto" else torch.bfloat16 if cuda else torch.float32
+    compute = planned_dtype(cfg, cuda)
     width = _bytes(compute)
     full = cfg.train == "full"
     rank = cfg.max_rank if cfg.train == "qdylora" else cfg.rank
@@ -139,7 +144,7 @@ def _gib(value: float) -> str:
 
 def format_plan(cfg, items, devices: int, sharding: str, device_bytes: float | None, cuda: bool) -> str:
     total = sum(b for _, b in items)
-    compute = cfg.compute_dtype if cfg.dtype != "auto" else torch.bfloat16 if cuda else torch.float32
+    compute = planned_dtype(cfg, cuda)
     lines = [f"kdlora distill --plan: {cfg.train}, {devices} {'GPU' if cuda else 'CPU process'}(s), {sharding}, compute "
              f"{str(compute).removeprefix('torch.')}, batch {cfg.batch_size} x {cfg.seq_len} tokens per step"]
     lines += [f"  {name:<40} {_gib(size):>10}" for name, size in items]

@@ -79,18 +79,16 @@ def _top_k(model, rows: torch.Tensor, masks: torch.Tensor, k: int, temperature: 
     """(log-probs [tokens, k] fp32, ids [tokens, k] int32, learned tokens per row) of one batch of rows, made chunk by chunk of
     tokens so that the full-vocabulary logits of the batch never exist at once."""
     from training.data import trimmed
-    from training.losses import final_hidden_states
+    from training.losses import TeacherLogits, final_hidden_states
 
     batch, mask = trimmed(rows, masks)
     learned = mask[:, 1:]
     with torch.no_grad(), final_hidden_states(model) as head:
         hidden = model(batch.to(device)).logits[:, :-1][learned.to(device)]
-    values, ids = [], []
-    with torch.no_grad():
-        for start in range(0, len(hidden), chunk_tokens):
-            logp = torch.log_softmax(head(hidden[start:start + chunk_tokens]).float() / temperature, dim=-1)
-            top = logp.topk(k, dim=-1)
-            values.append(top.values.cpu()), ids.append(top.indices.to(torch.int32).cpu())
+    teacher, values, ids = TeacherLogits(hidden, head), [], []  # the same log-probs online distillation uses
+    for start in range(0, len(hidden), chunk_tokens):
+        top = teacher.log_probs(start, start + chunk_tokens, temperature)[0].topk(k, dim=-1)
+        values.append(top.values.cpu()), ids.append(top.indices.to(torch.int32).cpu())
     return torch.cat(values), torch.cat(ids), learned.sum(1)
 
 
