@@ -2,10 +2,10 @@
 
 On Linux CPUs the resident set is more than the live tensors: glibc's malloc serves blocks of 128 KiB and more
 with mmap only until the first such block is freed, then raises its threshold (up to 32 MiB), so later
-activations come from the heap, which keeps what is freed. Measured on the 65M student (4 x 256 tokens, forward +
-backward, benchmarks/RESULTS.md "Training memory"): peak 3.6 GB with glibc's default, 1.6 GB with
-MALLOC_MMAP_THRESHOLD_=131072 in the environment (a fixed threshold), but each step twice as slow (every large
-block then costs fresh pages). kdlora leaves the default; set the variable where memory matters more than time.
+activations come from the heap, which keeps what is freed. Measured (benchmarks/memory_bench.py, RESULTS.md
+"Training memory", QDyLoRA with a cached teacher): training peak 3893 MB with glibc's default, 2478 MB with
+MALLOC_MMAP_THRESHOLD_=131072 in the environment (a fixed threshold), but 6.36 instead of 3.47 s per step (every
+large block then costs fresh pages). kdlora leaves the default; set the variable where memory matters more.
 """
 
 import resource
