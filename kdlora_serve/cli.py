@@ -111,11 +111,12 @@ def _hub_pull(args) -> int:
 def _prune(args) -> int:
     from training.prune import run_prune
 
-    run_prune(args.out, teacher=args.teacher, target_params=args.target_params, calib_data=args.calib_data,
-              calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-              hidden_size=args.hidden_size, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-              intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers)
-    print(args.out)
+    report = run_prune(args.out, teacher=args.teacher, target_params=args.target_params, calib_data=args.calib_data,
+                       calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                       hidden_size=args.hidden_size, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+                       intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers)
+    if report is not None:  # the main process's (other processes of a launch return None)
+        print(args.out)
     return 0
 
 
@@ -132,8 +133,8 @@ def _distill(args) -> int:
         print(plan(cfg, devices=args.devices, sharding=args.sharding, device_gb=args.device_gb,
                    cuda=None if args.plan_device is None else args.plan_device == "cuda"))
         return 0
-    run_distill(cfg)
-    print(args.out)
+    if run_distill(cfg) is not None:  # the main process's report (other processes of a launch return None)
+        print(args.out)
     return 0
 
 

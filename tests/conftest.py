@@ -21,6 +21,15 @@ def kdlora_cli(*args: str, env: dict | None = None, timeout: float = 600) -> sub
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+def kdlora_launch(config: str, *args: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/<config> ... -m kdlora_serve.cli <args>` as users run it: on a machine
+    without GPUs kdlora joins the processes over gloo (training/processes.py)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / config),
+           "--num_processes", str(processes), "-m", "kdlora_serve.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 cores: one thread per process
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
 @pytest.fixture(scope="session")
 def teacher_dir() -> Path:
     """The real embedded teacher, exported once into the user cache (reused across sessions when valid)."""

@@ -1,17 +1,15 @@
 """Distillation mechanics on tiny models with the real vocabulary: nested ranks, exact truncation,
-resume after interruption, bad input, and DDP under `accelerate launch`."""
+resume after interruption, bad input, and DDP / FSDP over two processes under `accelerate launch`."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, kdlora_cli, peft_logits, tiny_checkpoint, tiny_llama
+from conftest import kdlora_cli, kdlora_launch, peft_logits, tiny_checkpoint, tiny_llama
 from hub.adapter import read_adapter, truncate_adapter
 from hub.errors import KdloraError
 from hub.schema import load_metadata
@@ -272,18 +270,99 @@ def test_different_vocabularies_are_refused(tiny_pair, tmp_path, real_tokenizer_
     assert errors[0].startswith("kdlora: error: teacher and student tokenizers differ: distillation compares next-token distributions")
 
 
-def test_two_ddp_processes_under_accelerate_launch(tiny_pair, tmp_path):
+TWO_PROCESS_RUN = ("--quantize", "none", "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--max-rank", "4", "--eval-ranks", "1,4",
+                   "--eval-samples", "4", "--save-every", "2")
+
+
+def launch_two_processes(config: str, tiny_pair, out: Path, *extra: str) -> subprocess.CompletedProcess:
     teacher, student = tiny_pair
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kdlora_serve.cli", "distill",
-           "--teacher", str(teacher), "--student", str(student), "--out", str(tmp_path / "ddp"), "--quantize", "none",
-           "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--max-rank", "4", "--eval-ranks", "1,4", "--eval-samples", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    return kdlora_launch(config, "distill", "--teacher", str(teacher), "--student", str(student), "--out", str(out), *TWO_PROCESS_RUN, *extra)
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_pair, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("two_processes")
+    runs = {}
+    for config in ("ddp.yaml", "fsdp.yaml"):
+        result = launch_two_processes(config, tiny_pair, root / config)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.stdout.split() == [str(root / config)]  # printed once, by the main process
+        runs[config] = root / config
+    return runs
+
+
+def test_ddp_and_fsdp_over_two_processes_write_the_same_adapter(two_process_runs):
+    reports = {config: json.loads((out / "distill_report.json").read_text()) for config, out in two_process_runs.items()}
+    assert [(r["processes"], r["sharded"]) for r in reports.values()] == [(2, False), (2, True)]
+    # each process trained on its half of every batch: step 1's loss (the main process's) is that of the first half
+    halves = _first_step_losses(reports["ddp.yaml"]["config"])
+    assert reports["ddp.yaml"]["history"][0]["loss"] == pytest.approx(halves[0], rel=1e-6)
+    assert halves[0] != pytest.approx(halves[1], rel=1e-4)
+    for out in two_process_runs.values():
+        assert read_adapter(out).metadata.max_rank == 4
+    ddp, fsdp = (load_file(out / "adapter_model.safetensors") for out in two_process_runs.values())
+    assert sorted(ddp) == sorted(fsdp)
+    for name in ddp:  # sharding divides where the numbers live, not what they are
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-5, atol=1e-6)
+    assert [h["loss"] for h in reports["fsdp.yaml"]["history"]] == pytest.approx([h["loss"] for h in reports["ddp.yaml"]["history"]], rel=1e-6)
+
+
+def test_a_single_process_checkpoint_resumes_under_fsdp(two_process_runs, tiny_pair, tmp_path, monkeypatch):
+    """Checkpoints hold whole tensors keyed by name whatever wrote them; FSDP shards them again when it resumes."""
+    fingerprint = json.loads((two_process_runs["ddp.yaml"] / "distill_report.json").read_text())["config"]
+    cfg = DistillConfig(**fingerprint, out=tmp_path / "resumed", eval_ranks=(1, 4), eval_samples=4)
+    original = distill_mod.Mode.step_ranks
+
+    def ctrl_c_at_step_2(mode, cfg, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(mode, cfg, step)
+
+    monkeypatch.setattr(distill_mod.Mode, "step_ranks", ctrl_c_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg)
+    result = launch_two_processes("fsdp.yaml", tiny_pair, tmp_path / "resumed", "--resume")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert read_adapter(tmp_path / "ddp").metadata.max_rank == 4
-    report = json.loads((tmp_path / "ddp" / "distill_report.json").read_text())
-    assert report["steps"] == 3
+    assert "resuming from step 2" in result.stderr
+    resumed, straight = (load_file(out / "adapter_model.safetensors") for out in (tmp_path / "resumed", two_process_runs["ddp.yaml"]))
+    for name in straight:  # steps 1-2 on the whole batch in one process, step 3 on halves: equal up to summation order
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
+
+
+def test_full_training_under_fsdp_equals_one_process(tiny_pair, tmp_path):
+    """Every weight trains and is sharded (tied embeddings, the LM head the chunked loss applies outside the forward,
+    gradient clipping over sharded gradients): two FSDP processes give what one process gives on the whole batch."""
+    result = launch_two_processes("fsdp.yaml", tiny_pair, tmp_path / "fsdp", "--train", "full")
+    assert result.returncode == 0, result.stderr[-4000:]
+    fingerprint = json.loads((tmp_path / "fsdp" / "distill_report.json").read_text())["config"]
+    run_distill(DistillConfig(**fingerprint, out=tmp_path / "one", eval_samples=4))
+    sharded, one = (load_file(tmp_path / out / "model.safetensors") for out in ("fsdp", "one"))
+    assert sorted(sharded) == sorted(one)
+    for name in one:
+        torch.testing.assert_close(sharded[name], one[name], rtol=1e-5, atol=1e-6)
+
+
+def _first_step_losses(fingerprint: dict) -> list[float]:
+    """Step 1's loss on each half of the batch (rows 0, 2 and 1, 3), computed in one process."""
+    from training.data import trimmed
+    from training.distill import MODES, build_student, load_data, load_teacher, rows_for_step, target_source
+    from training.losses import ChunkedKDLoss, final_hidden_states
+
+    cfg = DistillConfig(**fingerprint, out=Path("unused"))  # the run's own settings, from its report
+    teacher, _, _ = load_teacher(cfg, torch.device("cpu"))
+    student, tokenizer, nested = build_student(cfg, torch.device("cpu"))
+    data = load_data(cfg, tokenizer, 2)
+    rows = rows_for_step(len(data.train), 0, cfg.batch_size, cfg.seed)
+    batch, mask = trimmed(data.train[rows], data.train_mask[rows])
+    nested.set(MODES[cfg.train].step_ranks(cfg, 0)[0])
+    losses = []
+    for half in (0, 1):
+        tokens, learned = batch[half::2], mask[half::2, 1:]
+        target = target_source(cfg, teacher, None, torch.device("cpu"))(tokens, learned, rows[half::2])
+        with torch.no_grad(), final_hidden_states(student) as head:
+            hidden = student(tokens).logits[:, :-1][learned]
+            losses.append(ChunkedKDLoss(cfg.kd_alpha, cfg.kd_temperature, cfg.loss_chunk_tokens)(hidden, head, tokens[:, 1:][learned], target)[0].item())
+    return losses
 
 
 def _labelled_data(path: Path) -> Path:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import kdlora_cli, tiny_input, tiny_llama
+from conftest import kdlora_cli, kdlora_launch, tiny_input, tiny_llama
 from hub.errors import KdloraError
 from training.importance import activation_importance
 from training.prune import Shape, build_student, choose_shape, count_params, parse_param_count, removed_units
@@ -163,3 +163,23 @@ def test_prune_refuses_non_empty_out(tmp_path):
     result = kdlora_cli("prune", "--out", str(tmp_path), "--target-params", "0.5")
     assert result.returncode == 1
     assert result.stderr == f"kdlora: error: --out {tmp_path} exists and is not empty; choose a new directory or remove it first\n"
+
+
+def test_two_processes_share_the_calibration_and_prune_the_same_student(tiny_pair, tmp_path):
+    """Each process scores its share of the calibration blocks; the gathered importance selects the same units, so
+    the student is the one a single process makes."""
+    from safetensors.torch import load_file
+
+    teacher = tiny_pair[0]
+    prune = ("prune", "--teacher", str(teacher), "--intermediate-size", "96", "--num-heads", "2", "--calib-samples", "12",
+             "--seq-len", "32", "--batch-size", "2")
+    result = kdlora_launch("ddp.yaml", *prune, "--out", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split() == [str(tmp_path / "two")]  # printed once, by the main process
+    assert "importance (calibration): 100%|██████████| 3/3" in result.stderr  # 6 of the 12 blocks each, 2 per batch
+    assert kdlora_cli(*prune, "--out", str(tmp_path / "one")).returncode == 0
+    reports = [json.loads((tmp_path / out / "pruning_report.json").read_text()) for out in ("two", "one")]
+    assert reports[0]["removed"] == reports[1]["removed"]
+    assert reports[0]["heldout_perplexity"] == pytest.approx(reports[1]["heldout_perplexity"], rel=1e-6)
+    two, one = (load_file(tmp_path / out / "model.safetensors") for out in ("two", "one"))
+    assert all(torch.equal(two[name], one[name]) for name in one)

@@ -13,7 +13,8 @@ time for memory; `kdlora distill --plan` estimates the peak (training/plan.py).
 
 Long runs: a progress bar, a checkpoint every `save_every` steps (and on Ctrl-C) in `<out>.checkpoint/`,
 `--resume` continues from it with the same result as an uninterrupted run (data order and sampled ranks
-are pure functions of seed and step). Runs unchanged under `accelerate launch` (DDP).
+are pure functions of seed and step). Runs under `accelerate launch` with configs/ddp.yaml or configs/fsdp.yaml
+(training/processes.py); checkpoints hold whole tensors by name, whichever of them wrote them.
 """
 
 import dataclasses
@@ -32,6 +33,7 @@ from hub.errors import KdloraError
 from hub.remote import PRUNING_REPORT
 from training.memory import peak_memory_mb, reset_peak_memory
 from training.nested_lora import RANK_SCHEDULES, step_ranks
+from training.processes import gather_training_state, is_sharded, make_accelerator, restore_training_state
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
@@ -171,7 +173,6 @@ def validate(cfg: DistillConfig) -> None:
 
 
 def run_distill(cfg: DistillConfig) -> dict:
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -180,7 +181,7 @@ def run_distill(cfg: DistillConfig) -> dict:
 
     validate(cfg)
     mode = MODES[cfg.train]
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     say = _printer(accelerator)
     teacher, teacher_tokenizer, teacher_id = load_teacher(cfg, accelerator.device)
     student, tokenizer, nested = build_student(cfg, accelerator.device)
@@ -194,19 +195,22 @@ def run_distill(cfg: DistillConfig) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, cfg.steps)
     state = TrainState()
     if cfg.resume and cfg.checkpoint_dir.exists():
-        state = load_checkpoint(cfg, student, optimizer, scheduler)
+        state = read_checkpoint_state(cfg)
         say(f"resuming from step {state.step} ({cfg.checkpoint_dir})")
     if state.before is None:
         state.before, state.teacher = _quality_before(cfg, mode, student, nested, teacher, data, tokenizer)
     for lm in (student, teacher):
         check_head_split(lm, data.train[:1, :8].to(accelerator.device))
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP puts sharded parameters in their place
+    if state.step:
+        restore_checkpoint(cfg, accelerator, model, optimizer, scheduler)
     loss_fn = ChunkedKDLoss(cfg.kd_alpha, cfg.kd_temperature, cfg.loss_chunk_tokens)
     if cache is not None:  # the cache stands in for the teacher while training; it is loaded again to evaluate
         teacher = None
         gc.collect()
     targets = target_source(cfg, teacher, cache, accelerator.device)
-    memory = {"setup_peak_memory_mb": peak_memory_mb()}
+    facts = {"processes": accelerator.num_processes, "sharded": is_sharded(accelerator), "setup_peak_memory_mb": peak_memory_mb()}
     reset_peak_memory()  # from here the peak is the training steps' own
 
     say(f"distilling {teacher_id} -> {cfg.student} ({cfg.train}, {len(trainable)} trainable tensors, "
@@ -253,15 +257,15 @@ def run_distill(cfg: DistillConfig) -> dict:
     finally:
         bar.close()
 
-    memory["train_peak_memory_mb"] = peak_memory_mb()
+    facts["train_peak_memory_mb"] = peak_memory_mb()
     model.eval()
     report = None
+    student, nested = whole_student(cfg, accelerator, model, nested)
     if accelerator.is_main_process:
         if teacher is None:
             teacher = load_teacher(cfg, accelerator.device)[0]
-        student = accelerator.unwrap_model(model)
         after = _evaluate(cfg, student, nested, teacher, data, tokenizer, mode.eval_settings(cfg))
-        report = write_result(cfg, mode, student, nested, tokenizer, teacher_id, data, state, after, memory)
+        report = write_result(cfg, mode, student, nested, tokenizer, teacher_id, data, state, after, facts)
         shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report
@@ -434,25 +438,21 @@ def _labelled_examples(cfg, data) -> list:
 
 # --- checkpoints -----------------------------------------------------------------------------------
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state) -> None:
     from safetensors.torch import save_file
 
+    weights, optimizer_state = gather_training_state(model, optimizer)  # every process takes part (FSDP: shards)
+    if accelerator.is_main_process:
+        with atomic_dir(cfg.checkpoint_dir, replace=True) as tmp:
+            tensors = dict(accelerator.unwrap_model(model).named_parameters())  # tied weights once, as parameters list them
+            save_file({name: t.contiguous() for name, t in weights.items() if name in tensors}, tmp / "trainable.safetensors")
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({**asdict(state), "config": cfg.fingerprint()}, indent=1))
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    with atomic_dir(cfg.checkpoint_dir, replace=True) as tmp:
-        save_file(_trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**asdict(state), "config": cfg.fingerprint()}, indent=1))
 
 
-def load_checkpoint(cfg, model, optimizer, scheduler) -> TrainState:
-    from safetensors.torch import load_file
-
+def read_checkpoint_state(cfg) -> TrainState:
+    """The checkpoint's TrainState, refused when it was made with other settings (weights: restore_checkpoint)."""
     state = json.loads((cfg.checkpoint_dir / "state.json").read_text())
     saved, now = state.pop("config"), cfg.fingerprint()
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
@@ -460,21 +460,41 @@ def load_checkpoint(cfg, model, optimizer, scheduler) -> TrainState:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise KdloraError(f"--resume: the checkpoint in {cfg.checkpoint_dir} was made with other settings ({details}); "
                           "rerun with the original settings, or delete the checkpoint to start over")
-    weights = load_file(cfg.checkpoint_dir / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    # our own file (never one from a hub), and weights_only refuses anything but tensors and containers
-    opt = torch.load(cfg.checkpoint_dir / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
     return TrainState(**state)
+
+
+def restore_checkpoint(cfg, accelerator, model, optimizer, scheduler) -> None:
+    """Weights, optimizer and scheduler from the checkpoint, into the prepared (possibly sharded) model."""
+    from safetensors.torch import load_file
+
+    # our own file (never one from a hub), and weights_only refuses anything but tensors and containers
+    saved = torch.load(cfg.checkpoint_dir / "optimizer.pt", weights_only=True)
+    weights, optimizer_state = ({}, {})
+    if accelerator.is_main_process:  # read once, sent to the other processes
+        weights, optimizer_state = load_file(cfg.checkpoint_dir / "trainable.safetensors"), saved["optimizer"]
+    restore_training_state(model, optimizer, weights, optimizer_state)
+    scheduler.load_state_dict(saved["scheduler"])
+
+
+def whole_student(cfg, accelerator, model, nested):
+    """(trained student, its NestedRank) whole on the main process, to evaluate and write; every process calls it.
+    Under FSDP each process holds a shard and the sharded model runs only with all of them, so the main process
+    builds a fresh student and loads the gathered trainable weights into it."""
+    if not is_sharded(accelerator):
+        return accelerator.unwrap_model(model), nested
+    weights, _ = gather_training_state(model)
+    if not accelerator.is_main_process:
+        return None, None
+    student, _, nested = build_student(cfg, accelerator.device)
+    missing = {n for n, p in student.named_parameters() if p.requires_grad} - weights.keys()
+    assert not missing, f"the gathered state lacks {sorted(missing)[:3]}"
+    student.load_state_dict(weights, strict=False)
+    return student, nested
 
 
 # --- the result ------------------------------------------------------------------------------------
 
-def write_result(cfg, mode: Mode, student, nested, tokenizer, teacher_id, data, state: TrainState, after, memory) -> dict:
+def write_result(cfg, mode: Mode, student, nested, tokenizer, teacher_id, data, state: TrainState, after, facts) -> dict:
     steps = state.history
     report = {
         "mode": mode.name, "teacher": teacher_id, "student": str(cfg.student), "config": cfg.fingerprint(),
@@ -482,7 +502,8 @@ def write_result(cfg, mode: Mode, student, nested, tokenizer, teacher_id, data, 
         "steps": state.step, "tokens": state.step * cfg.batch_size * cfg.seq_len,
         "seconds_training": state.seconds, "mean_step_seconds": state.seconds / max(1, state.step),
         # whole run (teacher, evaluation included) and training steps alone (this session's, on a resumed run)
-        "peak_memory_mb": max(peak_memory_mb(), memory["setup_peak_memory_mb"]), "train_peak_memory_mb": memory["train_peak_memory_mb"],
+        "peak_memory_mb": max(peak_memory_mb(), facts["setup_peak_memory_mb"]), "train_peak_memory_mb": facts["train_peak_memory_mb"],
+        "processes": facts["processes"], "sharded": facts["sharded"],  # DDP or FSDP; the peaks are the main process's
         "before": state.before, "after": {str(k): v for k, v in after.items()},
         "final_loss": steps[-1]["loss"] if steps else None,
         "history": steps,

@@ -6,7 +6,8 @@ One calibration pass over the teacher with hooks collects, per unit, the size of
 - embedding channel: the magnitude of every RMSNorm's output in that channel, summed over the norms;
 - layer: Block Importance, 1 - cos(layer input, layer output) (a layer that barely turns the residual
   stream is cheap to drop; Men et al., ShortGPT).
-Aggregation, per unit: L2 norm over a sample's tokens, then the mean over samples.
+Aggregation, per unit: L2 norm over a sample's tokens, then the mean over samples. Launched as several processes,
+each scores its share of the calibration blocks and `gathered` combines them (sample-weighted means).
 """
 
 from dataclasses import dataclass
@@ -77,3 +78,18 @@ def activation_importance(model, blocks: torch.Tensor, batch_size: int = 8) -> I
             handle.remove()
     n = len(blocks)
     return Importance(heads / n, neurons / n, channels / n, block / n, samples=n)
+
+
+def gathered(importance: Importance) -> Importance:
+    """The importance over every process's share of the calibration blocks (each process passes its own), the same
+    on every process; with one process, `importance` itself."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return importance
+    parts = (importance.heads, importance.neurons, importance.channels, importance.layers)
+    sums = torch.cat([part.flatten().double() * importance.samples for part in parts] + [torch.tensor([importance.samples], dtype=torch.float64)])
+    dist.all_reduce(sums)
+    samples = int(sums[-1])
+    means = (sums[:-1] / samples).float().split([part.numel() for part in parts])
+    return Importance(*(mean.view_as(part) for mean, part in zip(means, parts)), samples=samples)

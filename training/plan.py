@@ -133,7 +133,7 @@ def suggestions(cfg, items: list[tuple[str, float]], device_bytes: float, comput
     if compute == torch.float32:
         options.append("--dtype bf16 (on GPUs with bf16): halves teacher, base and activations")
     if cfg.train == "full":
-        options.append("FSDP over more GPUs divides weights, gradients and optimizer (see --devices N --sharding fsdp; kdlora distill runs DDP today)")
+        options.append("FSDP over more GPUs divides weights, gradients and optimizer (--devices N --sharding fsdp; launch with configs/fsdp.yaml)")
     options.append("a smaller --batch-size or --seq-len: activations and the loss chunk shrink with tokens")
     return options
 

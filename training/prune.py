@@ -22,6 +22,7 @@ from hub.atomic import atomic_dir, require_empty_out
 from hub.card import student_card
 from hub.errors import KdloraError
 from hub.remote import PRUNING_REPORT
+from training.processes import process_state
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 FLAGS = {"hidden_size": "--hidden-size", "num_attention_heads": "--num-heads", "num_key_value_heads": "--num-kv-heads",
@@ -298,20 +299,19 @@ def removed_units(teacher_config, selection: Selection) -> dict:
 
 
 def run_prune(out: Path, teacher: str | None = None, target_params: str | None = None, calib_data: str = "builtin:pydoc",
-              calib_samples: int = 1024, seq_len: int = 256, batch_size: int = 8, **dims) -> dict:
-    """`kdlora prune`: read top to bottom. Returns the pruning report."""
+              calib_samples: int = 1024, seq_len: int = 256, batch_size: int = 8, **dims) -> dict | None:
+    """`kdlora prune`: read top to bottom. Returns the pruning report (None on the other processes of a launch)."""
     from training.data import load_token_data
     from training.evaluate import perplexity
-    from training.importance import activation_importance
+    from training.importance import activation_importance, gathered
     from training.teacher import load_causal_lm
 
     out = Path(out)
     require_empty_out(out)
     if calib_samples < 1:
         raise KdloraError(f"--calib-samples must be at least 1, got {calib_samples}")
-    from accelerate import PartialState
-
-    device = PartialState().device
+    processes = process_state()  # several under `accelerate launch`: they share the calibration blocks
+    device = processes.device
     model, tokenizer, teacher_id = load_causal_lm(teacher, device=device, check_config=check_supported)
     teacher_params = count_params(model.config)
     target = parse_param_count(target_params, teacher_params) if target_params is not None else None
@@ -326,7 +326,10 @@ def run_prune(out: Path, teacher: str | None = None, target_params: str | None =
     calib = data.train[:calib_samples]
     if len(calib) < calib_samples:
         _say(f"calibration: {calib_data} has {len(calib)} training blocks of {seq_len} tokens; using all of them (asked for {calib_samples})")
-    importance = activation_importance(model, calib, batch_size)
+    mine = calib[processes.process_index::processes.num_processes]
+    importance = gathered(activation_importance(model, mine, batch_size))
+    if not processes.is_main_process:
+        return None  # the main process builds, measures and writes the student
     student, selection = build_student(model, importance, shape)
 
     report = {
@@ -356,4 +359,5 @@ def run_prune(out: Path, teacher: str | None = None, target_params: str | None =
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if process_state().is_main_process:
+        print(message, file=sys.stderr, flush=True)
