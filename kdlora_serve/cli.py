@@ -111,10 +111,18 @@ def _hub_pull(args) -> int:
 def _prune(args) -> int:
     from training.prune import run_prune
 
+    dims = dict(hidden_size=args.hidden_size, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+                intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers)
+    if args.plan:
+        from training.prune import plan_prune
+
+        print(plan_prune(args.teacher, args.target_params, args.batch_size, args.seq_len, args.device_gb,
+                         cuda=None if args.plan_device is None else args.plan_device == "cuda", **dims))
+        return 0
+    if args.out is None:
+        raise KdloraError("give --out DIR (where the student goes), or --plan to only estimate memory")
     report = run_prune(args.out, teacher=args.teacher, target_params=args.target_params, calib_data=args.calib_data,
-                       calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                       hidden_size=args.hidden_size, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-                       intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers)
+                       calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, **dims)
     if report is not None:  # the main process's (other processes of a launch return None)
         print(args.out)
     return 0
@@ -191,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="Minitron-style structured pruning of a teacher into a student")
     prune.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    prune.add_argument("--out", type=Path, required=True, help="new or empty directory for the student checkpoint")
+    prune.add_argument("--out", type=Path, help="new or empty directory for the student checkpoint")
     prune.add_argument("--target-params", help="student size: absolute (70M, 1.5B) or a fraction of the teacher (0.5)")
     for flag in ("--hidden-size", "--num-heads", "--num-kv-heads", "--intermediate-size", "--num-layers"):
         prune.add_argument(flag, type=int, help="explicit student dimension (the rest: teacher's, or solved from --target-params)")
@@ -199,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calib-samples", type=int, default=1024, help="calibration blocks (default 1024)")
     prune.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--plan", action="store_true", help="only print the estimated peak memory per process (configs only, no weights)")
+    prune.add_argument("--device-gb", type=float, help="--plan: memory per process, to say whether it fits")
+    prune.add_argument("--plan-device", choices=("cpu", "cuda"), help="--plan: plan for GPUs or CPU processes (default: this machine's)")
     prune.set_defaults(handler=_prune)
 
     distill = commands.add_parser("distill", help="knowledge distillation into one nested-rank adapter (or the whole student)")

@@ -1,4 +1,4 @@
-"""`kdlora distill --plan`: the counts it builds on, and its estimates against measured training peaks."""
+"""`kdlora distill --plan` and `kdlora prune --plan`: the counts they build on, and their estimates against measured peaks."""
 
 import json
 
@@ -53,3 +53,20 @@ def test_plan_is_within_15_percent_of_measured_training_peaks(real_tokenizer_dir
         estimate_mb = float(planned.stdout.split("peak per device (estimate)")[1].split()[0]) * 1024
         print(name, f"measured {measured:.0f} MB, planned {estimate_mb:.0f} MB")
         assert estimate_mb == pytest.approx(measured, rel=0.15), planned.stdout
+
+
+@pytest.mark.integration
+def test_prune_plan_is_within_15_percent_of_the_measured_peak(real_tokenizer_dir, tmp_path):
+    """`kdlora prune --plan` against the peak a fresh `kdlora prune` process records in its report."""
+    teacher = tiny_checkpoint(tmp_path / "teacher", real_tokenizer_dir, seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+    common = ["--teacher", str(teacher), "--target-params", "0.5", "--batch-size", "8", "--seq-len", "128"]
+    result = kdlora_cli("prune", *common, "--calib-samples", "16", "--out", str(tmp_path / "student"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads((tmp_path / "student" / "pruning_report.json").read_text())["peak_memory_mb"]
+    planned = kdlora_cli("prune", "--plan", *common)
+    assert planned.stdout.startswith("kdlora prune --plan: "), planned.stderr
+    estimate_mb = float(planned.stdout.split("peak per device (estimate)")[1].split()[0]) * 1024
+    print(f"prune: measured {measured:.0f} MB, planned {estimate_mb:.0f} MB")
+    assert estimate_mb == pytest.approx(measured, rel=0.15), planned.stdout
+    small = kdlora_cli("prune", "--plan", *common, "--device-gb", "0.5").stdout
+    assert "fits in 0.50 GiB                                 NO" in small and "to fit, try: a smaller --batch-size" in small

@@ -1,4 +1,4 @@
-"""`kdlora distill --plan`: peak memory per device of a distillation run, estimated from the configs alone.
+"""`kdlora distill --plan` (and `kdlora prune --plan`, at the end): peak memory per device, from the configs alone.
 
 Teacher and student are built on the meta device (config.json only: no weights are read), their parameters counted
 by kind, and the run's resident memory added up per device, each term a line of the printout:
@@ -45,10 +45,10 @@ class Shapes:
     vocab: int
 
     @classmethod
-    def of(cls, path: str | Path) -> "Shapes":
-        from transformers import AutoConfig, AutoModelForCausalLM
+    def of(cls, path_or_config) -> "Shapes":
+        from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-        config = AutoConfig.from_pretrained(path)
+        config = path_or_config if isinstance(path_or_config, PretrainedConfig) else AutoConfig.from_pretrained(path_or_config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         head = model.get_output_embeddings()
@@ -143,16 +143,19 @@ def _gib(value: float) -> str:
 
 
 def format_plan(cfg, items, devices: int, sharding: str, device_bytes: float | None, cuda: bool) -> str:
-    total = sum(b for _, b in items)
     compute = planned_dtype(cfg, cuda)
-    lines = [f"kdlora distill --plan: {cfg.train}, {devices} {'GPU' if cuda else 'CPU process'}(s), {sharding}, compute "
-             f"{str(compute).removeprefix('torch.')}, batch {cfg.batch_size} x {cfg.seq_len} tokens per step"]
-    lines += [f"  {name:<40} {_gib(size):>10}" for name, size in items]
+    title = (f"kdlora distill --plan: {cfg.train}, {devices} {'GPU' if cuda else 'CPU process'}(s), {sharding}, compute "
+             f"{str(compute).removeprefix('torch.')}, batch {cfg.batch_size} x {cfg.seq_len} tokens per step")
+    return _table(title, items, device_bytes, lambda: suggestions(cfg, items, device_bytes, compute))
+
+
+def _table(title: str, items, device_bytes: float | None, options) -> str:
+    total = sum(b for _, b in items)
+    lines = [title] + [f"  {name:<40} {_gib(size):>10}" for name, size in items]
     lines.append(f"  {'peak per device (estimate)':<40} {_gib(total):>10}")
     if device_bytes is not None:
-        fits = total <= device_bytes
-        lines.append(f"  {'fits in ' + _gib(device_bytes):<40} {'yes' if fits else 'NO':>10}")
-        lines += ["  to fit, try: " + option for option in suggestions(cfg, items, device_bytes, compute)]
+        lines.append(f"  {'fits in ' + _gib(device_bytes):<40} {'yes' if total <= device_bytes else 'NO':>10}")
+        lines += ["  to fit, try: " + option for option in (options() if total > device_bytes else [])]
     return "\n".join(lines)
 
 
@@ -163,3 +166,30 @@ def plan(cfg, devices: int = 1, sharding: str = "ddp", device_gb: float | None =
     teacher = None if cfg.teacher_cache is not None else Shapes.of(cfg.teacher or embedded_teacher())
     items = estimate(cfg, teacher, Shapes.of(cfg.student), devices, sharding, cuda)
     return format_plan(cfg, items, devices, sharding, device_gb * GIB if device_gb else None, cuda)
+
+
+# --- kdlora prune --plan ----------------------------------------------------------------------------
+
+PERPLEXITY_COPIES = 3  # the held-out logits, their flattened copy and cross-entropy's log-softmax
+
+
+def estimate_prune(teacher: Shapes, student: Shapes, batch_size: int, seq_len: int, cuda: bool) -> list[tuple[str, float]]:
+    """[(what, bytes per process)] at the peak of `kdlora prune`: the held-out perplexity after the student is built
+    (the calibration forward before it holds no logits and one layer's activations, less on any real model).
+    Every process of a launch holds the whole teacher (the calibration blocks are what is divided)."""
+    return [("runtime", runtime_bytes(cuda)), ("teacher weights (fp32)", teacher.params * 4),
+            ("student weights (fp32)", student.params * 4),
+            ("held-out perplexity logits (fp32)", PERPLEXITY_COPIES * batch_size * seq_len * max(teacher.vocab, student.vocab) * 4)]
+
+
+def prune_plan(teacher_config, student_config, batch_size: int, seq_len: int, device_gb: float | None = None, cuda: bool | None = None) -> str:
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    teacher, student = Shapes.of(teacher_config), Shapes.of(student_config)
+    items = estimate_prune(teacher, student, batch_size, seq_len, cuda)
+    title = (f"kdlora prune --plan: {teacher.params / 1e6:.1f}M -> {student.params / 1e6:.1f}M params, per "
+             f"{'GPU' if cuda else 'CPU process'}, batch {batch_size} x {seq_len} tokens")
+
+    def options() -> list[str]:
+        return [f"a smaller --batch-size: the perplexity logits are {_gib(items[-1][1])}",
+                "more memory per process: each holds the whole fp32 teacher (processes divide the calibration, not the model)"]
+    return _table(title, items, device_gb * GIB if device_gb else None, options)

@@ -22,6 +22,7 @@ from hub.atomic import atomic_dir, require_empty_out
 from hub.card import student_card
 from hub.errors import KdloraError
 from hub.remote import PRUNING_REPORT
+from training.memory import peak_memory_mb
 from training.processes import process_state
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -298,6 +299,21 @@ def removed_units(teacher_config, selection: Selection) -> dict:
     }
 
 
+def plan_prune(teacher: str | None = None, target_params: str | None = None, batch_size: int = 8, seq_len: int = 256,
+               device_gb: float | None = None, cuda: bool | None = None, **dims) -> str:
+    """`kdlora prune --plan`: peak memory per process from the teacher's config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    from training.plan import prune_plan
+    from training.teacher import embedded_teacher
+
+    config = AutoConfig.from_pretrained(embedded_teacher() if teacher is None else teacher)
+    check_supported(config)
+    target = parse_param_count(target_params, count_params(config)) if target_params is not None else None
+    shape, _ = choose_shape(config, target, **dims)
+    return prune_plan(config, student_config(config, shape), batch_size, seq_len, device_gb, cuda)
+
+
 def run_prune(out: Path, teacher: str | None = None, target_params: str | None = None, calib_data: str = "builtin:pydoc",
               calib_samples: int = 1024, seq_len: int = 256, batch_size: int = 8, **dims) -> dict | None:
     """`kdlora prune`: read top to bottom. Returns the pruning report (None on the other processes of a launch)."""
@@ -348,6 +364,7 @@ def run_prune(out: Path, teacher: str | None = None, target_params: str | None =
             "blocks": len(data.heldout),
         },
     }
+    report["peak_memory_mb"] = peak_memory_mb()  # this process's, teacher and student included (kdlora prune --plan)
     with atomic_dir(out) as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
