@@ -43,7 +43,7 @@ def _teacher_cache(args) -> int:
     from training.teacher_cache import build_cache
 
     print(build_cache(args.data, args.out, teacher=args.teacher, seq_len=args.seq_len, top_k=args.top_k, temperature=args.temperature,
-                      batch_size=args.batch_size))
+                      batch_size=args.batch_size, sampling=args.sampling, seed=args.seed))
     return 0
 
 
@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--out", type=Path, required=True, help="directory to write; resumes <out>.partial")
     cache.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded teacher)")
     cache.add_argument("--seq-len", type=int, default=256, help="as distill's --seq-len (default 256)")
-    cache.add_argument("--top-k", type=int, default=64, help="log-probs kept per token, plus one bucket for the rest (default 64)")
+    cache.add_argument("--top-k", type=int, default=64, help="log-probs kept per token, plus one bucket for the rest; rs-kd: ids drawn per token (default 64)")
+    cache.add_argument("--sampling", choices=("top-k", "rs-kd"), default="top-k",
+                       help="top-k: the k most likely ids; rs-kd: k ids drawn from the teacher, unbiased (arXiv 2503.16870)")
+    cache.add_argument("--seed", type=int, default=0, help="rs-kd: seed of the draws (default 0)")
     cache.add_argument("--temperature", type=float, default=2.0, help="as distill's --kd-temperature (default 2.0)")
     cache.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward (default 8)")
     cache.set_defaults(handler=_teacher_cache)

@@ -1,5 +1,5 @@
 """`kdlora teacher cache` and `kdlora distill --teacher-cache`: top-k targets with a tail bucket, equal to online KD
-when k covers the vocabulary, resumable, and refused when made for another run."""
+when k covers the vocabulary; RS-KD's sampled targets, unbiased; resumable, and refused when made for another run."""
 
 import json
 import math
@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from hub.errors import KdloraError
 from training import teacher_cache as cache_mod
 from training.distill import DistillConfig, run_distill
-from training.losses import ChunkedKDLoss, TeacherLogits
-from training.teacher_cache import TeacherCache, TopKTargets, build_cache
+from training.losses import ChunkedKDLoss, TeacherLogits, forward_kl
+from training.teacher_cache import TeacherCache, TopKTargets, build_cache, sampled
 
 VOCAB = 49152  # the real tokenizer's, which tiny_pair shares
 TEXT = ("The teacher's targets are computed once and reused by every run. A nested adapter serves every rank. "
@@ -52,6 +52,38 @@ def test_top_k_with_the_tail_bucket_is_the_kl_of_the_merged_distributions():
     assert kl.item() == pytest.approx(by_hand, rel=1e-5) and by_hand < full
 
 
+def test_rs_kd_targets_are_unbiased_where_top_k_is_not():
+    """RS-KD's sampled targets give, averaged over draws, the gradient of the KL to the whole teacher (s - p at T = 1);
+    the top-k targets with their tail bucket give another gradient, whatever the number of draws."""
+    g = torch.Generator().manual_seed(0)
+    teacher_logp = torch.log_softmax(torch.randn(1, 12, generator=g) * 2, dim=-1)
+    student_logits = torch.randn(1, 12, generator=g)
+    draws = 20_000  # tokens, each with its own 4 draws: the mean's noise (one sd) is under 0.002
+
+    def gradient(logp, ids, sampled):
+        logits = student_logits.expand(len(ids), -1).clone().requires_grad_()
+        teacher, buckets = TopKTargets(logp, ids.int(), vocab_size=12, sampled=sampled).log_probs(0, len(ids), 1.0)
+        forward_kl(logits, teacher, 1.0, buckets).mean().backward()
+        return logits.grad.sum(0)  # mean over tokens of each token's gradient
+
+    exact = torch.softmax(student_logits, -1)[0] - teacher_logp.exp()[0]
+    target = sampled(teacher_logp.expand(draws, -1), 4, torch.Generator().manual_seed(1)).topk(4)
+    torch.testing.assert_close(gradient(target.values, target.indices, True), exact, rtol=0, atol=0.01)
+    top = teacher_logp.topk(4)
+    assert (gradient(top.values, top.indices, False) - exact).abs().max() > 0.02  # 0.028 here
+
+
+def test_distilling_from_an_rs_kd_cache(tiny_pair, text_data, tmp_path):
+    cache = build_cache(str(text_data), tmp_path / "cache", teacher=str(tiny_pair[0]), seq_len=16, top_k=8, sampling="rs-kd")
+    settings = json.loads((cache / "cache.json").read_text())
+    assert (settings["sampling"], settings["seed"], settings["top_k"]) == ("rs-kd", 0, 8)
+    shard = load_file(cache / "rows-00000.safetensors")
+    torch.testing.assert_close(shard["logp"].exp().sum(-1), torch.ones(len(shard["logp"])))  # each token's shares of 8 draws
+    assert ((shard["logp"].exp() * 8).round() - shard["logp"].exp() * 8).abs().max() < 1e-5
+    report = run_distill(config(tiny_pair, tmp_path / "out", text_data, teacher_cache=cache))
+    assert all(math.isfinite(step["kl"]) and step["kl"] >= 0 for step in report["history"])
+
+
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cache_data") / "notes.txt"
@@ -82,9 +114,12 @@ def test_distilling_from_a_full_vocabulary_cache_equals_online_distillation(tiny
     assert cached["after"]["4"]["kl_to_teacher"] == pytest.approx(online["after"]["4"]["kl_to_teacher"], rel=1e-4)  # evaluated by the teacher
 
 
-def test_an_interrupted_cache_resumes_to_the_same_files_and_refuses_other_settings(tiny_pair, text_data, tmp_path, monkeypatch):
-    whole = build_cache(str(text_data), tmp_path / "whole", teacher=str(tiny_pair[0]), seq_len=16, top_k=5, batch_size=2, rows_per_shard=2)
-    calls, real = [], cache_mod._top_k
+@pytest.mark.parametrize("sampling", ["top-k", "rs-kd"])
+def test_an_interrupted_cache_resumes_to_the_same_files_and_refuses_other_settings(tiny_pair, text_data, tmp_path, monkeypatch, sampling):
+    """Also for RS-KD's random draws: seeded per shard, a resumed cache holds the same bytes."""
+    whole = build_cache(str(text_data), tmp_path / "whole", teacher=str(tiny_pair[0]), seq_len=16, top_k=5, batch_size=2, rows_per_shard=2,
+                        sampling=sampling)
+    calls, real = [], cache_mod._targets
 
     def crash_in_the_second_shard(*args, **kwargs):
         calls.append(1)
@@ -92,15 +127,15 @@ def test_an_interrupted_cache_resumes_to_the_same_files_and_refuses_other_settin
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_mod, "_top_k", crash_in_the_second_shard)
+    monkeypatch.setattr(cache_mod, "_targets", crash_in_the_second_shard)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        build_cache(str(text_data), out, teacher=str(tiny_pair[0]), seq_len=16, top_k=5, batch_size=2, rows_per_shard=2)
+        build_cache(str(text_data), out, teacher=str(tiny_pair[0]), seq_len=16, top_k=5, batch_size=2, rows_per_shard=2, sampling=sampling)
     assert not out.exists() and (tmp_path / "resumed.partial" / "rows-00000.safetensors").exists()
     with pytest.raises(KdloraError, match=r"resumed.partial holds a cache made with other settings \(top_k\); rerun with the original"):
-        build_cache(str(text_data), out, teacher=str(tiny_pair[0]), seq_len=16, top_k=6, batch_size=2, rows_per_shard=2)
-    monkeypatch.setattr(cache_mod, "_top_k", real)
-    build_cache(str(text_data), out, teacher=str(tiny_pair[0]), seq_len=16, top_k=5, batch_size=2, rows_per_shard=2)
+        build_cache(str(text_data), out, teacher=str(tiny_pair[0]), seq_len=16, top_k=6, batch_size=2, rows_per_shard=2, sampling=sampling)
+    monkeypatch.setattr(cache_mod, "_targets", real)
+    build_cache(str(text_data), out, teacher=str(tiny_pair[0]), seq_len=16, top_k=5, batch_size=2, rows_per_shard=2, sampling=sampling)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
     for shard in whole.glob("rows-*.safetensors"):
         for name, tensor in load_file(shard).items():

@@ -5,9 +5,12 @@ the loss learns: the teacher's top-k log-probabilities at temperature T and thei
 vocabulary is one more bucket (1 - the top-k mass). `kdlora distill --teacher-cache DIR` then trains with no
 teacher in memory: the KL is taken over those k + 1 buckets (the student's tail bucket is 1 - its mass on the k
 ids), which is the exact KL when k covers the vocabulary and never more than it otherwise (merging outcomes can
-only lower a KL). Plain top-k renormalises the teacher onto its k ids instead, which biases it; RS-KD (arXiv
-2503.16870) samples ids and is unbiased, not implemented here. The teacher is still loaded to evaluate, before
-and after training, so reported quality is measured as in online runs.
+only lower a KL). Plain top-k renormalises the teacher onto its k ids instead, which biases it.
+`--sampling rs-kd` (random-sampling KD, arXiv 2503.16870) keeps instead k ids drawn from the teacher's distribution
+at T (with replacement, seeded per shard), each distinct id with its share of the draws: the KL to that empirical
+distribution has, in expectation, the gradient of the KL to the whole teacher (unbiased, where top-k is not), at the
+cost of sampling noise; at most k distinct ids per token (the unused columns carry weight 0).
+The teacher is still loaded to evaluate, before and after training, so reported quality is measured as in online runs.
 
 Bytes: 8 per id and token (fp32 log-prob + int32 id): 512 B per token at k = 64. Files: DIR/cache.json (settings,
 the data fingerprint, the vocabulary size) and shards DIR/rows-NNNNN.safetensors (logp, ids, and offsets: each
@@ -27,10 +30,11 @@ from hub.errors import KdloraError
 
 FORMAT = 1
 ROWS_PER_SHARD = 256
+SAMPLINGS = ("top-k", "rs-kd")
 
 
 def build_cache(spec: str, out: Path, teacher: str | None = None, seq_len: int = 256, top_k: int = 64, temperature: float = 2.0,
-                batch_size: int = 8, rows_per_shard: int = ROWS_PER_SHARD) -> Path:
+                batch_size: int = 8, rows_per_shard: int = ROWS_PER_SHARD, sampling: str = "top-k", seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -42,6 +46,8 @@ def build_cache(spec: str, out: Path, teacher: str | None = None, seq_len: int =
         raise KdloraError(f"{out} already exists; a cache is written once; delete it or choose another --out")
     if top_k < 1 or temperature <= 0 or batch_size < 1 or rows_per_shard < 1:
         raise KdloraError(f"--top-k and --batch-size must be at least 1 and --temperature above 0 (got {top_k}, {batch_size}, {temperature})")
+    if sampling not in SAMPLINGS:
+        raise KdloraError(f"--sampling {sampling}: use {' or '.join(SAMPLINGS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, teacher_id = load_causal_lm(teacher, device=device)
     model.requires_grad_(False).eval()
@@ -50,7 +56,7 @@ def build_cache(spec: str, out: Path, teacher: str | None = None, seq_len: int =
     check_head_split(model, data.train[:1, :8].to(device))
     settings = {"format": FORMAT, "data": spec, "seq_len": seq_len, "data_fingerprint": data.fingerprint, "teacher": teacher_id,
                 "top_k": min(top_k, vocab_size), "temperature": temperature, "vocab_size": vocab_size, "rows": len(data.train),
-                "rows_per_shard": rows_per_shard}
+                "rows_per_shard": rows_per_shard, "sampling": sampling, **({"seed": seed} if sampling == "rs-kd" else {})}
     partial = Path(f"{out}.partial")
     done = _resume(partial, settings)
     shards = range(0, len(data.train), rows_per_shard)
@@ -61,10 +67,11 @@ def build_cache(spec: str, out: Path, teacher: str | None = None, seq_len: int =
                 bar.update(len(rows))
                 continue
             logp, ids, counts = [], [], []
+            draws = torch.Generator(device).manual_seed(seed * 1_000_003 + number)  # per shard: a resumed cache is the same bytes
             for start in range(rows.start, rows.stop, batch_size):
-                batch_logp, batch_ids, batch_counts = _top_k(model, data.train[start:min(start + batch_size, rows.stop)],
-                                                             data.train_mask[start:min(start + batch_size, rows.stop)],
-                                                             settings["top_k"], temperature, device)
+                batch_logp, batch_ids, batch_counts = _targets(model, data.train[start:min(start + batch_size, rows.stop)],
+                                                               data.train_mask[start:min(start + batch_size, rows.stop)],
+                                                               settings["top_k"], temperature, device, draws if sampling == "rs-kd" else None)
                 logp.append(batch_logp), ids.append(batch_ids), counts.append(batch_counts)
                 bar.update(len(batch_counts))
             offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cat(counts).cumsum(0)])
@@ -75,9 +82,10 @@ def build_cache(spec: str, out: Path, teacher: str | None = None, seq_len: int =
     return out
 
 
-def _top_k(model, rows: torch.Tensor, masks: torch.Tensor, k: int, temperature: float, device, chunk_tokens: int = 256):
-    """(log-probs [tokens, k] fp32, ids [tokens, k] int32, learned tokens per row) of one batch of rows, made chunk by chunk of
-    tokens so that the full-vocabulary logits of the batch never exist at once."""
+def _targets(model, rows: torch.Tensor, masks: torch.Tensor, k: int, temperature: float, device, draws=None, chunk_tokens: int = 256):
+    """(log-probs [tokens, k] fp32, ids [tokens, k] int32, learned tokens per row) of one batch of rows: the top k, or
+    with a generator `draws` the RS-KD sample; made chunk by chunk of tokens so that the full-vocabulary logits of the
+    batch never exist at once."""
     from training.data import trimmed
     from training.losses import TeacherLogits, final_hidden_states
 
@@ -87,9 +95,18 @@ def _top_k(model, rows: torch.Tensor, masks: torch.Tensor, k: int, temperature: 
         hidden = model(batch.to(device)).logits[:, :-1][learned.to(device)]
     teacher, values, ids = TeacherLogits(hidden, head), [], []  # the same log-probs online distillation uses
     for start in range(0, len(hidden), chunk_tokens):
-        top = teacher.log_probs(start, start + chunk_tokens, temperature)[0].topk(k, dim=-1)
+        logp = teacher.log_probs(start, start + chunk_tokens, temperature)[0]
+        top = logp.topk(k, dim=-1) if draws is None else sampled(logp, k, draws).topk(k, dim=-1)
         values.append(top.values.cpu()), ids.append(top.indices.to(torch.int32).cpu())
     return torch.cat(values), torch.cat(ids), learned.sum(1)
+
+
+def sampled(logp: torch.Tensor, k: int, draws: torch.Generator) -> torch.Tensor:
+    """RS-KD's target: k ids drawn with replacement from exp(logp) [tokens, vocab], as log-probs over the vocabulary
+    (log of each id's share of the draws, -inf where it was not drawn)."""
+    picks = torch.multinomial(logp.float().exp(), k, replacement=True, generator=draws)
+    shares = torch.zeros_like(logp, dtype=torch.float32).scatter_add_(-1, picks, torch.full(picks.shape, 1 / k, device=logp.device))
+    return shares.log()
 
 
 def _shard_name(number: int) -> str:
@@ -116,8 +133,9 @@ class TopKTargets:
     """Cached teacher targets for ChunkedKDLoss: k log-probs per token and their ids, plus the tail bucket when k is
     less than the vocabulary."""
 
-    def __init__(self, logp: torch.Tensor, ids: torch.Tensor, vocab_size: int):
-        self.logp, self.ids, self.tail = logp, ids.long(), ids.shape[-1] < vocab_size
+    def __init__(self, logp: torch.Tensor, ids: torch.Tensor, vocab_size: int, sampled: bool = False):
+        # a sample's shares sum to 1: no tail (columns of weight 0, log-prob -inf, add nothing to the KL)
+        self.logp, self.ids, self.tail = logp, ids.long(), ids.shape[-1] < vocab_size and not sampled
 
     def log_probs(self, start: int, end: int, temperature: float):
         """(teacher log-probs, buckets) of tokens start..end; `temperature` is the cache's (TeacherCache checked it)."""
@@ -171,4 +189,5 @@ class TeacherCache:
             start, end = self.offsets[number][local].item(), self.offsets[number][local + 1].item()
             logp.append(self.shards[number].get_slice("logp")[start:end])
             ids.append(self.shards[number].get_slice("ids")[start:end])
-        return TopKTargets(torch.cat(logp).to(device), torch.cat(ids).to(device), self.settings["vocab_size"])
+        return TopKTargets(torch.cat(logp).to(device), torch.cat(ids).to(device), self.settings["vocab_size"],
+                           sampled=self.settings.get("sampling") == "rs-kd")
