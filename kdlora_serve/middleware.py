@@ -42,6 +42,7 @@ HEADER_PREFIX = "x-kdlora-"
 class KdloraMiddleware:
     def __init__(self, app):
         self.app = app
+        self.in_flight = 0  # generation requests being served (any model): the load the cost model is asked at
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -63,6 +64,13 @@ class KdloraMiddleware:
             return await self.app(scope, receive, _ModelsWithRanks(send, scope))
         if scope["method"] != "POST" or path not in GENERATION_PATHS:
             return await self.app(scope, receive, send)
+        self.in_flight += 1  # one event loop: no lock needed
+        try:
+            return await self._generate(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _generate(self, scope, receive, send):
         body = await _read_body(receive)
         try:
             routed = await self._route(scope, body)
@@ -76,7 +84,7 @@ class KdloraMiddleware:
         new_body, adapter, choice = routed
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(new_body)).encode())])
-        return await self.app(scope, _replay(new_body, receive), _Measured(send, adapter, choice))
+        return await self.app(scope, _replay(new_body, receive), _Measured(send, adapter, choice, self.in_flight))
 
     async def _route(self, scope, body: bytes):
         """None: not ours, pass through unchanged. Else (rewritten body, adapter, Choice)."""
@@ -103,7 +111,7 @@ class KdloraMiddleware:
         served = _served_model(scope)
         try:
             loaded = await asyncio.to_thread(store.load, adapter, served)
-            choice = choose_rank(loaded.metadata, budget, adapter, store.costs, rank)
+            choice = choose_rank(loaded.metadata, budget, adapter, store.costs, rank, self.in_flight)
             await asyncio.to_thread(store.rank_dir, adapter, choice.rank, served)  # intact before vLLM may load it
         except RequestError:
             raise
@@ -126,14 +134,17 @@ def _budget_headers(headers) -> dict[str, str]:
 
 
 class _Measured:
-    """Wraps `send`: adds the rank headers, then records ms per generated token for the policy."""
+    """Wraps `send`: adds the rank headers, then records the request's decode ms per generated token for the policy:
+    streamed, from the first token's event to the last one's (prefill and queueing before it excluded); otherwise
+    the whole request over its usage's completion tokens (prefill included: no first-token time to split at)."""
 
-    def __init__(self, send, adapter: str, choice):
-        self.send, self.adapter, self.choice = send, adapter, choice
+    def __init__(self, send, adapter: str, choice, in_flight: int):
+        self.send, self.adapter, self.choice, self.in_flight = send, adapter, choice, in_flight
         self.started = time.perf_counter()
         self.status = 200
         self.chunks: list[bytes] = []
         self.stream_tokens = 0
+        self.first_token = self.last_token = None
 
     async def __call__(self, message):
         if message["type"] == "http.response.start":
@@ -146,7 +157,11 @@ class _Measured:
         elif message["type"] == "http.response.body":
             body = message.get("body", b"")
             if body.startswith(b"data:") or b"\ndata:" in body:  # streaming: about one token per event
-                self.stream_tokens += body.count(b"data: {")
+                events = body.count(b"data: {")
+                if events:
+                    self.last_token = time.perf_counter()
+                    self.first_token = self.first_token or self.last_token
+                    self.stream_tokens += events
             elif len(self.chunks) < 1024:
                 self.chunks.append(body)
             if not message.get("more_body", False):
@@ -157,13 +172,17 @@ class _Measured:
         if self.status != 200:
             return
         tokens = self.stream_tokens
-        if not tokens:
+        if tokens:
+            seconds, per = (self.last_token - self.first_token, tokens - 1) if tokens > 1 else (self.last_token - self.started, 1)
+        else:
             try:
                 tokens = json.loads(b"".join(self.chunks))["usage"]["completion_tokens"]
             except (ValueError, KeyError, TypeError):
                 return
+            seconds, per = time.perf_counter() - self.started, tokens
         store, rank = get_store(), self.choice.rank
-        store.costs.record(self.adapter, rank, time.perf_counter() - self.started, tokens)
+        if per > 0:
+            store.costs.record(self.adapter, rank, 1000 * seconds / per, self.in_flight)
         metrics.REQUESTS.labels(adapter=self.adapter, rank=str(rank)).inc()
         metrics.TOKENS.labels(adapter=self.adapter, rank=str(rank)).inc(tokens)
 

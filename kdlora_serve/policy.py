@@ -2,13 +2,16 @@
 floor: the smallest rank that meets it).
 
 Inputs: the adapter's metadata (per-rank quality and bytes, hub.schema) and this server's own measured
-cost per rank (`CostTracker`, fed by the middleware from finished requests: under the current load,
-not assumed). No budget: the adapter's default rank. Nothing fits: the cheapest rank, flagged as a miss.
+decode cost per rank and load (`CostTracker`, fed by the middleware from finished requests, asked at the
+number of requests in flight now: measured, not assumed). No budget: the adapter's default rank. Nothing fits: the cheapest rank, flagged as a miss.
 """
 
 import re
 import threading
+from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -98,35 +101,64 @@ class Choice:
 
 
 class CostTracker:
-    """Exponentially weighted ms per generated token, per (adapter, rank), measured on this server."""
+    """Decode ms per generated token on this server, per adapter, as a function of the rank r and of the requests in
+    flight n (the load): ms = a + b r + (c + d r) n, least squares over the last WINDOW requests of that adapter (a
+    small ridge term keeps what the requests cannot tell apart, e.g. the slope in r while one rank was served, at 0).
+    The first request of each (adapter, rank) is left out: it paid that rank's load (cold), not decode. An estimate
+    never falls below that of a measured lower rank at the same load (cost grows with rank); nothing measured: None."""
 
-    def __init__(self, weight: float = 0.3):
-        self.weight = weight
-        self._ms: dict[tuple[str, int], float] = {}
+    WINDOW = 512
+    RIDGE = 1e-3
+
+    def __init__(self):
+        self._requests: dict[str, deque] = {}  # adapter -> (rank, in flight, ms per token)
+        self._seen: set[tuple[str, int]] = set()
+        self._fits: dict[str, tuple] = {}  # adapter -> (coefficients, measured ranks), refitted after each request
         self._lock = threading.Lock()
 
-    def record(self, adapter: str, rank: int, seconds: float, tokens: int) -> None:
-        if tokens <= 0:
-            return
-        ms = 1000 * seconds / tokens
+    def record(self, adapter: str, rank: int, ms_per_token: float, in_flight: int = 1) -> None:
         with self._lock:
-            old = self._ms.get((adapter, rank))
-            self._ms[(adapter, rank)] = ms if old is None else (1 - self.weight) * old + self.weight * ms
+            if (adapter, rank) not in self._seen:
+                self._seen.add((adapter, rank))
+                return
+            requests = self._requests.setdefault(adapter, deque(maxlen=self.WINDOW))
+            requests.append((rank, in_flight, ms_per_token))
+            self._fits[adapter] = (self._fit(requests), sorted({r for r, _, _ in requests}))
+
+    @classmethod
+    def _fit(cls, requests) -> np.ndarray:
+        data = np.array(requests, dtype=np.float64)
+        features, ms = cls._features(data[:, 0], data[:, 1]), data[:, 2]
+        ridge = cls.RIDGE * np.diag([0.0, 1.0, 1.0, 1.0])  # not on the intercept
+        return np.linalg.solve(features.T @ features + ridge, features.T @ ms)
+
+    @staticmethod
+    def _features(rank, in_flight) -> np.ndarray:
+        rank, in_flight = np.broadcast_arrays(np.asarray(rank, dtype=np.float64), np.asarray(in_flight, dtype=np.float64))
+        return np.stack([np.ones_like(rank), rank, in_flight, rank * in_flight], axis=-1)
 
     def measured(self, adapter: str) -> dict[int, float]:
+        """Mean warm ms per token per rank, whatever the load (what /v1/models lists)."""
         with self._lock:
-            return {rank: ms for (name, rank), ms in self._ms.items() if name == adapter}
+            by_rank: dict[int, list[float]] = {}
+            for rank, _, ms in self._requests.get(adapter, ()):
+                by_rank.setdefault(rank, []).append(ms)
+        return {rank: sum(values) / len(values) for rank, values in by_rank.items()}
 
-    def estimate(self, adapter: str, rank: int) -> float | None:
-        """Measured cost of this rank; else the dearest measured lower rank (cost grows with rank); else None."""
-        measured = self.measured(adapter)
-        if rank in measured:
-            return measured[rank]
-        lower = [ms for r, ms in measured.items() if r < rank]
-        return max(lower) if lower else None
+    def estimate(self, adapter: str, rank: int, in_flight: int = 1) -> float | None:
+        with self._lock:
+            fit = self._fits.get(adapter)
+        if fit is None:
+            return None
+        coefficients, measured = fit
+        ranks = [r for r in measured if r <= rank] + [rank]
+        if len(ranks) == 1 and rank < measured[0]:
+            return None  # below every measured rank: nothing to say
+        return float((self._features(ranks, in_flight) @ coefficients).max())
 
 
-def choose_rank(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker, requested: int | None = None) -> Choice:
+def choose_rank(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker, requested: int | None = None, in_flight: int = 1) -> Choice:
+    """`in_flight`: the generation requests this server is serving now, this one included (the load the cost is at)."""
     if budget.quality_metric is not None:
         recorded = sorted({name for result in meta.ranks for name in result.quality_metrics()})
         if budget.quality_metric not in recorded:
@@ -140,21 +172,21 @@ def choose_rank(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTra
             meta.check_rank(rank)
         except KdloraError as err:
             raise RequestError(f"'{adapter}@r{rank}': {err}", param="model") from err
-        failed = _failed(meta, budget, adapter, costs, rank)
+        failed = _failed(meta, budget, adapter, costs, rank, in_flight)
         return Choice(rank, not failed, failed or "rank requested")
     if not budget.constrained():
         return Choice(meta.default_rank, True, "default rank")
     candidates = sorted({r.rank for r in meta.ranks} | {meta.max_rank})
-    fitting = [k for k in candidates if not _failed(meta, budget, adapter, costs, k)]
+    fitting = [k for k in candidates if not _failed(meta, budget, adapter, costs, k, in_flight)]
     if fitting and budget.bounds_cost():
         return Choice(max(fitting), True, "largest rank within budget")
     if fitting:  # a quality floor and nothing else: more rank would cost more and buy nothing asked for
         return Choice(min(fitting), True, "smallest rank meeting min_quality")
     cheapest = candidates[0]
-    return Choice(cheapest, False, _failed(meta, budget, adapter, costs, cheapest))
+    return Choice(cheapest, False, _failed(meta, budget, adapter, costs, cheapest, in_flight))
 
 
-def _failed(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker, rank: int) -> str:
+def _failed(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker, rank: int, in_flight: int) -> str:
     """'' when `rank` meets the budget, else the first constraint it breaks."""
     result = meta.result(rank)
     if budget.max_rank is not None and rank > budget.max_rank:
@@ -167,7 +199,7 @@ def _failed(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker
         if value is None or value < budget.min_quality:
             return f"min_quality {budget.min_quality}" + (f" ({budget.quality_metric})" if budget.quality_metric else "")
     if budget.latency_ms_per_token is not None:
-        estimate = costs.estimate(adapter, rank)
+        estimate = costs.estimate(adapter, rank, in_flight)
         if estimate is not None and estimate > budget.latency_ms_per_token:
-            return f"latency_ms_per_token {budget.latency_ms_per_token} (measured {estimate:.1f})"
+            return f"latency_ms_per_token {budget.latency_ms_per_token} (estimated {estimate:.1f} at {in_flight} in flight)"
     return ""

@@ -32,10 +32,40 @@ def test_a_quality_floor_alone_gets_the_smallest_rank_that_meets_it():
 
 def test_measured_latency_decides():
     costs = CostTracker()
-    costs.record("a", 16, seconds=1.0, tokens=10)  # 100 ms/token measured at rank 16
-    costs.record("a", 2, seconds=0.2, tokens=10)  # 20 ms/token at rank 2
-    assert choose(costs, latency_ms_per_token=50).rank == 4  # rank 4 unmeasured: estimated from rank 2
+    for _ in range(3):  # the first request of a rank is cold (it loaded the rank) and not counted
+        costs.record("a", 16, 100.0)  # ms per token at rank 16
+        costs.record("a", 2, 20.0)
+    assert costs.measured("a") == {16: 100.0, 2: 20.0}
+    assert choose(costs, latency_ms_per_token=50).rank == 4  # rank 4 unmeasured: about 31 ms, between ranks 2 and 16
     assert choose(costs, latency_ms_per_token=200).rank == 16
+
+
+def test_the_cost_model_predicts_a_hand_made_trace_by_rank_and_load():
+    """Requests whose decode cost is 20 + 0.5 r + (1 + 0.1 r) n ms per token (r rank, n requests in flight), each
+    rank's first request cold (5 s per token): the model predicts unseen ranks and loads from the warm ones."""
+    def cost(r, n):
+        return 20 + 0.5 * r + (1 + 0.1 * r) * n
+
+    costs = CostTracker()
+    for rank in (1, 8, 64):
+        costs.record("a", rank, 5000.0, in_flight=1)  # cold: left out
+        for n in (1, 4, 8):
+            costs.record("a", rank, cost(rank, n), in_flight=n)
+    for rank, n in [(16, 6), (32, 2), (64, 12), (1, 1)]:
+        assert costs.estimate("a", rank, n) == pytest.approx(cost(rank, n), rel=1e-3)
+    assert costs.estimate("b", 8, 1) is None  # another adapter: nothing measured
+    alone = choose(costs, latency_ms_per_token=40)  # the largest evaluated rank (1, 2, 4, 16) within 40 ms
+    busy = choose_rank(META, Budget(latency_ms_per_token=40), "a", costs, in_flight=10)
+    assert (alone.rank, busy.rank) == (16, 4)  # rank 16: 30.6 ms alone, 54 ms with 10 in flight; rank 4: 36 ms then
+    assert busy.reason == "largest rank within budget"
+
+
+def test_cost_grows_with_rank_even_where_the_fit_would_not_say_so():
+    costs = CostTracker()
+    for ms in (5000.0, 30.0, 30.0):  # cold, then warm; one rank measured: the fit knows nothing about rank
+        costs.record("a", 8, ms)
+    assert costs.estimate("a", 64) == pytest.approx(30.0, rel=1e-3)  # not below rank 8's
+    assert costs.estimate("a", 4) is None  # below every measured rank
 
 
 def test_min_quality_can_name_a_task_metric():
