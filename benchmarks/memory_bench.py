@@ -1,7 +1,7 @@
 """Training memory and step time per mode, today's defaults side by side with the memory options (issue: training
 that fits real models). One `kdlora distill` subprocess per run, same student / data / steps / seed; each reports
 the peak of its training steps alone (`train_peak_memory_mb`: Linux's resident-set high-water mark, reset after
-set-up and the first evaluation; CUDA max allocated on a GPU) and the whole run's. The teacher cache is built once
+set-up and the first evaluation; CUDA max allocated on a GPU) and the whole run's. The teacher caches (top-k, RS-KD) are built once
 (`kdlora teacher cache`) and its build time and size are reported. Writes JSON + PNG to benchmarks/results/.
 
     .venv/bin/python benchmarks/memory_bench.py [--student DIR] [--steps 20] [--batch-size 4] [--seq-len 256] [--only 'NAME;NAME']
@@ -42,6 +42,9 @@ def main() -> None:
     cache = runs_dir / "teacher-cache"
     cache_seconds = previous["cache"]["seconds"] if previous else kdlora("teacher", "cache", "--out", str(cache), "--seq-len", str(args.seq_len),
                                                                           "--top-k", str(args.top_k))
+    rs_cache = runs_dir / "teacher-cache-rs-kd"  # RS-KD: 64 ids drawn from the teacher per token instead of its top 64
+    rs_seconds = (previous.get("rs_kd_cache", {}).get("seconds") if previous and rs_cache.exists() else None) or kdlora(
+        "teacher", "cache", "--out", str(rs_cache), "--seq-len", str(args.seq_len), "--top-k", str(args.top_k), "--sampling", "rs-kd")
     cache_settings = json.loads((cache / "cache.json").read_text())
     cache_bytes = sum(p.stat().st_size for p in cache.iterdir())
     from safetensors import safe_open
@@ -63,6 +66,11 @@ def main() -> None:
         "qdylora NF4, chunked, cached teacher": adapter + ["--teacher-cache", str(cache)],
         "qdylora NF4, chunked, cached teacher, grad. checkpointing": adapter + ["--teacher-cache", str(cache), "--gradient-checkpointing"],
         "qdylora NF4, chunked, cached teacher, MALLOC_MMAP_THRESHOLD_": adapter + ["--teacher-cache", str(cache)],
+        "qdylora NF4, chunked, cached teacher, grad. checkpointing, bf16": adapter + ["--teacher-cache", str(cache), "--gradient-checkpointing",
+                                                                                     "--dtype", "bf16"],
+        "qdylora NF4, chunked, RS-KD cached teacher": adapter + ["--teacher-cache", str(rs_cache)],
+        "qdylora NF4, chunked, RS-KD cached teacher, grad. checkpointing, bf16": adapter + ["--teacher-cache", str(rs_cache),
+                                                                                           "--gradient-checkpointing", "--dtype", "bf16"],
     }
     environments = {"qdylora NF4, chunked, cached teacher, MALLOC_MMAP_THRESHOLD_": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
     common = ["--student", str(student), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
@@ -88,13 +96,17 @@ def main() -> None:
                "settings": vars(args) | {"student": str(student), "only": None},
                "cache": {"seconds": cache_seconds, "bytes": cache_bytes, "tokens": cache_tokens, "bytes_per_token": cache_bytes / cache_tokens,
                          "top_k": cache_settings["top_k"], "rows": cache_settings["rows"]},
+               "rs_kd_cache": {"seconds": rs_seconds, "bytes": sum(p.stat().st_size for p in rs_cache.iterdir())},
                "runs": results,
                "goals": {"cached_qdylora_peak_over_full_peak": cached["train_peak_memory_mb"] / full_peak,
                          "cached_kl_over_online_kl": cached["kl_after"] / online["kl_after"]}}
-    checkpointed = results.get("qdylora NF4, chunked, cached teacher, grad. checkpointing")
-    if checkpointed:
-        summary["goals"] |= {"cached_checkpointed_qdylora_peak_over_full_peak": checkpointed["train_peak_memory_mb"] / full_peak,
-                             "cached_checkpointed_kl_over_online_kl": checkpointed["kl_after"] / online["kl_after"]}
+    for suffix, name in (("checkpointed", "qdylora NF4, chunked, cached teacher, grad. checkpointing"),
+                         ("checkpointed_bf16", "qdylora NF4, chunked, cached teacher, grad. checkpointing, bf16"),
+                         ("rs_kd", "qdylora NF4, chunked, RS-KD cached teacher"),
+                         ("rs_kd_checkpointed_bf16", "qdylora NF4, chunked, RS-KD cached teacher, grad. checkpointing, bf16")):
+        if name in results:
+            summary["goals"] |= {f"cached_{suffix}_qdylora_peak_over_full_peak": results[name]["train_peak_memory_mb"] / full_peak,
+                                 f"cached_{suffix}_kl_over_online_kl": results[name]["kl_after"] / online["kl_after"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, RESULTS / "memory.png")
