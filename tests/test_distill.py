@@ -230,6 +230,26 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp
     assert load_metadata(tmp_path / "resumed").ranks == load_metadata(tmp_path / "straight").ranks
 
 
+def test_a_checkpoint_of_an_older_kdlora_is_refused_by_name(tiny_pair, tmp_path, monkeypatch):
+    """Before checkpoints were keyed by parameter name, optimizer.pt held torch's own state dict (by position)."""
+    original = distill_mod.Mode.step_ranks
+
+    def ctrl_c_at_step_2(mode, cfg, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(mode, cfg, step)
+
+    monkeypatch.setattr(distill_mod.Mode, "step_ranks", ctrl_c_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(tiny_config(tiny_pair, tmp_path / "out"))
+    monkeypatch.setattr(distill_mod.Mode, "step_ranks", original)
+    saved = tmp_path / "out.checkpoint" / "optimizer.pt"
+    old = torch.load(saved, weights_only=True)
+    torch.save({**old, "optimizer": {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [{"params": [0]}]}}, saved)
+    with pytest.raises(KdloraError, match=r"out.checkpoint was written by an older kdlora \(optimizer state by parameter position, not by name\); delete it"):
+        run_distill(tiny_config(tiny_pair, tmp_path / "out", resume=True))
+
+
 def test_resume_with_other_settings_is_refused(tiny_pair, tmp_path, monkeypatch):
     monkeypatch.setattr(distill_mod.Mode, "step_ranks", lambda mode, cfg, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else [1])
     with pytest.raises(KeyboardInterrupt):

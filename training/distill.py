@@ -469,6 +469,9 @@ def restore_checkpoint(cfg, accelerator, model, optimizer, scheduler) -> None:
 
     # our own file (never one from a hub), and weights_only refuses anything but tensors and containers
     saved = torch.load(cfg.checkpoint_dir / "optimizer.pt", weights_only=True)
+    if any(isinstance(key, int) for key in saved["optimizer"].get("state", {})):  # torch's own form: parameters by position
+        raise KdloraError(f"--resume: {cfg.checkpoint_dir} was written by an older kdlora (optimizer state by parameter position, "
+                          "not by name); delete it to start over, or finish the run with that version")
     weights, optimizer_state = ({}, {})
     if accelerator.is_main_process:  # read once, sent to the other processes
         weights, optimizer_state = load_file(cfg.checkpoint_dir / "trainable.safetensors"), saved["optimizer"]

@@ -1,10 +1,11 @@
 """The processes a training run spans: accelerate's Accelerator, with FSDP on CPUs too.
 
-accelerate turns its FSDP launch config into FSDP only on accelerator devices; on CPUs it quietly runs every
-process as a separate single-process job, or (launched with --cpu) as DDP. torch's own FSDP2 runs on CPUs over
-gloo, so where the launcher asked for FSDP on a machine without an accelerator, kdlora hands accelerate the
-plugin the launcher described: the same config file and launch line then shard on GPUs and on CPUs, which is
-how the FSDP path is tested without a GPU (tests/test_distill.py).
+On a machine without an accelerator, accelerate left alone runs the processes of a multi-process launch as
+separate single-process jobs (each trains on the whole batch and writes the same output), and `accelerate launch
+--cpu` starts only one process (without mpirun). Told cpu=True, it joins them over gloo: DDP. Its FSDP config it
+turns into FSDP only on accelerators; torch's own FSDP2 runs on CPUs over gloo too, so there kdlora hands accelerate
+the plugin the launcher described. The same config files (configs/ddp.yaml, configs/fsdp.yaml) and launch line
+then work on GPUs and on CPUs, which is how both are tested without a GPU (tests/test_distill.py).
 """
 
 import os
