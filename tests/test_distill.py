@@ -206,22 +206,27 @@ def test_eight_bit_adamw_keeps_8_bit_states():
     assert optimizer.state[big]["state1"].dtype == torch.uint8 and optimizer.state[small]["state1"].dtype == torch.float32
 
 
-def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp_path, monkeypatch):
-    run_distill(tiny_config(tiny_pair, tmp_path / "straight"))
+def interrupted_run(cfg: DistillConfig, monkeypatch, at_step: int) -> None:
+    """`run_distill(cfg)` stopped by Ctrl-C before step `at_step` (it saves a checkpoint there)."""
     original = distill_mod.Mode.step_ranks
 
-    def ctrl_c_at_step_3(mode, cfg, step):
-        if step == 3:
+    def ctrl_c(mode, cfg, step):
+        if step == at_step:
             raise KeyboardInterrupt
         return original(mode, cfg, step)
 
-    monkeypatch.setattr(distill_mod.Mode, "step_ranks", ctrl_c_at_step_3)
+    monkeypatch.setattr(distill_mod.Mode, "step_ranks", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        run_distill(tiny_config(tiny_pair, tmp_path / "resumed"))
+        run_distill(cfg)
+    monkeypatch.setattr(distill_mod.Mode, "step_ranks", original)
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp_path, monkeypatch):
+    run_distill(tiny_config(tiny_pair, tmp_path / "straight"))
+    interrupted_run(tiny_config(tiny_pair, tmp_path / "resumed"), monkeypatch, at_step=3)
     checkpoint = tmp_path / "resumed.checkpoint"
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 3  # Ctrl-C saved where it stopped
     assert not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(distill_mod.Mode, "step_ranks", original)
     run_distill(tiny_config(tiny_pair, tmp_path / "resumed", resume=True))
     straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
@@ -232,17 +237,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp
 
 def test_a_checkpoint_of_an_older_kdlora_is_refused_by_name(tiny_pair, tmp_path, monkeypatch):
     """Before checkpoints were keyed by parameter name, optimizer.pt held torch's own state dict (by position)."""
-    original = distill_mod.Mode.step_ranks
-
-    def ctrl_c_at_step_2(mode, cfg, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(mode, cfg, step)
-
-    monkeypatch.setattr(distill_mod.Mode, "step_ranks", ctrl_c_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_distill(tiny_config(tiny_pair, tmp_path / "out"))
-    monkeypatch.setattr(distill_mod.Mode, "step_ranks", original)
+    interrupted_run(tiny_config(tiny_pair, tmp_path / "out"), monkeypatch, at_step=2)
     saved = tmp_path / "out.checkpoint" / "optimizer.pt"
     old = torch.load(saved, weights_only=True)
     torch.save({**old, "optimizer": {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [{"params": [0]}]}}, saved)
@@ -330,17 +325,7 @@ def test_ddp_and_fsdp_over_two_processes_write_the_same_adapter(two_process_runs
 def test_a_single_process_checkpoint_resumes_under_fsdp(two_process_runs, tiny_pair, tmp_path, monkeypatch):
     """Checkpoints hold whole tensors keyed by name whatever wrote them; FSDP shards them again when it resumes."""
     fingerprint = json.loads((two_process_runs["ddp.yaml"] / "distill_report.json").read_text())["config"]
-    cfg = DistillConfig(**fingerprint, out=tmp_path / "resumed", eval_ranks=(1, 4), eval_samples=4)
-    original = distill_mod.Mode.step_ranks
-
-    def ctrl_c_at_step_2(mode, cfg, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(mode, cfg, step)
-
-    monkeypatch.setattr(distill_mod.Mode, "step_ranks", ctrl_c_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_distill(cfg)
+    interrupted_run(DistillConfig(**fingerprint, out=tmp_path / "resumed", eval_ranks=(1, 4), eval_samples=4), monkeypatch, at_step=2)
     result = launch_two_processes("fsdp.yaml", tiny_pair, tmp_path / "resumed", "--resume")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from step 2" in result.stderr

@@ -20,8 +20,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, tempera
     student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
     if buckets is not None:
         student_logp = buckets(student_logp)
-    terms = teacher_logp.exp() * (teacher_logp - student_logp)
-    return torch.where(teacher_logp > -torch.inf, terms, 0).sum(dim=-1)  # an entry of teacher probability 0 adds 0
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1)
 
 
 class ForwardKLLoss(nn.Module):

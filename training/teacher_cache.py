@@ -134,7 +134,10 @@ class TopKTargets:
     less than the vocabulary."""
 
     def __init__(self, logp: torch.Tensor, ids: torch.Tensor, vocab_size: int, sampled: bool = False):
-        # a sample's shares sum to 1: no tail (columns of weight 0, log-prob -inf, add nothing to the KL)
+        # a sample's shares sum to 1: no tail. Its unused columns (share 0, stored log-prob -inf) get the lowest
+        # finite log-prob instead, so that they add exactly 0 to the KL (0 * finite) where -inf would give nan
+        if sampled:
+            logp = logp.clamp(min=torch.finfo(logp.dtype).min)
         self.logp, self.ids, self.tail = logp, ids.long(), ids.shape[-1] < vocab_size and not sampled
 
     def log_probs(self, start: int, end: int, temperature: float):
