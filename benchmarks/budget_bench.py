@@ -15,7 +15,7 @@ A request is within budget when its decode ms/token (first to last streamed toke
 is <= its latency bound and its served rank's quality >= its floor. Reported per rate and policy: % within
 budget, mean served rank and quality, p50 / p99 TTFT and decode ms/token. JSON + PNG to benchmarks/results/.
 
-    .venv/bin/python benchmarks/budget_bench.py [--rates 0.25,0.5,0.8] [--requests 40] [--tokens 32]
+    .venv/bin/python benchmarks/budget_bench.py [--rates 0.25,0.5,0.8] [--requests 40] [--tokens 32] [--dtype float32]
 """
 
 import argparse
@@ -33,12 +33,13 @@ ADAPTER = WORK / "task" / "sandwich-seed-0"
 MIX = [("tight", None)] * 4 + [("loose", None)] * 3 + [("loose", "floor")] * 2 + [(None, None)]
 
 
-def start(adapter: Path, rank_aware: bool):
+def start(adapter: Path, rank_aware: bool, dtype: str | None):
     from kdlora_serve.serve import start_background
 
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "KDLORA_CACHE": str(WORK / "cache"), "KDLORA_RANK_AWARE": "1" if rank_aware else "0"}
-    log = WORK / f"server-budget-{'rank-aware' if rank_aware else 'stock'}.log"
-    return start_background(["--adapter", str(adapter), "--max-loras", "8", "--", "--max-model-len", "1024"], log, env=env)
+    log = WORK / f"server-budget-{'rank-aware' if rank_aware else 'stock'}-{dtype or 'default'}.log"
+    vllm = ["--max-model-len", "1024"] + (["--dtype", dtype] if dtype else [])
+    return start_background(["--adapter", str(adapter), "--max-loras", "8", "--", *vllm], log, env=env)
 
 
 def warm(client, alias: str, ranks) -> None:
@@ -123,12 +124,13 @@ def main() -> None:
     parser.add_argument("--saturation-concurrency", type=int, default=8)
     parser.add_argument("--policies", default="kdlora,fixed r64,fixed r8", help="on the rank-aware server")
     parser.add_argument("--stock-policies", default="kdlora", help="on a server with vLLM's stock LoRA path (KDLORA_RANK_AWARE=0)")
+    parser.add_argument("--dtype", help="the servers' dtype (default: the one kdlora serve picks); results go to budget-<dtype>.*")
     args = parser.parse_args()
     meta = load_metadata(ADAPTER)
     quality = {r.rank: r.teacher_top1_agreement for r in meta.ranks}
     alias, rows = ADAPTER.name, []
     for rank_aware, policies in ((True, args.policies), (False, args.stock_policies)):
-        proc, url = start(ADAPTER, rank_aware)
+        proc, url = start(ADAPTER, rank_aware, args.dtype)
         try:
             client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
             warm(client, alias, sorted(quality))
@@ -151,8 +153,9 @@ def main() -> None:
                "settings": vars(args), "adapter": str(ADAPTER), "quality_by_rank": quality, "limits": limits,
                "decode_alone_ms": alone, "saturation_rps": saturation, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "budget.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(summary, RESULTS / "budget.png")
+    stem = f"budget-{args.dtype}" if args.dtype else "budget"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, RESULTS / f"{stem}.png")
 
 
 def plot(summary: dict, path: Path) -> None:
