@@ -221,18 +221,21 @@ def interrupted_run(cfg: DistillConfig, monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(distill_mod.Mode, "step_ranks", original)
 
 
-def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp_path, monkeypatch):
-    run_distill(tiny_config(tiny_pair, tmp_path / "straight"))
-    interrupted_run(tiny_config(tiny_pair, tmp_path / "resumed"), monkeypatch, at_step=3)
+@pytest.mark.parametrize("options", [{}, {"train": "full", "optimizer": "adamw8bit"}], ids=["qdylora", "full-adamw8bit"])
+def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp_path, monkeypatch, options):
+    """Also for bitsandbytes' 8-bit AdamW, whose quantized states go through the checkpoint's by-name form."""
+    run_distill(tiny_config(tiny_pair, tmp_path / "straight", **options))
+    interrupted_run(tiny_config(tiny_pair, tmp_path / "resumed", **options), monkeypatch, at_step=3)
     checkpoint = tmp_path / "resumed.checkpoint"
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 3  # Ctrl-C saved where it stopped
     assert not (tmp_path / "resumed").exists()
-    run_distill(tiny_config(tiny_pair, tmp_path / "resumed", resume=True))
-    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    run_distill(tiny_config(tiny_pair, tmp_path / "resumed", resume=True, **options))
+    weights = "adapter_model.safetensors" if not options else "model.safetensors"
+    straight, resumed = (load_file(tmp_path / run / weights) for run in ("straight", "resumed"))
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-6, atol=1e-7)
-    assert load_metadata(tmp_path / "resumed").ranks == load_metadata(tmp_path / "straight").ranks
+    if not options:
+        assert load_metadata(tmp_path / "resumed").ranks == load_metadata(tmp_path / "straight").ranks
 
 
 def test_a_checkpoint_of_an_older_kdlora_is_refused_by_name(tiny_pair, tmp_path, monkeypatch):
