@@ -27,19 +27,15 @@ import threading
 import time
 from pathlib import Path
 
-from serve_bench import PROMPTS, RESULTS, WORK
+from serve_bench import PROMPTS, RESULTS, WORK, start_server
 
 ADAPTER = WORK / "task" / "sandwich-seed-0"
 MIX = [("tight", None)] * 4 + [("loose", None)] * 3 + [("loose", "floor")] * 2 + [(None, None)]
 
 
 def start(adapter: Path, rank_aware: bool, dtype: str | None):
-    from kdlora_serve.serve import start_background
-
-    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "KDLORA_CACHE": str(WORK / "cache"), "KDLORA_RANK_AWARE": "1" if rank_aware else "0"}
     log = WORK / f"server-budget-{'rank-aware' if rank_aware else 'stock'}-{dtype or 'default'}.log"
-    vllm = ["--max-model-len", "1024"] + (["--dtype", dtype] if dtype else [])
-    return start_background(["--adapter", str(adapter), "--max-loras", "8", "--", *vllm], log, env=env)
+    return start_server(adapter, rank_aware, dtype, log)
 
 
 def warm(client, alias: str, ranks) -> None:

@@ -57,12 +57,13 @@ def make_adapter() -> Path:
     return out
 
 
-def start_server(adapter: Path, rank_aware: bool, dtype: str, log: Path):
+def start_server(adapter: Path, rank_aware: bool, dtype: str | None, log: Path):
+    """`kdlora serve` with `adapter`; dtype None: the one kdlora serve picks on this machine."""
     from kdlora_serve.serve import start_background
 
     env = {**os.environ, "KDLORA_RANK_AWARE": "1" if rank_aware else "0", "VLLM_NO_USAGE_STATS": "1", "KDLORA_CACHE": str(WORK / "cache")}
-    return start_background(["--adapter", str(adapter), "--max-loras", "8", "--", "--served-model-name", "base", "--dtype", dtype,
-                             "--max-model-len", "1024"], log, env=env)
+    return start_background(["--adapter", str(adapter), "--max-loras", "8", "--", "--served-model-name", "base",
+                             *(["--dtype", dtype] if dtype else []), "--max-model-len", "1024"], log, env=env)
 
 
 def throughput(client, model: str | list[str], concurrency: int, tokens: int) -> float:

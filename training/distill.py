@@ -444,8 +444,8 @@ def save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state) -> Non
     weights, optimizer_state = gather_training_state(model, optimizer)  # every process takes part (FSDP: shards)
     if accelerator.is_main_process:
         with atomic_dir(cfg.checkpoint_dir, replace=True) as tmp:
-            tensors = dict(accelerator.unwrap_model(model).named_parameters())  # tied weights once, as parameters list them
-            save_file({name: t.contiguous() for name, t in weights.items() if name in tensors}, tmp / "trainable.safetensors")
+            names = {name for name, _ in accelerator.unwrap_model(model).named_parameters()}  # tied weights once, as parameters list them
+            save_file({name: t.contiguous() for name, t in weights.items() if name in names}, tmp / "trainable.safetensors")
             torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({**asdict(state), "config": cfg.fingerprint()}, indent=1))
     accelerator.wait_for_everyone()
