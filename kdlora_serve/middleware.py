@@ -9,7 +9,7 @@ It is the outermost layer of vLLM's app, so it also guards the whole server:
   client swap the weights behind a served name past kdlora's allow-list and checks.
 
 For generation requests whose `model` is a kdlora adapter it reads the budget (`extra_body={"kdlora":
-{...}}` or `x-kdlora-*` headers), picks the rank (policy), makes sure the rank's directory is intact
+{...}}` or `x-kdlora-*` headers), picks the rank (policy), makes sure the files vLLM loads for it are intact
 (store), rewrites `model` to `<adapter>@r<k>` before vLLM sees it (vLLM then echoes that name and the
 resolver registers the rank), adds `x-kdlora-rank` / `x-kdlora-budget-met` to the response, and measures
 ms per generated token per rank for the policy. Bad requests get OpenAI-shaped JSON errors; nothing
@@ -112,7 +112,7 @@ class KdloraMiddleware:
         try:
             loaded = await asyncio.to_thread(store.load, adapter, served)
             choice = choose_rank(loaded.metadata, budget, adapter, store.costs, rank, self.in_flight)
-            await asyncio.to_thread(store.rank_dir, adapter, choice.rank, served)  # intact before vLLM may load it
+            await asyncio.to_thread(store.lora_dir, adapter, choice.rank, served)  # intact before vLLM may load it
         except RequestError:
             raise
         except KdloraError as err:

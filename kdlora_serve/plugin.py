@@ -1,6 +1,7 @@
 """vLLM general plugin (`vllm.general_plugins: kdlora`), loaded in every vLLM process; idempotent.
 
-- API server: registers the kdlora LoRA resolver (`<adapter>@r<k>` -> a rank-k LoRA).
+- API server: registers the kdlora LoRA resolver (`<adapter>@r<k>` -> a rank-k LoRA) and, with a rank-aware
+  backend, serves every rank of an adapter as one vLLM LoRA (resolver); loads the configured adapters at start.
 - Workers: installs kdlora's rank-aware LoRA compute: on CPU the grouped path that also keeps base-model tokens
   exact (lora_cpu), on CUDA the Triton kernels (lora_triton).
 - vLLM's child processes (engine core, workers) end when their parent does, so a killed API server
@@ -23,14 +24,14 @@ def register() -> None:
     _registered = True
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from kdlora_serve import lora_cpu, lora_triton
-    from kdlora_serve.resolver import KdloraResolver
+    from kdlora_serve import lora_cpu, lora_triton, resolver
 
     _end_with_parent()
     if "kdlora" not in LoRAResolverRegistry.get_supported_resolvers():
-        LoRAResolverRegistry.register_resolver("kdlora", KdloraResolver())
+        LoRAResolverRegistry.register_resolver("kdlora", resolver.KdloraResolver())
     lora_cpu.install()
     lora_triton.install()
+    resolver.install()
 
 
 def _end_with_parent() -> None:

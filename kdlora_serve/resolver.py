@@ -1,8 +1,14 @@
-"""vLLM LoRA resolver: turns `<adapter>@r<k>` into a registered rank-k LoRA (its own name, id, path).
+"""How kdlora names become vLLM LoRAs: `<adapter>@r<k>` -> a registered LoRA (name, id, path).
 
-vLLM calls it (API-server process, with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1) for a request whose model
-is neither the base nor a known LoRA; by then the middleware has already validated the name and
-rewritten budgets to an explicit rank, so anything else is not ours (None).
+- `KdloraResolver`, a vLLM LoRA resolver: vLLM calls it (API-server process, with
+  VLLM_ALLOW_RUNTIME_LORA_UPDATING=1) for a request whose model is neither the base nor a known LoRA; by then the
+  middleware has validated the name and rewritten budgets to an explicit rank, so anything else is not ours (None).
+- `resolve_lora`, patched over vLLM's OpenAIServingModels.resolve_lora: with a rank-aware backend (lora_slots),
+  every rank of an adapter is ONE vLLM LoRA: the first rank requested loads the full-rank adapter; any other rank
+  is registered under the same id and path, with nothing to load (vLLM would give each name its own id).
+  With vLLM's stock LoRA ops each rank stays its own LoRA, the truncation.
+- `init_static_loras`, patched the same way: the adapters given at start (`kdlora serve --adapter`) are pulled,
+  checked and loaded into the engine before the server takes requests, so no first request waits for that.
 """
 
 import asyncio
@@ -12,25 +18,73 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from hub.errors import KdloraError
+from kdlora_serve import lora_slots
 from kdlora_serve.policy import split_model_name
 from kdlora_serve.store import get_store
 
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
+TESTED_VLLM_VERSIONS = ("0.32.0",)
+_STOCK: dict = {}
 
 
 class KdloraResolver(LoRAResolver):
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         store = get_store()
-        try:
-            adapter, rank = split_model_name(lora_name)
-        except KdloraError:
-            return None
+        adapter, rank = _kdlora_name(lora_name)
         if rank is None or not store.is_adapter_name(adapter):
             return None
         try:
-            path = await asyncio.to_thread(store.rank_dir, adapter, rank, base_model_name)
+            path = await asyncio.to_thread(store.lora_dir, adapter, rank, base_model_name)
         except KdloraError as err:
             log.warning("kdlora: cannot resolve %s: %s", lora_name, err)
             return None
-        # lora_int_id is replaced by vLLM's own counter; name and path identify this rank
+        # lora_int_id is replaced by vLLM's own counter; name and path identify this LoRA
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+
+
+def _kdlora_name(name: str) -> tuple[str | None, int | None]:
+    try:
+        return split_model_name(name)
+    except KdloraError:
+        return None, None
+
+
+async def resolve_lora(self, lora_name: str):
+    adapter, rank = _kdlora_name(lora_name)
+    if rank is None or not get_store().one_lora_per_adapter:
+        return await _STOCK["resolve_lora"](self, lora_name)
+    async with self.lora_resolver_lock[f"kdlora:{adapter}"]:  # one load per adapter, however many ranks race to it
+        if lora_name in self.lora_requests:
+            return self.lora_requests[lora_name]
+        loaded = next((r for name, r in list(self.lora_requests.items()) if _kdlora_name(name)[0] == adapter), None)
+        if loaded is None:
+            return await _STOCK["resolve_lora"](self, lora_name)
+        alias = LoRARequest(lora_name=lora_name, lora_int_id=loaded.lora_int_id, lora_path=loaded.lora_path,
+                            base_model_name=loaded.base_model_name)
+        self.lora_requests[lora_name] = alias
+        log.info("kdlora: %s served from %s's LoRA (id %d): nothing to load", lora_name, loaded.lora_name, loaded.lora_int_id)
+        return alias
+
+
+async def init_static_loras(self):
+    await _STOCK["init_static_loras"](self)
+    store = get_store()
+    store.one_lora_per_adapter = lora_slots.rank_aware(self.engine_client.vllm_config.lora_config)
+    for adapter in store.aliases:
+        try:
+            loaded = await asyncio.to_thread(store.load, adapter, self.model_config.model)
+            await self.resolve_lora(f"{adapter}@r{loaded.metadata.default_rank}")
+        except Exception as err:  # the server still starts; the adapter's first request says what is wrong
+            log.warning("kdlora: could not load %s at start: %s", adapter, err)
+
+
+def install() -> None:
+    """Patch vLLM's OpenAI model registry (idempotent; tested vLLM versions only: elsewhere each rank is its own LoRA)."""
+    import vllm
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
+        return
+    for name, method in {"resolve_lora": resolve_lora, "init_static_loras": init_static_loras}.items():
+        _STOCK.setdefault(name, getattr(OpenAIServingModels, name))
+        setattr(OpenAIServingModels, name, method)

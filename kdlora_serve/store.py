@@ -1,5 +1,6 @@
 """The adapters one server knows: aliases given at start, Hub repos on an allow-list, pulled once
-(safetensors only, validated by hub/), truncated once per rank into a cache directory.
+(safetensors only, validated by hub/), handed to vLLM whole (one LoRA serves every rank, lora_slots) or, with
+vLLM's stock LoRA ops, truncated once per rank into a cache directory.
 
 One store lives in the API-server process; the middleware (rank choice) and the LoRA resolver
 (registration with vLLM) share it through `get_store()`. Every directory handed to vLLM is checked
@@ -42,7 +43,7 @@ class Loaded:
     spec: str  # where it came from: repo id (with revision) or local path
     directory: Path  # the validated full-rank adapter
     metadata: RankMetadata
-    warm: set[int] = field(default_factory=set)  # ranks written and handed to vLLM
+    warm: set[int] = field(default_factory=set)  # ranks handed to vLLM (all of them once the full adapter is)
 
 
 class Fingerprint:
@@ -88,6 +89,8 @@ def remove_dead_servers(root: Path) -> None:
 class AdapterStore:
     def __init__(self, aliases: dict[str, str], allow: list[str], base_ids: list[str], root: Path, endpoint: str | None = None):
         self.aliases, self.allow, self.base_ids, self.root, self.endpoint = aliases, allow, base_ids, root, endpoint
+        # every rank from the full adapter, one vLLM LoRA (set at start where lora_slots.rank_aware), else truncations
+        self.one_lora_per_adapter = False
         self.costs = CostTracker()
         self._loaded: dict[str, Loaded] = {}
         self._described: dict[str, RankMetadata] = {}  # metadata read without weights, for listings
@@ -173,30 +176,38 @@ class AdapterStore:
             raise RequestError(f"adapter '{name}' was trained on base model '{meta.base_model.id}', but this server serves "
                                f"'{served[0]}'; serve it with its own base (kdlora serve --adapter {name})", 400, "model")
 
-    def rank_dir(self, name: str, rank: int, served_model: str | None = None) -> Path:
-        """The rank-`rank` truncation of `name`, checked intact; written (or re-made) when it is not."""
+    def lora_dir(self, name: str, rank: int, served_model: str | None = None) -> Path:
+        """The directory vLLM loads for rank `rank` of `name`, checked intact (re-made or pulled again when it is not):
+        the full-rank adapter where every rank is served from one LoRA (`one_lora_per_adapter`), else the truncation."""
         loaded = self.load(name, served_model)
         loaded.metadata.check_rank(rank)
-        out = loaded.directory.parent / f"r{rank}"
         with self._lock(name):
-            fingerprint = self._fingerprints.get(out)
-            if fingerprint is None or not fingerprint.holds():
-                if fingerprint is not None:
-                    log.warning("kdlora: %s on disk changed since it was written; re-making it from the pulled adapter", out)
-                self._remake(name, loaded, rank, out)
+            self._keep_pulled_copy(name, loaded)
+            if self.one_lora_per_adapter:
+                out, warm = loaded.directory, range(1, loaded.metadata.max_rank + 1)
+            else:
+                out, warm = loaded.directory.parent / f"r{rank}", (rank,)
+                fingerprint = self._fingerprints.get(out)
+                if fingerprint is None or not fingerprint.holds():
+                    if fingerprint is not None:
+                        log.warning("kdlora: %s on disk changed since it was written; re-making it from the pulled adapter", out)
+                    self._truncate(name, loaded, rank, out)
         with self._guard:
-            loaded.warm.add(rank)
+            loaded.warm.update(warm)
         return out
 
-    def _remake(self, name: str, loaded: Loaded, rank: int, out: Path) -> None:
-        if not self._fingerprints[loaded.directory].holds():
-            log.warning("kdlora: the pulled copy of %s changed on disk; pulling it again", name)
-            shutil.rmtree(loaded.directory, ignore_errors=True)
-            try:
-                pull_adapter(loaded.spec, loaded.directory, endpoint=self.endpoint)
-            except KdloraError as err:
-                raise RequestError(f"adapter '{name}': its files on this server were damaged and pulling it again failed: {err}", 503, "model") from err
-            self._fingerprints[loaded.directory] = Fingerprint(loaded.directory)
+    def _keep_pulled_copy(self, name: str, loaded: Loaded) -> None:
+        if self._fingerprints[loaded.directory].holds():
+            return
+        log.warning("kdlora: the pulled copy of %s changed on disk; pulling it again", name)
+        shutil.rmtree(loaded.directory, ignore_errors=True)
+        try:
+            pull_adapter(loaded.spec, loaded.directory, endpoint=self.endpoint)
+        except KdloraError as err:
+            raise RequestError(f"adapter '{name}': its files on this server were damaged and pulling it again failed: {err}", 503, "model") from err
+        self._fingerprints[loaded.directory] = Fingerprint(loaded.directory)
+
+    def _truncate(self, name: str, loaded: Loaded, rank: int, out: Path) -> None:
         started = time.perf_counter()
         shutil.rmtree(out, ignore_errors=True)
         truncate_adapter(loaded.directory, rank, out)

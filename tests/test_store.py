@@ -28,7 +28,7 @@ def test_a_server_that_exits_removes_its_adapter_copies(tmp_path):
     probe = ("from pathlib import Path\n"
              "from kdlora_serve.store import AdapterStore\n"
              f"store = AdapterStore({{'a': {str(adapter)!r}}}, [], [], Path({str(tmp_path / 'served')!r}))\n"
-             "print(store.rank_dir('a', 2))\n")
+             "print(store.lora_dir('a', 2))\n")
     made = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert made.endswith("/r2") and (tmp_path / "served").is_dir()
     assert list((tmp_path / "served").iterdir()) == []

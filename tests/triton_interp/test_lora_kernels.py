@@ -1,7 +1,7 @@
 """kdlora's Triton LoRA kernels (kdlora_serve/lora_triton.py) == a torch reference == vLLM's stock kernels on the
 padded weights, through vLLM's own PunicaWrapperGPU on CPU tensors under Triton's interpreter (fp16: numpy has
-no bf16). One mixed batch: base tokens, three adapters at ranks 16 / 8 / 32 (padded to 32), and a rank-4 cut of
-the rank-16 adapter, in the layer shapes vLLM calls: q/k/v slices (GQA widths), gate/up, a row-parallel
+no bf16). One mixed batch: base tokens, three adapters at ranks 16 / 8 / 32 (padded to 32), and requests for
+rank 4 of the rank-16 adapter (rsLoRA scaling), in the layer shapes vLLM calls: q/k/v slices (GQA widths), gate/up, a row-parallel
 down_proj (shrink and expand called apart) and lm_head (sampled tokens)."""
 
 import inspect
@@ -15,21 +15,23 @@ from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.platforms import current_platform
 from vllm.triton_utils import HAS_TRITON
+from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
 from kdlora_serve import lora_slots, lora_triton
 
 pytestmark = pytest.mark.triton_interpreter
 
 HIDDEN, VOCAB, MAX_RANK = 64, 256, 32
-SLOT_RANKS = {0: 16, 1: 4, 2: 8, 3: 32}  # slot 1: slot 0's adapter cut to rank 4 (B times 2: its alpha/r ratio)
+SLOT_RANKS = {0: 16, 1: 4, 2: 8, 3: 32}  # slot 1: what stock vLLM loads for rank 4 of slot 0's adapter (its own copy)
 TOKEN_SLOTS = [-1, 0, 1, 2, 3, 1, -1, 0, 2, 1]  # -1: base model
+RANK_4_OF_SLOT_0 = 1 + (2 * 4 + 1) * lora_slots.RANK_STRIDE  # kdlora: slot 0's id (1), rank 4, rsLoRA (lora_slots.want_of)
 LAYERS = {"qkv": (64, 32, 32), "gate_up": (96, 96), "down": (64,), "lm_head": (VOCAB,)}
 CONFIG = SimpleNamespace(max_loras=4, max_lora_rank=MAX_RANK, specialize_active_lora=False, fully_sharded_loras=False)
 
 
 def adapter_weights(widths: tuple[int, ...], seed: int) -> tuple[tuple, tuple]:
     """Stacked (A per slice [slots, 1, MAX_RANK, HIDDEN], B per slice [slots, 1, width, MAX_RANK]) as vLLM holds them:
-    each slot zero past its adapter's rank; slot 1 = slot 0 cut to rank 4, B scaled by 2."""
+    each slot zero past its adapter's rank; slot 1 = slot 0 cut to rank 4, B scaled by 2 (rsLoRA: sqrt(16 / 4))."""
     g = torch.Generator().manual_seed(seed)
     a_all, b_all = [], []
     for width in widths:
@@ -45,7 +47,6 @@ def adapter_weights(widths: tuple[int, ...], seed: int) -> tuple[tuple, tuple]:
 
 
 WEIGHTS = {name: adapter_weights(widths, seed) for seed, (name, widths) in enumerate(LAYERS.items())}
-NESTED = lora_slots.nested_slots([SimpleNamespace(lora_a_stacked=a, lora_b_stacked=b) for a, b in WEIGHTS.values()], SLOT_RANKS)
 X = torch.randn(len(TOKEN_SLOTS), HIDDEN, generator=torch.Generator().manual_seed(7)).half()
 Y0 = {name: torch.randn(len(TOKEN_SLOTS), sum(widths), generator=torch.Generator().manual_seed(8)).half()
       for name, widths in LAYERS.items()}
@@ -62,12 +63,14 @@ def reference(name: str) -> torch.Tensor:
 
 
 def wrapper(config=CONFIG) -> PunicaWrapperGPU:
-    """vLLM's GPU punica wrapper on CPU tensors with the batch mapped; kdlora's slot table filled when installed."""
+    """vLLM's GPU punica wrapper on CPU tensors with the batch mapped: for stock vLLM rank 4 is slot 1's own copy; for
+    kdlora (installed) it is slot 0's adapter with the rank in the mapping, as lora_slots.set_active_loras writes it."""
     punica = PunicaWrapperGPU(64, 8, "cpu", lora_config=config)
-    if hasattr(punica, "kdlora_slots_changed"):
-        for slot, rank in SLOT_RANKS.items():
-            punica.kdlora_slots_changed(slot, rank, NESTED)
     lora_ids = tuple(slot + 1 for slot in TOKEN_SLOTS)  # id 0 = no LoRA; slot s holds id s + 1
+    if hasattr(punica, "kdlora_slots_changed") and not config.fully_sharded_loras:  # there kdlora serves ranks as stock does
+        for slot, rank in SLOT_RANKS.items():
+            punica.kdlora_slots_changed(slot, rank)
+        lora_ids = tuple(RANK_4_OF_SLOT_0 if slot == 1 else slot + 1 for slot in TOKEN_SLOTS)
     punica.update_metadata(LoRAMapping(lora_ids, lora_ids, is_prefill=False), [1, 2, 3, 4], 4, VOCAB)
     return punica
 
@@ -101,6 +104,8 @@ def kdlora(monkeypatch) -> None:
     for name in ("update_metadata", "add_shrink", "add_expand", "add_lora_logits", "kdlora_slots_changed"):
         monkeypatch.setattr(PunicaWrapperGPU, name, getattr(PunicaWrapperGPU, name, None), raising=False)
     monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
+    monkeypatch.setattr(LoRAModelRunnerMixin, "set_active_loras", LoRAModelRunnerMixin.set_active_loras)
+    monkeypatch.setattr(lora_slots, "_installed", [])
     assert lora_triton.install()
 
 
@@ -110,7 +115,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_kdlora_kernels_equal_the_reference_and_vllms_stock_kernels(stock, kdlora, name):
-    assert NESTED == {0: (0, 1.0), 1: (0, 2.0), 2: (2, 1.0), 3: (3, 1.0)}
     ours = apply(wrapper(), name)
     assert_close(ours, reference(name))
     assert_close(stock[name], reference(name))
@@ -118,25 +122,25 @@ def test_kdlora_kernels_equal_the_reference_and_vllms_stock_kernels(stock, kdlor
     assert torch.equal(ours[base_rows], Y0[name][base_rows])  # base-model tokens untouched, bit for bit
 
 
-def test_a_cut_of_a_resident_adapter_reads_the_largest_cut_not_its_own_copy(kdlora):
-    """Slot 1's own weights are zeroed after the nesting was found: its tokens still get rank 4 of slot 0's."""
+def test_a_rank_of_a_resident_adapter_reads_its_slot_not_a_copy(kdlora):
+    """Slot 1's copy zeroed: the rank-4 tokens still get rank 4 of slot 0's adapter, scaled to their rank."""
     punica = wrapper()
     lora_a, lora_b = (tuple(t.clone() for t in group) for group in WEIGHTS["qkv"])
     for t in lora_a + lora_b:
         t[1].zero_()
     assert_close(apply(punica, "qkv", (lora_a, lora_b)), reference("qkv"))
-    assert punica.kdlora_table.tokens.active_lora_ids.tolist()[:4] == [-1, 0, 2, 3]  # three groups read weights, not four
+    assert punica.kdlora_table.tokens.meta.active_lora_ids.tolist()[:4] == [-1, 0, 2, 3]  # three groups read weights, not four
 
 
 @pytest.mark.parametrize("slot, wrong_rank", [(1, 16), (3, 31), (0, 8)])
 def test_a_wrong_rank_mask_fails_the_comparison(kdlora, slot, wrong_rank):
-    """Mutation check: the comparison above catches a rank mask off in either direction: a cut reading past its
-    rank into the larger cut's weights, or a slot cut short. (A mask past the rank of a slot's OWN weights reads
+    """Mutation check: the comparison above catches a rank mask off in either direction: a rank-4 token reading past
+    its rank into the rest of its adapter, or a token cut short. (A mask past the rank of a slot's OWN weights reads
     vLLM's zero padding: same numbers, more bytes; only a benchmark sees that.)"""
     punica = wrapper()
-    punica.kdlora_table.slot_rank[slot] = wrong_rank
-    ours = apply(punica, "qkv")
     rows = [token for token, s in enumerate(TOKEN_SLOTS) if s == slot]
+    punica.kdlora_table.tokens.token_rank[rows] = wrong_rank
+    ours = apply(punica, "qkv")
     assert (ours[rows].float() - reference("qkv")[rows]).abs().max() > 0.05
 
 
