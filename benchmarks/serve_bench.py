@@ -5,18 +5,26 @@ CUDA; =0: vLLM's stock path) and dtype, `kdlora serve` starts once on 127.0.0.1 
 teacher; every rank is warmed, then throughput (generated tok/s, greedy, fixed length) is measured at
 concurrency 1 and 8 for the base model and each rank, plus one batch of 8 requests mixing all ranks
 (to compare with its largest rank alone), interleaved round-robin over `--rounds` rounds so load drift
-hits all rows alike. Ratios are to the base model measured in the same server run. Also
-time-to-first-token of a rank not yet loaded (pull + truncate + load) vs warm. Writes JSON + PNG to
-benchmarks/results/ (serve.* on CPU, serve_gpu.* on CUDA).
+hits all rows alike. Ratios are to the base model measured in the same server run.
 
-    .venv/bin/python benchmarks/serve_bench.py [--dtypes float32,bfloat16] [--tokens 64] [--rounds 2]
+Also time to first token (TTFT, streamed, 4 tokens), each once per server, before the throughput runs: an
+adapter given at start, never requested; after one request to another adapter at its default rank, a rank of
+it never requested before; the same rank warm (median of 3); an adapter pulled on demand from a Hub (the test suite's local server
+speaking the Hub's HTTP protocol, on 127.0.0.1: the real Hub is out of reach here; --allow 'bench/*').
+Writes JSON + PNG to benchmarks/results/ (serve.* on CPU, serve_gpu.* on CUDA).
+
+    .venv/bin/python benchmarks/serve_bench.py [--dtypes float32,bfloat16] [--modes stock,rank-aware] [--tokens 64] [--rounds 2]
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import platform
+import shutil
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -57,13 +65,26 @@ def make_adapter() -> Path:
     return out
 
 
-def start_server(adapter: Path, rank_aware: bool, dtype: str | None, log: Path):
+def start_server(adapter: Path, rank_aware: bool, dtype: str | None, log: Path, more_args=(), env=None):
     """`kdlora serve` with `adapter`; dtype None: the one kdlora serve picks on this machine."""
     from kdlora_serve.serve import start_background
 
-    env = {**os.environ, "KDLORA_RANK_AWARE": "1" if rank_aware else "0", "VLLM_NO_USAGE_STATS": "1", "KDLORA_CACHE": str(WORK / "cache")}
-    return start_background(["--adapter", str(adapter), "--max-loras", "8", "--", "--served-model-name", "base",
+    env = {**os.environ, **(env or {}), "KDLORA_RANK_AWARE": "1" if rank_aware else "0", "VLLM_NO_USAGE_STATS": "1",
+           "KDLORA_CACHE": str(WORK / "cache")}
+    return start_background(["--adapter", str(adapter), *more_args, "--max-loras", "8", "--", "--served-model-name", "base",
                              *(["--dtype", dtype] if dtype else []), "--max-model-len", "1024"], log, env=env)
+
+
+@contextlib.contextmanager
+def hub_with(adapter: Path, repo: str):
+    """The test suite's local Hub server (tests/hf_server.py) on 127.0.0.1 holding `adapter` as `repo`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_server import serve_fake_hub
+
+    with serve_fake_hub() as (url, hub):
+        hub.create_repo(repo)
+        hub.commit(repo, {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()})
+        yield url
 
 
 def throughput(client, model: str | list[str], concurrency: int, tokens: int) -> float:
@@ -94,48 +115,60 @@ def run_mode(adapter, rank_aware, dtype, tokens, rounds) -> dict:
     from openai import OpenAI
 
     name = f"{'rank-aware' if rank_aware else 'stock'}-{dtype}"
-    proc, url = start_server(adapter, rank_aware, dtype, WORK / f"server-{name}.log")
-    try:
-        client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
-        alias = adapter.name
-        cold = ttft(client, f"{alias}@r2")  # never loaded: pull (local) + truncate + load
-        warm = ttft(client, f"{alias}@r2")
-        models = ["base"] + [f"{alias}@r{k}" for k in RANKS]
-        for model in models:
-            throughput(client, model, 1, 4)  # warm-up: every rank resident before timing
-        mixed = [f"{alias}@r{k}" for k in RANKS]  # one batch of 8 requests over all ranks, vs its largest rank alone
-        rates = {(m, c): [] for m in models for c in (1, 8)} | {("mixed", 8): []}
-        for _ in range(rounds):
-            for concurrency in (1, 8):
-                for model in models:
-                    rates[(model, concurrency)].append(throughput(client, model, concurrency, tokens))
-            rates[("mixed", 8)].append(throughput(client, mixed, 8, tokens))
-        mean = {key: sum(v) / len(v) for key, v in rates.items()}
-        rows = {}
+    second = WORK / "bench-adapter-2"  # the same weights under another name: an adapter given at start, never requested
+    if not second.exists():
+        shutil.copytree(adapter, second)
+    with hub_with(adapter, "bench/on-demand") as hub_url:
+        proc, url = start_server(adapter, rank_aware, dtype, WORK / f"server-{name}.log", ["--adapter", str(second), "--allow", "bench/*"],
+                                 {"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1"})
+        try:
+            return measure(OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600), name, adapter.name, second.name,
+                           tokens, rounds)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+
+
+def measure(client, name, alias, second, tokens, rounds) -> dict:
+    ttfts = {"new_adapter_given_at_start": ttft(client, f"{second}@r2")}
+    ttft(client, f"{alias}@r8")  # the adapter in use (its default rank) ...
+    ttfts["new_rank"] = ttft(client, f"{alias}@r2")  # ... then a rank of it never requested before
+    ttfts["warm"] = statistics.median(ttft(client, f"{alias}@r2") for _ in range(3))
+    ttfts["new_adapter_pulled_on_demand"] = ttft(client, "bench/on-demand@r2")
+    models = ["base"] + [f"{alias}@r{k}" for k in RANKS]
+    for model in models:
+        throughput(client, model, 1, 4)  # warm-up: every rank resident before timing
+    mixed = [f"{alias}@r{k}" for k in RANKS]  # one batch of 8 requests over all ranks, vs its largest rank alone
+    rates = {(m, c): [] for m in models for c in (1, 8)} | {("mixed", 8): []}
+    for _ in range(rounds):
         for concurrency in (1, 8):
-            base = mean[("base", concurrency)]
-            rows[f"c{concurrency}"] = {"base_tok_s": base, **{str(k): {"tok_s": mean[(f"{alias}@r{k}", concurrency)],
-                                                                        "ratio_to_base": mean[(f"{alias}@r{k}", concurrency)] / base}
-                                                                  for k in RANKS}}
-        rows["c8"]["mixed"] = {"ranks": RANKS + RANKS[:2], "tok_s": mean[("mixed", 8)], "ratio_to_base": mean[("mixed", 8)] / mean[("base", 8)]}
-        result = {"mode": name, "ttft_cold_s": cold, "ttft_warm_s": warm, "throughput": rows}
-        print(json.dumps(result), flush=True)
-        return result
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+            for model in models:
+                rates[(model, concurrency)].append(throughput(client, model, concurrency, tokens))
+        rates[("mixed", 8)].append(throughput(client, mixed, 8, tokens))
+    mean = {key: sum(v) / len(v) for key, v in rates.items()}
+    rows = {}
+    for concurrency in (1, 8):
+        base = mean[("base", concurrency)]
+        rows[f"c{concurrency}"] = {"base_tok_s": base, **{str(k): {"tok_s": mean[(f"{alias}@r{k}", concurrency)],
+                                                                    "ratio_to_base": mean[(f"{alias}@r{k}", concurrency)] / base}
+                                                              for k in RANKS}}
+    rows["c8"]["mixed"] = {"ranks": RANKS + RANKS[:2], "tok_s": mean[("mixed", 8)], "ratio_to_base": mean[("mixed", 8)] / mean[("base", 8)]}
+    result = {"mode": name, "ttft_s": ttfts, "throughput": rows}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--modes", default="stock,rank-aware")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     adapter = make_adapter()
     results = [run_mode(adapter, rank_aware, dtype, args.tokens, args.rounds)
-               for dtype in args.dtypes.split(",") for rank_aware in (False, True)]
+               for dtype in args.dtypes.split(",") for rank_aware in [mode == "rank-aware" for mode in args.modes.split(",")]]
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -20,6 +20,9 @@ Only on the CPU platform and for the vLLM versions it was tested with; `KDLORA_R
 vLLM's stock path (for A/B runs). The CUDA counterpart is lora_triton.
 """
 
+import math
+import time
+
 import torch
 
 from kdlora_serve import lora_slots
@@ -29,87 +32,156 @@ TESTED_VLLM_VERSIONS = ("0.32.0",)
 
 
 def _groups(slots: torch.Tensor, wants: torch.Tensor | None, slot_ranks: dict[int, int]) -> list[tuple]:
-    """[(slot, rows, want, column_scale)] for this step's tokens. rows: None when one group has every token, a
-    slice when its tokens are contiguous, else their indices. want: what the group is computed with (lora_slots'
-    encoding; its largest rank). column_scale [rows, rank] or None: for groups whose tokens ask for different
-    ranks, each row's first k columns times its scale over the group's."""
+    """[(slot, rows, rank, column_scale)] for this step's tokens. rows: None when one group has every token, a slice
+    when its tokens are contiguous, else their indices. rank: the largest rank the group's tokens ask for (None: the
+    slot's, not known here). column_scale [rows, rank] or None: each row's first k columns times its rank's LoRA
+    scale over the slot's (vLLM multiplied alpha/R into the slot's B); None when every row asks for the slot's rank."""
     groups = []
     for slot in torch.unique(slots).tolist():
         if slot < 0:  # slot -1: base-model tokens, no LoRA at all
             continue
         rows = (slots == slot).nonzero(as_tuple=True)[0]
-        slot_rank = slot_ranks.get(slot)
-        row_wants = wants[rows] if wants is not None and slot_rank is not None else torch.zeros(len(rows), dtype=torch.int64)
-        want, column_scale = int(row_wants[0]), None
-        if not torch.all(row_wants == want):
-            ranks = torch.where(row_wants == 0, slot_rank, row_wants // 2)
-            want = int(row_wants[ranks.argmax()])
-            ratios = lora_slots.scale_ratio(row_wants, slot_rank) / lora_slots.scale_ratio(torch.tensor(want), slot_rank)
-            column_scale = (torch.arange(int(ranks.max())) < ranks[:, None]) * ratios[:, None]
+        slot_rank, rank, column_scale = slot_ranks.get(slot), None, None
+        if wants is not None and slot_rank is not None:
+            row_wants = wants[rows]
+            ranks = torch.where(row_wants == 0, slot_rank, row_wants // 2).clamp(max=slot_rank)
+            rank = int(ranks.max())
+            if not torch.all(ranks == slot_rank):
+                column_scale = (torch.arange(rank) < ranks[:, None]) * lora_slots.scale_ratio(row_wants, slot_rank)[:, None]
         first = int(rows[0])
         if torch.equal(rows, torch.arange(first, first + len(rows))):
             rows = None if len(rows) == len(slots) else slice(first, first + len(rows))
-        groups.append((slot, rows, want, column_scale))
+        groups.append((slot, rows, rank, column_scale))
     return groups
 
 
-FUSE_EXPAND_MAX_RANK = 16  # block-diagonal B up to here: one expand matmul per layer beats one per slice (measured)
-
-
 def _apply_grouped(owner, y_rows, x_rows, groups, lora_a_stacked, lora_b_stacked, scale, output_slices) -> None:
-    """y[rows of slot s] += (x[rows] @ A_s[:k]^T * scale) @ B_s[:, :k]^T for each group, all slices of the layer at once.
-
-    At one token per step the cost is per torch call (~120 LoRA'd layers per step), not FLOPs, so a group is
-    as few calls as possible: one shrink for all slices (A's stacked) and one expand (B's block-diagonal, or
-    one per slice at high rank); no row or column selection when there is nothing to select."""
-    for slot, rows, want, column_scale in groups:
-        weights = _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot, want, y_rows.dtype, scale, output_slices)
-        if weights is None:  # this adapter has no LoRA on this layer
-            continue
-        a_all, expands = weights
-        x_group = x_rows if rows is None else x_rows[rows]
-        shrunk = torch.mm(x_group if x_group.dtype == torch.float32 else x_group.float(), a_all)
-        if column_scale is not None:  # rows asking for a smaller rank than the group's: their rank, their scaling
-            shrunk.view(len(shrunk), -1, column_scale.shape[1]).mul_(column_scale.unsqueeze(1))
-        if shrunk.dtype != y_rows.dtype:
-            shrunk = shrunk.to(y_rows.dtype)
-        target = y_rows if rows is None else y_rows[rows]  # a view, or for scattered rows a copy written back below
-        for columns, shrunk_columns, b in expands:
-            if columns is None:
-                target.addmm_(shrunk, b)
-            else:
-                target[:, columns].addmm_(shrunk[:, shrunk_columns], b)
-        if isinstance(rows, torch.Tensor):
-            y_rows[rows] = target
+    """y[rows of slot s] += (x[rows] @ A_s[:k]^T * scale) @ B_s[:, :k]^T for each group, all slices of the layer at once."""
+    for slot, rows, rank, column_scale in groups:
+        tokens = len(x_rows) if rows is None else rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+        weights = _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot, y_rows.dtype, scale, output_slices, rank, tokens)
+        if weights is not None:  # None: this adapter has no LoRA on this layer
+            _apply(weights, y_rows, x_rows, rows, rank, column_scale)
 
 
-def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, want: int, dtype, scale: float, output_slices):
-    """The slot's weights cut to the rank `want` asks for (lora_slots' encoding, 0 = the slot's), B scaled from the
-    slot's alpha/R to that rank's, cached until vLLM activates an adapter (`slots_changed`): (A of every slice
-    stacked, transposed, times scale, fp32 like stock's shrink; [(y columns, shrunk columns, B^T in the output
-    dtype)], one block-diagonal B for all slices up to the expand-fusion rank); None when the slot's A is all zero
-    (vLLM zeroes a slot for layers the adapter does not touch, e.g. lm_head)."""
+def _apply(weights, y_rows, x_rows, rows, rank, column_scale) -> None:
+    """One group through its slot's layout (`_layout`), read up to `rank`. At one token per step the cost is per call
+    (~120 LoRA'd layers per step), not FLOPs, so a group is as few calls as possible: one shrink for all slices (A's
+    stacked) and one expand (B's block-diagonal) where that was measured faster; nothing selected that is all there."""
+    plan, slices, shrink, expands = weights
+    rank = rank or shrink.shape[1] // slices
+    x_group = x_rows if rows is None else x_rows[rows]
+    shrunk = torch.mm(x_group if x_group.dtype == torch.float32 else x_group.float(), shrink[:, : rank * slices])
+    if column_scale is not None:  # rows asking for a smaller rank than the group's: their rank, their scaling
+        shrunk.view(len(shrunk), rank, slices).mul_(column_scale.unsqueeze(2))
+    if plan != "fp32" and shrunk.dtype != y_rows.dtype:
+        shrunk = shrunk.to(y_rows.dtype)
+    target = y_rows if rows is None else y_rows[rows]  # a view, or for scattered rows a copy written back below
+    for columns, index, b in expands:
+        if plan == "fp32":
+            target.add_(torch.mm(shrunk, b[: rank * slices]))
+        elif columns is None:
+            target.addmm_(shrunk, b[: rank * slices])
+        else:
+            target[:, columns].addmm_(shrunk[:, index::slices], b[:rank])
+    if isinstance(rows, torch.Tensor):
+        y_rows[rows] = target
+
+
+def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale: float, output_slices, rank, tokens: int):
+    """The slot's weights up to its adapter's rank R, laid out for the plan measured fastest for this rank and number of
+    tokens (`_plan`), cached until vLLM activates an adapter (`slots_changed`); None when the slot's A is all zero
+    (vLLM zeroes a slot for layers the adapter does not touch, e.g. lm_head). Every rank k <= R reads a prefix of
+    the same layout: a rank never asked for before builds nothing."""
     cache = owner.__dict__.setdefault("kdlora_weights", {})
-    key = (id(lora_a_stacked[0]), slot, want, dtype, scale)
-    if key in cache:
-        return cache[key]
-    slot_rank = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, lora_a_stacked[0].shape[-2])
-    rank = want // 2 if want else slot_rank
-    ratio = float(lora_slots.scale_ratio(torch.tensor(want), slot_rank))
-    a_all = torch.cat([a[slot].reshape(-1, a.shape[-1])[:rank] for a in lora_a_stacked]).float().t() * scale
-    bs = [(b[slot].reshape(-1, b.shape[-1])[:, :rank].float() * ratio).to(dtype).t() for b in lora_b_stacked]
-    widths = [min(size, b.shape[1]) for b, size in zip(bs, output_slices)]
-    if not a_all.any():
-        cache[key] = None
-    elif len(bs) == 1 and widths[0] == output_slices[0]:
-        cache[key] = (a_all.contiguous(), [(None, None, bs[0].contiguous())])
-    elif rank <= FUSE_EXPAND_MAX_RANK and widths == list(output_slices):
-        cache[key] = (a_all.contiguous(), [(None, None, torch.block_diag(*bs).contiguous())])
-    else:
-        starts = [sum(output_slices[:i]) for i in range(len(bs))]
-        cache[key] = (a_all.contiguous(), [(slice(start, start + width), slice(i * rank, (i + 1) * rank), b[:, :width].contiguous())
-                                           for i, (b, start, width) in enumerate(zip(bs, starts, widths))])
+    touched = cache.get((id(lora_a_stacked[0]), slot))
+    if touched is None:  # checked before any plan is measured or built for the layer
+        touched = cache[(id(lora_a_stacked[0]), slot)] = any(bool(a[slot].any()) for a in lora_a_stacked)
+    if not touched:
+        return None
+    full = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, lora_a_stacked[0].shape[-2])
+    plan = _plan(dtype, lora_a_stacked[0].shape[-1], output_slices, [b.shape[-2] for b in lora_b_stacked], rank or full, tokens)
+    key = (id(lora_a_stacked[0]), slot, dtype, scale, plan)
+    if key not in cache:
+        a_all = torch.stack([a[slot].reshape(-1, a.shape[-1])[:full] for a in lora_a_stacked], 1).flatten(0, 1).float().t() * scale
+        bs = [b[slot].reshape(-1, b.shape[-1])[:, :full].float().t() for b in lora_b_stacked]
+        cache[key] = _layout(plan, a_all, bs, dtype, output_slices)
     return cache[key]
+
+
+def _layout(plan: str, a_all: torch.Tensor, bs: list[torch.Tensor], dtype, output_slices):
+    """(plan, slices S, shrink, [(y columns, slice index, expand)]) from the A's of all slices, rank-major
+    ([in, R x S] fp32, scaled: column r * S + i is rank r of slice i, so rank k is the first k * S columns) and each
+    slice's B^T ([R, width] fp32). Plans: "torch-fused" / "torch-split": torch matmuls with vLLM stock's dtypes
+    (shrink in fp32, expand in the output dtype), the B's one block-diagonal matrix (one expand call, more FLOPs;
+    rows rank-major like A's columns) or one expand per slice; "fp32": both matmuls in fp32, block-diagonal, added
+    to the output (torch's small bf16 matmuls cost ~15 us a call on CPU, its fp32 ones ~2)."""
+    rank, slices = bs[0].shape[0], len(bs)
+    if plan == "torch-split":
+        widths = [min(size, b.shape[1]) for b, size in zip(bs, output_slices)]
+        starts = [sum(output_slices[:i]) for i in range(slices)]
+        return plan, slices, a_all.contiguous(), [(slice(start, start + width), i, b[:, :width].to(dtype).contiguous())
+                                                  for i, (b, start, width) in enumerate(zip(bs, starts, widths))]
+    block = torch.block_diag(*bs).view(slices, rank, -1).transpose(0, 1).reshape(rank * slices, -1)  # rows rank-major
+    return plan, slices, a_all.contiguous(), [(None, 0, block.to(torch.float32 if plan == "fp32" else dtype).contiguous())]
+
+
+_PLANS: dict[tuple, dict[tuple[int, int], str]] = {}  # layer shape -> {(rank, tokens): plan}, measured once per process
+MEASURED_RANKS, MEASURED_TOKENS, LAYERS = (4, 8, 16, 32, 64, 128), (1, 8, 64), 16
+
+
+def _plan(dtype, d_in: int, output_slices, widths, rank: int, tokens: int) -> str:
+    """The plan measured fastest on this machine for this layer shape and dtype at the nearest measured rank and
+    token count (in log scale: a decode step of 1 token, of a few, or a prefill)."""
+    key = (dtype, d_in, tuple(output_slices), tuple(widths))
+    if key not in _PLANS:
+        _PLANS[key] = _measure(dtype, d_in, output_slices, widths)
+        log.info("kdlora: CPU LoRA plans for %s, %d -> %s (measured; rank x tokens): %s", dtype, d_in,
+                 "+".join(map(str, output_slices)), ", ".join(f"r{r}x{t} {plan}" for (r, t), plan in _PLANS[key].items()))
+    near = min(MEASURED_RANKS, key=lambda r: abs(math.log(r / rank))), min(MEASURED_TOKENS, key=lambda t: abs(math.log(t / tokens)))
+    return _PLANS[key][near]
+
+
+def _measure(dtype, d_in: int, output_slices, widths) -> dict[tuple[int, int], str]:
+    """Time each plan that fits the shape on random weights at each measured rank and token count: a start-up
+    micro-benchmark, so the choice is this CPU's and this dtype's (native AVX512-BF16 or emulated), never assumed."""
+    fusable = list(widths) == list(output_slices)
+    plans = ["torch-split"] if len(widths) > 1 or not fusable else []
+    plans += ["torch-fused"] if fusable else []
+    plans += ["fp32"] if fusable and dtype != torch.float32 else []
+    generator = torch.Generator().manual_seed(0)
+    chosen = {}
+    for rank in MEASURED_RANKS:
+        layouts = {plan: [] for plan in plans}  # LAYERS copies each, cycled: weights come from memory, as in a model
+        for _ in range(LAYERS):
+            a_all = torch.randn(d_in, rank * len(widths), generator=generator)
+            bs = [torch.randn(rank, width, generator=generator) for width in widths]
+            for plan in plans:
+                layouts[plan].append(_layout(plan, a_all, bs, dtype, output_slices))
+        for tokens in MEASURED_TOKENS:
+            x, y = torch.randn(tokens, d_in, dtype=dtype), torch.zeros(tokens, sum(output_slices), dtype=dtype)
+            timings = {plan: _time(copies, y, x) for plan, copies in layouts.items()}
+            chosen[(rank, tokens)] = min(timings, key=timings.get)
+    return chosen
+
+
+def _time(copies, y, x, rounds: int = 4) -> float:
+    for weights in copies:
+        _apply(weights, y, x, None, None, None)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for weights in copies:
+            _apply(weights, y, x, None, None, None)
+    return time.perf_counter() - started
+
+
+def prepare(wrapper, modules) -> None:
+    """At start (lora_slots, when vLLM builds its LoRA layers): measure the plans of every LoRA'd layer shape now,
+    not on the first request's path."""
+    for module in modules:
+        lora_a, lora_b = getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None)
+        if isinstance(lora_a, tuple) and isinstance(lora_b, tuple) and getattr(module, "output_slices", None):
+            _plan(lora_b[0].dtype, lora_a[0].shape[-1], module.output_slices, [b.shape[-2] for b in lora_b], 8, 1)
 
 
 def slots_changed(wrapper, slot: int, rank: int) -> None:
@@ -171,5 +243,6 @@ def install() -> bool:
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     lora_slots.patch("cpu", PunicaWrapperCPU, {"update_metadata": update_metadata, "add_lora_linear": add_lora_linear,
-                                               "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slots_changed}, _STOCK)
+                                               "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slots_changed,
+                                               "kdlora_prepare": prepare}, _STOCK)
     return True

@@ -11,7 +11,8 @@ and a rank never requested before needs no load. What vLLM does not carry is the
 - the rank-aware backends (lora_cpu, lora_triton) take the ids back out in their `update_metadata` (`split`)
   before vLLM converts ids to slots, and compute each token with its slot's `A[:k]`, `B[:, :k]`, scaled by
   its rank's alpha/k (or alpha/sqrt(k)) instead of the alpha/R vLLM multiplied into the slot's B at load.
-- `load_adapter` (over vLLM's WorkerLoRAManager._load_adapter) logs each load from disk, which vLLM does not.
+- `load_adapter` (over vLLM's WorkerLoRAManager._load_adapter) logs each load from disk, which vLLM does not;
+  `create_manager` (over LoRAModelManager.__init__) lets a backend prepare for the LoRA layers' shapes at start.
 - `activate_adapter` (patched into vLLM's LoRAModelManager) tells each punica wrapper the true rank R of the
   adapter vLLM activated into a slot (`kdlora_slots_changed(slot, rank)`): vLLM pads slots to --max-lora-rank
   and forgets it.
@@ -111,6 +112,14 @@ def activate_adapter(self, lora_id: int) -> bool:
     return activated
 
 
+def create_manager(self, *args, **kwargs) -> None:
+    """vLLM builds its LoRA layers (worker start): let each backend prepare for their shapes (`kdlora_prepare`)."""
+    _STOCK["__init__"](self, *args, **kwargs)
+    for wrapper in self.punica_wrapper_mapping.values():
+        if hasattr(wrapper, "kdlora_prepare"):
+            wrapper.kdlora_prepare(self.modules.values())
+
+
 def load_adapter(self, lora_request):
     """vLLM's load of an adapter's weights from disk into the worker, logged (vLLM does not say when it loads)."""
     log.info("kdlora: vLLM loads LoRA %s (id %d) from %s", lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path)
@@ -136,6 +145,8 @@ def patch(backend: str, wrapper_class, methods: dict, stock: dict) -> None:
     for name, method in methods.items():
         stock.setdefault(name, getattr(wrapper_class, name, None))
         setattr(wrapper_class, name, method)
+    _STOCK.setdefault("__init__", LoRAModelManager.__init__)
+    LoRAModelManager.__init__ = create_manager
     _STOCK.setdefault("activate_adapter", LoRAModelManager.activate_adapter)
     LoRAModelManager.activate_adapter = activate_adapter
     _STOCK.setdefault("set_active_loras", LoRAModelRunnerMixin.set_active_loras)

@@ -8,7 +8,8 @@
   is registered under the same id and path, with nothing to load (vLLM would give each name its own id).
   With vLLM's stock LoRA ops each rank stays its own LoRA, the truncation.
 - `init_static_loras`, patched the same way: the adapters given at start (`kdlora serve --adapter`) are pulled,
-  checked and loaded into the engine before the server takes requests, so no first request waits for that.
+  checked, loaded into the engine and (as many as there are slots) run for one token before the server takes
+  requests, so no first request waits for any of that.
 """
 
 import asyncio
@@ -69,13 +70,26 @@ async def resolve_lora(self, lora_name: str):
 async def init_static_loras(self):
     await _STOCK["init_static_loras"](self)
     store = get_store()
-    store.one_lora_per_adapter = lora_slots.rank_aware(self.engine_client.vllm_config.lora_config)
-    for adapter in store.aliases:
+    lora_config = self.engine_client.vllm_config.lora_config
+    store.one_lora_per_adapter = lora_slots.rank_aware(lora_config)
+    for number, adapter in enumerate(store.aliases):
         try:
             loaded = await asyncio.to_thread(store.load, adapter, self.model_config.model)
-            await self.resolve_lora(f"{adapter}@r{loaded.metadata.default_rank}")
+            lora_request = await self.resolve_lora(f"{adapter}@r{loaded.metadata.default_rank}")
+            if isinstance(lora_request, LoRARequest) and number < lora_config.max_loras:
+                await _generate_one_token(self.engine_client, lora_request)
         except Exception as err:  # the server still starts; the adapter's first request says what is wrong
             log.warning("kdlora: could not load %s at start: %s", adapter, err)
+
+
+async def _generate_one_token(engine_client, lora_request: LoRARequest) -> None:
+    """One token through the adapter: vLLM activates it into a slot and the backend prepares its weights, at start
+    rather than on its first request."""
+    from vllm import SamplingParams
+
+    async for _ in engine_client.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=1), f"kdlora-warm-{lora_request.lora_int_id}",
+                                          lora_request=lora_request):
+        pass
 
 
 def install() -> None:

@@ -121,16 +121,22 @@ def adapter_stacks(rank=8, d_in=16, outs=(12, 4), alpha=8.0, rslora=False):
     return a, b, raw
 
 
+PLANS = [("torch-fused", torch.float32), ("torch-split", torch.float32), ("torch-fused", torch.bfloat16),
+         ("torch-split", torch.bfloat16), ("fp32", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("plan, dtype", PLANS)  # every plan the start-up measurement may pick, forced
 @pytest.mark.parametrize("rslora", [False, True])
 @pytest.mark.parametrize("tokens", [[(0, 3), (0, 8), (-1, 0), (1, 0), (0, 3), (0, 0)],  # scattered rows, rank 0 = the slot's
                                     [(0, 3), (0, 5), (0, 3), (0, 1)],  # every row, the largest asked for below the slot's
                                     [(0, 2), (0, 2)]])  # one rank, not the slot's
-def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora, monkeypatch):
+def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora, plan, dtype, monkeypatch):
     """Tokens asking for different ranks of the adapter in slot 0 (lora_slots' encoding in vLLM's mapping, through
     update_metadata) == each token with the adapter truncated to its rank: A[:k], B[:, :k] scaled by alpha/k."""
     from vllm.lora.layers import LoRAMapping
 
     monkeypatch.setitem(lora_cpu._STOCK, "update_metadata", STOCK["update_metadata"])
+    monkeypatch.setattr(lora_cpu, "_plan", lambda *args: plan)
     alpha, a, b, raw = 8.0, *adapter_stacks(rslora=rslora)
     x, y = torch.randn(len(tokens), 16), torch.randn(len(tokens), 16)
     expected = y.clone()
@@ -149,8 +155,10 @@ def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora,
     ids = tuple(0 if slot < 0 else slot + 1 + (2 * rank + rslora) * (rank > 0) * lora_slots.RANK_STRIDE for slot, rank in tokens)
     lora_cpu.update_metadata(wrapper, LoRAMapping(ids, ids, is_prefill=False), [1, 2, None, None], 4, 256)
     assert [slot for slot, *_ in wrapper.kdlora_token_groups] == sorted({slot for slot, _ in tokens if slot >= 0})  # one group per slot
-    lora_cpu.add_lora_linear(wrapper, y, x, a, b, 0.5, (12, 4))
-    torch.testing.assert_close(y, expected)
+    a, b, y = tuple(t.to(dtype) for t in a), tuple(t.to(dtype) for t in b), y.to(dtype)
+    lora_cpu.add_lora_linear(wrapper, y, x.to(dtype), a, b, 0.5, (12, 4))
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05 * float(expected.abs().max())
+    torch.testing.assert_close(y.float(), expected, rtol=1e-5 if dtype == torch.float32 else 0.02, atol=tolerance)
 
 
 def test_a_requests_rank_and_scaling_rule_come_from_its_lora_name_and_config(tmp_path):
