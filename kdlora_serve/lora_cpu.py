@@ -10,11 +10,12 @@ This path groups tokens by slot once per step (`update_metadata`), skips slot -1
 group by its slot's `A[:k]` / `B[:, :k]` only, k being the largest rank a token of the group asks for
 (lora_slots: every rank of an adapter is served from one slot holding its full rank R, the rank travels
 with the request). Tokens of the group that ask for less are masked to their rank; each is scaled by its
-rank's alpha/k. The A's of a layer's slices (q/k/v, gate/up) are stacked so one shrink matmul serves them
-all, and up to a measured rank their B's are one block-diagonal matrix so one expand serves them all (more
-FLOPs, fewer calls: at one token per step the cost is per call). Cut weights are cached per (layer, slot,
-rank) until the next real activation. Same dtypes as the stock ops: shrink in fp32, expand in the output
-dtype.
+rank's alpha/k. The A's of a layer's slices (q/k/v, gate/up) are stacked rank-major, so one shrink matmul
+serves them all and rank k is a prefix of one cached layout per slot (a rank never asked for before builds
+nothing). At one token per step the cost is per call, not FLOPs, so how the expand runs (B's one
+block-diagonal matrix or one per slice; in the output dtype, or in fp32 where torch's small bf16 matmuls
+are slow) is a plan measured at start for each layer shape, rank and token count on this CPU (`_measure`).
+Layouts are cached per (layer, slot, plan) until the next activation.
 
 Only on the CPU platform and for the vLLM versions it was tested with; `KDLORA_RANK_AWARE=0` keeps
 vLLM's stock path (for A/B runs). The CUDA counterpart is lora_triton.

@@ -74,12 +74,15 @@ def test_install_is_version_guarded(monkeypatch):
     import vllm
 
     from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.worker_manager import WorkerLoRAManager
     from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
     for name, method in STOCK.items():
         monkeypatch.setattr(PunicaWrapperCPU, name, method)
     monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
     monkeypatch.setattr(LoRAModelRunnerMixin, "set_active_loras", LoRAModelRunnerMixin.set_active_loras)
+    monkeypatch.setattr(LoRAModelManager, "__init__", LoRAModelManager.__init__)
+    monkeypatch.setattr(WorkerLoRAManager, "_load_adapter", WorkerLoRAManager._load_adapter)
     monkeypatch.setattr(lora_slots, "_installed", [])
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
     assert lora_cpu.install() is False and PunicaWrapperCPU.add_lora_linear is STOCK_ADD_LORA_LINEAR
@@ -159,6 +162,36 @@ def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora,
     lora_cpu.add_lora_linear(wrapper, y, x.to(dtype), a, b, 0.5, (12, 4))
     tolerance = 1e-5 if dtype == torch.float32 else 0.05 * float(expected.abs().max())
     torch.testing.assert_close(y.float(), expected, rtol=1e-5 if dtype == torch.float32 else 0.02, atol=tolerance)
+
+
+def test_a_rank_never_asked_for_reads_a_prefix_of_the_slots_layout_and_builds_nothing(monkeypatch):
+    monkeypatch.setitem(lora_cpu._STOCK, "update_metadata", STOCK["update_metadata"])
+    from vllm.lora.layers import LoRAMapping
+
+    a, b, _ = adapter_stacks()
+    wrapper = wrapper_with_slots([0, 0])
+    lora_cpu.slots_changed(wrapper, 0, 8)
+    built = []
+    for rank in (8, 3, 5):
+        ids = (1 + 2 * rank * lora_slots.RANK_STRIDE,) * 2
+        lora_cpu.update_metadata(wrapper, LoRAMapping(ids, ids, is_prefill=False), [1, None, None, None], 4, 256)
+        lora_cpu.add_lora_linear(wrapper, torch.zeros(2, 16), torch.randn(2, 16), a, b, 0.5, (12, 4))
+        built.append(len(wrapper.kdlora_weights))
+    assert built == [2, 2, 2]  # one entry says the slot touches the layer, one holds its layout; ranks 3 and 5 add none
+
+
+def test_the_start_up_measurement_picks_a_fitting_plan_for_every_rank_and_token_count(monkeypatch):
+    """What `prepare` runs when vLLM builds its LoRA layers: every measured (rank, tokens) gets a plan that fits the
+    shape (fp32 only where the output dtype is not fp32; no fused expand where a slice's B is narrower than its output)."""
+    monkeypatch.setattr(lora_cpu, "_PLANS", {})
+    monkeypatch.setattr(lora_cpu, "LAYERS", 2)
+    layer = SimpleNamespace(lora_a_stacked=tuple(torch.zeros(2, 1, 8, 16, dtype=torch.bfloat16) for _ in range(2)),
+                            lora_b_stacked=tuple(torch.zeros(2, 1, 8, 8, dtype=torch.bfloat16) for _ in range(2)), output_slices=(8, 8))
+    narrow = SimpleNamespace(lora_a_stacked=(torch.zeros(2, 1, 8, 16),), lora_b_stacked=(torch.zeros(2, 1, 6, 8),), output_slices=(8,))
+    lora_cpu.prepare(None, [layer, narrow, SimpleNamespace()])
+    plans = {key[0]: set(chosen.values()) for key, chosen in lora_cpu._PLANS.items()}
+    assert plans[torch.bfloat16] <= {"torch-split", "torch-fused", "fp32"} and plans[torch.float32] == {"torch-split"}
+    assert all(len(chosen) == len(lora_cpu.MEASURED_RANKS) * len(lora_cpu.MEASURED_TOKENS) for chosen in lora_cpu._PLANS.values())
 
 
 def test_a_requests_rank_and_scaling_rule_come_from_its_lora_name_and_config(tmp_path):

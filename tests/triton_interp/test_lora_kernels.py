@@ -105,6 +105,7 @@ def kdlora(monkeypatch) -> None:
         monkeypatch.setattr(PunicaWrapperGPU, name, getattr(PunicaWrapperGPU, name, None), raising=False)
     monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
     monkeypatch.setattr(LoRAModelRunnerMixin, "set_active_loras", LoRAModelRunnerMixin.set_active_loras)
+    monkeypatch.setattr(LoRAModelManager, "__init__", LoRAModelManager.__init__)
     monkeypatch.setattr(lora_slots, "_installed", [])
     assert lora_triton.install()
 
