@@ -186,7 +186,8 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110, sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4), dpi=110, gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    axes[1].sharey(axes[0])
     for axis, concurrency in zip(axes, ("c1", "c8")):
         for result in summary["results"]:
             ratios = [result["throughput"][concurrency][str(k)]["ratio_to_base"] for k in summary["ranks"]]
@@ -203,6 +204,15 @@ def plot(summary: dict, path: Path) -> None:
                                                                                 else ""), fontsize=10)
     axes[0].set_ylabel("tok/s relative to the base model (same server)")
     axes[0].legend(fontsize=8)
+    cases = ["warm", "new_rank", "new_adapter_given_at_start", "new_adapter_pulled_on_demand"]
+    width = 0.8 / len(summary["results"])
+    for i, result in enumerate(summary["results"]):
+        axes[2].bar([c + i * width for c in range(len(cases))], [result["ttft_s"][case] for case in cases], width, label=result["mode"])
+    axes[2].set_xticks([c + 0.4 - width / 2 for c in range(len(cases))],
+                       ["warm", "rank never\nrequested", "adapter given\nat start", "adapter pulled\non demand"], fontsize=8)
+    axes[2].set_ylabel("time to first token (s)")
+    axes[2].set_title("time to first token", fontsize=10)
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
