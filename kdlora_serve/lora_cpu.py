@@ -70,9 +70,11 @@ def _apply(weights, y_rows, x_rows, rows, rank, column_scale) -> None:
     (~120 LoRA'd layers per step), not FLOPs, so a group is as few calls as possible: one shrink for all slices (A's
     stacked) and one expand (B's block-diagonal) where that was measured faster; nothing selected that is all there."""
     plan, slices, shrink, expands = weights
-    rank = rank or shrink.shape[1] // slices
+    width = shrink.shape[1] if rank is None else rank * slices  # shrunk columns: rank-major, so a prefix
+    rank = width // slices
     x_group = x_rows if rows is None else x_rows[rows]
-    shrunk = torch.mm(x_group if x_group.dtype == torch.float32 else x_group.float(), shrink[:, : rank * slices])
+    shrunk = torch.mm(x_group if x_group.dtype == torch.float32 else x_group.float(),
+                      shrink if width == shrink.shape[1] else shrink[:, :width])
     if column_scale is not None:  # rows asking for a smaller rank than the group's: their rank, their scaling
         shrunk.view(len(shrunk), rank, slices).mul_(column_scale.unsqueeze(2))
     if plan != "fp32" and shrunk.dtype != y_rows.dtype:
@@ -80,9 +82,9 @@ def _apply(weights, y_rows, x_rows, rows, rank, column_scale) -> None:
     target = y_rows if rows is None else y_rows[rows]  # a view, or for scattered rows a copy written back below
     for columns, index, b in expands:
         if plan == "fp32":
-            target.add_(torch.mm(shrunk, b[: rank * slices]))
+            target.add_(torch.mm(shrunk, b if width == len(b) else b[:width]))
         elif columns is None:
-            target.addmm_(shrunk, b[: rank * slices])
+            target.addmm_(shrunk, b if width == len(b) else b[:width])
         else:
             target[:, columns].addmm_(shrunk[:, index::slices], b[:rank])
     if isinstance(rows, torch.Tensor):
@@ -94,11 +96,13 @@ def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale
     tokens (`_plan`), cached until vLLM activates an adapter (`slots_changed`); None when the slot's A is all zero
     (vLLM zeroes a slot for layers the adapter does not touch, e.g. lm_head). Every rank k <= R reads a prefix of
     the same layout: a rank never asked for before builds nothing."""
+    lookup = owner.__dict__.setdefault("kdlora_lookup", {})  # per call: one dict probe, no planning (~12 us saved)
+    fast_key = (id(lora_a_stacked[0]), slot, dtype, scale, rank, tokens)
+    if fast_key in lookup:
+        return lookup[fast_key]
     cache = owner.__dict__.setdefault("kdlora_weights", {})
-    touched = cache.get((id(lora_a_stacked[0]), slot))
-    if touched is None:  # checked before any plan is measured or built for the layer
-        touched = cache[(id(lora_a_stacked[0]), slot)] = any(bool(a[slot].any()) for a in lora_a_stacked)
-    if not touched:
+    if not any(bool(a[slot].any()) for a in lora_a_stacked):  # checked before any plan is measured or built
+        lookup[fast_key] = None
         return None
     full = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, lora_a_stacked[0].shape[-2])
     plan = _plan(dtype, lora_a_stacked[0].shape[-1], output_slices, [b.shape[-2] for b in lora_b_stacked], rank or full, tokens)
@@ -107,6 +111,7 @@ def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale
         a_all = torch.stack([a[slot].reshape(-1, a.shape[-1])[:full] for a in lora_a_stacked], 1).flatten(0, 1).float().t() * scale
         bs = [b[slot].reshape(-1, b.shape[-1])[:, :full].float().t() for b in lora_b_stacked]
         cache[key] = _layout(plan, a_all, bs, dtype, output_slices)
+    lookup[fast_key] = cache[key]
     return cache[key]
 
 
@@ -188,7 +193,7 @@ def prepare(wrapper, modules) -> None:
 def slots_changed(wrapper, slot: int, rank: int) -> None:
     """vLLM wrote an adapter of `rank` into `slot` (lora_slots): record the rank, drop cached weights."""
     wrapper.__dict__.setdefault("kdlora_slot_ranks", {})[slot] = rank
-    wrapper.__dict__["kdlora_weights"] = {}
+    wrapper.__dict__["kdlora_weights"], wrapper.__dict__["kdlora_lookup"] = {}, {}
 
 
 def update_metadata(self, mapping, *args, **kwargs):
