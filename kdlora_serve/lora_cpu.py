@@ -21,6 +21,7 @@ Only on the CPU platform and for the vLLM versions it was tested with; `KDLORA_R
 vLLM's stock path (for A/B runs). The CUDA counterpart is lora_triton.
 """
 
+import bisect
 import math
 import time
 
@@ -33,39 +34,42 @@ TESTED_VLLM_VERSIONS = ("0.32.0",)
 
 
 def _groups(slots: torch.Tensor, wants: torch.Tensor | None, slot_ranks: dict[int, int]) -> list[tuple]:
-    """[(slot, rows, rank, column_scale)] for this step's tokens. rows: None when one group has every token, a slice
-    when its tokens are contiguous, else their indices. rank: the largest rank the group's tokens ask for (None: the
-    slot's, not known here). column_scale [rows, rank] or None: each row's first k columns times its rank's LoRA
-    scale over the slot's (vLLM multiplied alpha/R into the slot's B); None when every row asks for the slot's rank."""
+    """[(slot, rows, rank, ratio, column_scale)] for this step's tokens. rows: None when one group has every token, a
+    slice when its tokens are contiguous, else their indices. rank: the largest rank the group's tokens ask for (None:
+    the slot's, not known here). ratio: the rank's LoRA scale over the slot's (vLLM multiplied alpha/R into the
+    slot's B) when every row asks for the same rank, else 1 and column_scale [rows, rank]: each row's first k
+    columns times its ratio."""
     groups = []
     for slot in torch.unique(slots).tolist():
         if slot < 0:  # slot -1: base-model tokens, no LoRA at all
             continue
         rows = (slots == slot).nonzero(as_tuple=True)[0]
-        slot_rank, rank, column_scale = slot_ranks.get(slot), None, None
+        slot_rank, rank, ratio, column_scale = slot_ranks.get(slot), None, 1.0, None
         if wants is not None and slot_rank is not None:
             row_wants = wants[rows]
             ranks = torch.where(row_wants == 0, slot_rank, row_wants // 2).clamp(max=slot_rank)
-            rank = int(ranks.max())
-            if not torch.all(ranks == slot_rank):
-                column_scale = (torch.arange(rank) < ranks[:, None]) * lora_slots.scale_ratio(row_wants, slot_rank)[:, None]
+            rank, ratios = int(ranks.max()), lora_slots.scale_ratio(row_wants, slot_rank)
+            if torch.all(ranks == rank):  # the common case: the ratio rides on the expand's alpha, no extra call
+                ratio = float(ratios[0])
+            else:
+                column_scale = (torch.arange(rank) < ranks[:, None]) * ratios[:, None]
         first = int(rows[0])
         if torch.equal(rows, torch.arange(first, first + len(rows))):
             rows = None if len(rows) == len(slots) else slice(first, first + len(rows))
-        groups.append((slot, rows, rank, column_scale))
+        groups.append((slot, rows, rank, ratio, column_scale))
     return groups
 
 
 def _apply_grouped(owner, y_rows, x_rows, groups, lora_a_stacked, lora_b_stacked, scale, output_slices) -> None:
     """y[rows of slot s] += (x[rows] @ A_s[:k]^T * scale) @ B_s[:, :k]^T for each group, all slices of the layer at once."""
-    for slot, rows, rank, column_scale in groups:
-        tokens = len(x_rows) if rows is None else rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+    for slot, rows, rank, ratio, column_scale in groups:
+        tokens = x_rows.shape[0] if rows is None else rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
         weights = _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot, y_rows.dtype, scale, output_slices, rank, tokens)
         if weights is not None:  # None: this adapter has no LoRA on this layer
-            _apply(weights, y_rows, x_rows, rows, rank, column_scale)
+            _apply(weights, y_rows, x_rows, rows, rank, ratio, column_scale)
 
 
-def _apply(weights, y_rows, x_rows, rows, rank, column_scale) -> None:
+def _apply(weights, y_rows, x_rows, rows, rank, ratio, column_scale) -> None:
     """One group through its slot's layout (`_layout`), read up to `rank`. At one token per step the cost is per call
     (~120 LoRA'd layers per step), not FLOPs, so a group is as few calls as possible: one shrink for all slices (A's
     stacked) and one expand (B's block-diagonal) where that was measured faster; nothing selected that is all there."""
@@ -76,17 +80,17 @@ def _apply(weights, y_rows, x_rows, rows, rank, column_scale) -> None:
     shrunk = torch.mm(x_group if x_group.dtype == torch.float32 else x_group.float(),
                       shrink if width == shrink.shape[1] else shrink[:, :width])
     if column_scale is not None:  # rows asking for a smaller rank than the group's: their rank, their scaling
-        shrunk.view(len(shrunk), rank, slices).mul_(column_scale.unsqueeze(2))
+        shrunk.view(shrunk.shape[0], rank, slices).mul_(column_scale.unsqueeze(2))
     if plan != "fp32" and shrunk.dtype != y_rows.dtype:
         shrunk = shrunk.to(y_rows.dtype)
     target = y_rows if rows is None else y_rows[rows]  # a view, or for scattered rows a copy written back below
     for columns, index, b in expands:
         if plan == "fp32":
-            target.add_(torch.mm(shrunk, b if width == len(b) else b[:width]))
+            target.add_(torch.mm(shrunk, b if width == b.shape[0] else b[:width]), alpha=ratio)
         elif columns is None:
-            target.addmm_(shrunk, b if width == len(b) else b[:width])
+            target.addmm_(shrunk, b if width == b.shape[0] else b[:width], alpha=ratio)
         else:
-            target[:, columns].addmm_(shrunk[:, index::slices], b[:rank])
+            target[:, columns].addmm_(shrunk[:, index::slices], b[:rank], alpha=ratio)
     if isinstance(rows, torch.Tensor):
         y_rows[rows] = target
 
@@ -96,7 +100,8 @@ def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale
     tokens (`_plan`), cached until vLLM activates an adapter (`slots_changed`); None when the slot's A is all zero
     (vLLM zeroes a slot for layers the adapter does not touch, e.g. lm_head). Every rank k <= R reads a prefix of
     the same layout: a rank never asked for before builds nothing."""
-    lookup = owner.__dict__.setdefault("kdlora_lookup", {})  # per call: one dict probe, no planning (~12 us saved)
+    tokens = _measured_tokens(tokens)
+    lookup = owner.__dict__.setdefault("kdlora_lookup", {})  # per call: one dict probe, no planning (~6 us saved)
     fast_key = (id(lora_a_stacked[0]), slot, dtype, scale, rank, tokens)
     if fast_key in lookup:
         return lookup[fast_key]
@@ -134,6 +139,7 @@ def _layout(plan: str, a_all: torch.Tensor, bs: list[torch.Tensor], dtype, outpu
 
 _PLANS: dict[tuple, dict[tuple[int, int], str]] = {}  # layer shape -> {(rank, tokens): plan}, measured once per process
 MEASURED_RANKS, MEASURED_TOKENS, LAYERS = (4, 8, 16, 32, 64, 128), (1, 8, 64), 16
+_TOKEN_EDGES = [math.sqrt(a * b) for a, b in zip(MEASURED_TOKENS, MEASURED_TOKENS[1:])]
 
 
 def _plan(dtype, d_in: int, output_slices, widths, rank: int, tokens: int) -> str:
@@ -144,8 +150,12 @@ def _plan(dtype, d_in: int, output_slices, widths, rank: int, tokens: int) -> st
         _PLANS[key] = _measure(dtype, d_in, output_slices, widths)
         log.info("kdlora: CPU LoRA plans for %s, %d -> %s (measured; rank x tokens): %s", dtype, d_in,
                  "+".join(map(str, output_slices)), ", ".join(f"r{r}x{t} {plan}" for (r, t), plan in _PLANS[key].items()))
-    near = min(MEASURED_RANKS, key=lambda r: abs(math.log(r / rank))), min(MEASURED_TOKENS, key=lambda t: abs(math.log(t / tokens)))
-    return _PLANS[key][near]
+    return _PLANS[key][min(MEASURED_RANKS, key=lambda r: abs(math.log(r / rank))), _measured_tokens(tokens)]
+
+
+def _measured_tokens(tokens: int) -> int:
+    """The measured token count nearest in log scale (1, 8 or 64); called for every LoRA call, so a bisection."""
+    return MEASURED_TOKENS[bisect.bisect(_TOKEN_EDGES, tokens)]
 
 
 def _measure(dtype, d_in: int, output_slices, widths) -> dict[tuple[int, int], str]:
@@ -173,11 +183,11 @@ def _measure(dtype, d_in: int, output_slices, widths) -> dict[tuple[int, int], s
 
 def _time(copies, y, x, rounds: int = 4) -> float:
     for weights in copies:
-        _apply(weights, y, x, None, None, None)
+        _apply(weights, y, x, None, None, 1.0, None)
     started = time.perf_counter()
     for _ in range(rounds):
         for weights in copies:
-            _apply(weights, y, x, None, None, None)
+            _apply(weights, y, x, None, None, 1.0, None)
     return time.perf_counter() - started
 
 

@@ -70,7 +70,8 @@ def want_of(lora_request) -> int:
 
 
 def scale_ratio(want: torch.Tensor, slot_rank: int | torch.Tensor) -> torch.Tensor:
-    """A rank's LoRA scale over the slot's (slot_rank: one, or per want) (alpha/k over alpha/R; square roots with rsLoRA); 1 where want is 0."""
+    """A rank's LoRA scale over its slot's: alpha/k over alpha/R (square roots with rsLoRA); 1 where want is 0.
+    slot_rank: one R, or one per want."""
     rank = (want // 2).clamp(min=1).double()
     ratio = torch.where(want % 2 == 1, (slot_rank / rank).sqrt(), slot_rank / rank)
     return torch.where(want == 0, 1.0, ratio).float()
