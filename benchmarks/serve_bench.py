@@ -7,9 +7,10 @@ concurrency 1 and 8 for the base model and each rank, plus one batch of 8 reques
 (to compare with its largest rank alone), interleaved round-robin over `--rounds` rounds so load drift
 hits all rows alike. Ratios are to the base model measured in the same server run.
 
-Also time to first token (TTFT, streamed, 4 tokens), each once per server, before the throughput runs: an
-adapter given at start, never requested; after one request to another adapter at its default rank, a rank of
-it never requested before; the same rank warm (median of 3); an adapter pulled on demand from a Hub (the test suite's local server
+Also time to first token (TTFT, streamed, 4 tokens), before the throughput runs, medians of three: adapters
+given at start, never requested (three copies of the adapter under other names); after one request to the
+adapter at its default rank, ranks of it never requested before (2, 3, 5); the same ranks warm; once, an
+adapter pulled on demand from a Hub (the test suite's local server
 speaking the Hub's HTTP protocol, on 127.0.0.1: the real Hub is out of reach here; --allow 'bench/*').
 Writes JSON + PNG to benchmarks/results/ (serve.* on CPU, serve_gpu.* on CUDA).
 
@@ -115,25 +116,29 @@ def run_mode(adapter, rank_aware, dtype, tokens, rounds) -> dict:
     from openai import OpenAI
 
     name = f"{'rank-aware' if rank_aware else 'stock'}-{dtype}"
-    second = WORK / "bench-adapter-2"  # the same weights under another name: an adapter given at start, never requested
-    if not second.exists():
-        shutil.copytree(adapter, second)
+    copies = [WORK / f"bench-adapter-{i}" for i in (2, 3, 4)]  # the same weights under other names: given at start, never requested
+    for copy in copies:
+        if not copy.exists():
+            shutil.copytree(adapter, copy)
     with hub_with(adapter, "bench/on-demand") as hub_url:
-        proc, url = start_server(adapter, rank_aware, dtype, WORK / f"server-{name}.log", ["--adapter", str(second), "--allow", "bench/*"],
+        given = [arg for copy in copies for arg in ("--adapter", str(copy))]
+        proc, url = start_server(adapter, rank_aware, dtype, WORK / f"server-{name}.log", [*given, "--allow", "bench/*"],
                                  {"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1"})
         try:
-            return measure(OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600), name, adapter.name, second.name,
-                           tokens, rounds)
+            return measure(OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600), name, adapter.name,
+                           [copy.name for copy in copies], tokens, rounds)
         finally:
             proc.terminate()
             proc.wait(timeout=120)
 
 
-def measure(client, name, alias, second, tokens, rounds) -> dict:
-    ttfts = {"new_adapter_given_at_start": ttft(client, f"{second}@r2")}
+def measure(client, name, alias, given, tokens, rounds) -> dict:
+    """TTFTs (each first request once per server, so three of each, medians kept with the values) and throughput."""
+    firsts = {"new_adapter_given_at_start": [ttft(client, f"{other}@r2") for other in given]}
     ttft(client, f"{alias}@r8")  # the adapter in use (its default rank) ...
-    ttfts["new_rank"] = ttft(client, f"{alias}@r2")  # ... then a rank of it never requested before
-    ttfts["warm"] = statistics.median(ttft(client, f"{alias}@r2") for _ in range(3))
+    firsts["new_rank"] = [ttft(client, f"{alias}@r{k}") for k in (2, 3, 5)]  # ... then ranks of it never requested before
+    firsts["warm"] = [ttft(client, f"{alias}@r{k}") for k in (2, 3, 5)]
+    ttfts = {case: statistics.median(values) for case, values in firsts.items()}
     ttfts["new_adapter_pulled_on_demand"] = ttft(client, "bench/on-demand@r2")
     models = ["base"] + [f"{alias}@r{k}" for k in RANKS]
     for model in models:
@@ -153,7 +158,7 @@ def measure(client, name, alias, second, tokens, rounds) -> dict:
                                                                     "ratio_to_base": mean[(f"{alias}@r{k}", concurrency)] / base}
                                                               for k in RANKS}}
     rows["c8"]["mixed"] = {"ranks": RANKS + RANKS[:2], "tok_s": mean[("mixed", 8)], "ratio_to_base": mean[("mixed", 8)] / mean[("base", 8)]}
-    result = {"mode": name, "ttft_s": ttfts, "throughput": rows}
+    result = {"mode": name, "ttft_s": ttfts, "ttft_each_s": firsts, "throughput": rows}
     print(json.dumps(result), flush=True)
     return result
 
