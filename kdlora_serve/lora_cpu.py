@@ -112,10 +112,12 @@ def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale
     full = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, lora_a_stacked[0].shape[-2])
     plan = _plan(dtype, lora_a_stacked[0].shape[-1], output_slices, [b.shape[-2] for b in lora_b_stacked], rank or full, tokens)
     key = (id(lora_a_stacked[0]), slot, dtype, scale, plan)
-    if key not in cache:
+    if key not in cache:  # every plan this shape may use, at once: a rank asked for later finds its layout built
         a_all = torch.stack([a[slot].reshape(-1, a.shape[-1])[:full] for a in lora_a_stacked], 1).flatten(0, 1).float().t() * scale
         bs = [b[slot].reshape(-1, b.shape[-1])[:, :full].float().t() for b in lora_b_stacked]
-        cache[key] = _layout(plan, a_all, bs, dtype, output_slices)
+        shape = (dtype, lora_a_stacked[0].shape[-1], tuple(output_slices), tuple(b.shape[-2] for b in lora_b_stacked))
+        for other in {plan, *_PLANS.get(shape, {}).values()}:
+            cache[key[:-1] + (other,)] = _layout(other, a_all, bs, dtype, output_slices)
     lookup[fast_key] = cache[key]
     return cache[key]
 
@@ -201,9 +203,10 @@ def prepare(wrapper, modules) -> None:
 
 
 def slots_changed(wrapper, slot: int, rank: int) -> None:
-    """vLLM wrote an adapter of `rank` into `slot` (lora_slots): record the rank, drop cached weights."""
+    """vLLM wrote an adapter of `rank` into `slot` (lora_slots): record the rank, drop that slot's cached layouts."""
     wrapper.__dict__.setdefault("kdlora_slot_ranks", {})[slot] = rank
-    wrapper.__dict__["kdlora_weights"], wrapper.__dict__["kdlora_lookup"] = {}, {}
+    for name in ("kdlora_weights", "kdlora_lookup"):  # that slot's entries only: the other slots' adapters are unchanged
+        wrapper.__dict__[name] = {key: value for key, value in wrapper.__dict__.get(name, {}).items() if key[1] != slot}
 
 
 def update_metadata(self, mapping, *args, **kwargs):
