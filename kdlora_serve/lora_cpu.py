@@ -110,12 +110,12 @@ def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale
         lookup[fast_key] = None
         return None
     full = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, lora_a_stacked[0].shape[-2])
-    plan = _plan(dtype, lora_a_stacked[0].shape[-1], output_slices, [b.shape[-2] for b in lora_b_stacked], rank or full, tokens)
+    shape = _shape(dtype, lora_a_stacked, lora_b_stacked, output_slices)
+    plan = _plan(shape, rank or full, tokens)
     key = (id(lora_a_stacked[0]), slot, dtype, scale, plan)
     if key not in cache:  # every plan this shape may use, at once: a rank asked for later finds its layout built
         a_all = torch.stack([a[slot].reshape(-1, a.shape[-1])[:full] for a in lora_a_stacked], 1).flatten(0, 1).float().t() * scale
         bs = [b[slot].reshape(-1, b.shape[-1])[:, :full].float().t() for b in lora_b_stacked]
-        shape = (dtype, lora_a_stacked[0].shape[-1], tuple(output_slices), tuple(b.shape[-2] for b in lora_b_stacked))
         for other in {plan, *_PLANS.get(shape, {}).values()}:
             cache[key[:-1] + (other,)] = _layout(other, a_all, bs, dtype, output_slices)
     lookup[fast_key] = cache[key]
@@ -144,15 +144,19 @@ MEASURED_RANKS, MEASURED_TOKENS, LAYERS = (4, 8, 16, 32, 64, 128), (1, 8, 64), 1
 _TOKEN_EDGES = [math.sqrt(a * b) for a, b in zip(MEASURED_TOKENS, MEASURED_TOKENS[1:])]
 
 
-def _plan(dtype, d_in: int, output_slices, widths, rank: int, tokens: int) -> str:
-    """The plan measured fastest on this machine for this layer shape and dtype at the nearest measured rank and
+def _shape(dtype, lora_a_stacked, lora_b_stacked, output_slices) -> tuple:
+    """What the plans of a LoRA'd layer depend on: (dtype, input width, output slices, each slice's B width)."""
+    return dtype, lora_a_stacked[0].shape[-1], tuple(output_slices), tuple(b.shape[-2] for b in lora_b_stacked)
+
+
+def _plan(shape: tuple, rank: int, tokens: int) -> str:
+    """The plan measured fastest on this machine for this layer shape (`_shape`) at the nearest measured rank and
     token count (in log scale: a decode step of 1 token, of a few, or a prefill)."""
-    key = (dtype, d_in, tuple(output_slices), tuple(widths))
-    if key not in _PLANS:
-        _PLANS[key] = _measure(dtype, d_in, output_slices, widths)
-        log.info("kdlora: CPU LoRA plans for %s, %d -> %s (measured; rank x tokens): %s", dtype, d_in,
-                 "+".join(map(str, output_slices)), ", ".join(f"r{r}x{t} {plan}" for (r, t), plan in _PLANS[key].items()))
-    return _PLANS[key][min(MEASURED_RANKS, key=lambda r: abs(math.log(r / rank))), _measured_tokens(tokens)]
+    if shape not in _PLANS:
+        _PLANS[shape] = _measure(*shape)
+        log.info("kdlora: CPU LoRA plans for %s, %d -> %s (measured; rank x tokens): %s", shape[0], shape[1],
+                 "+".join(map(str, shape[2])), ", ".join(f"r{r}x{t} {plan}" for (r, t), plan in _PLANS[shape].items()))
+    return _PLANS[shape][min(MEASURED_RANKS, key=lambda r: abs(math.log(r / rank))), _measured_tokens(tokens)]
 
 
 def _measured_tokens(tokens: int) -> int:
@@ -199,7 +203,7 @@ def prepare(wrapper, modules) -> None:
     for module in modules:
         lora_a, lora_b = getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None)
         if isinstance(lora_a, tuple) and isinstance(lora_b, tuple) and getattr(module, "output_slices", None):
-            _plan(lora_b[0].dtype, lora_a[0].shape[-1], module.output_slices, [b.shape[-2] for b in lora_b], 8, 1)
+            _plan(_shape(lora_b[0].dtype, lora_a, lora_b, module.output_slices), 8, 1)
 
 
 def slots_changed(wrapper, slot: int, rank: int) -> None:
