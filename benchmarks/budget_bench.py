@@ -49,7 +49,9 @@ def stream(client, model: str, prompt: str, tokens: int, budget: dict | None) ->
     extra = {"ignore_eos": True} | ({"kdlora": budget} if budget else {})
     started = time.perf_counter()
     times, served = [], None
-    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0.0, stream=True, extra_body=extra):
+    for chunk in client.completions.create(
+        model=model, prompt=prompt, max_tokens=tokens, temperature=0.0, stream=True, extra_body=extra
+    ):
         if chunk.choices and chunk.choices[0].text is not None:
             times.append(time.perf_counter())
             served = chunk.model
@@ -65,6 +67,7 @@ def closed_loop_rate(client, model: str, concurrency: int, tokens: int, seconds:
         while time.perf_counter() < stop:
             stream(client, model, PROMPTS[i % len(PROMPTS)], tokens, None)
             done.append(time.perf_counter())
+
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
     started = time.perf_counter()
     [t.start() for t in threads]
@@ -72,19 +75,26 @@ def closed_loop_rate(client, model: str, concurrency: int, tokens: int, seconds:
     return len(done) / (time.perf_counter() - started)
 
 
-def poisson_run(client, alias: str, policy: str, rate: float, count: int, tokens: int, limits: dict, seed: int) -> list[dict]:
+def poisson_run(
+    client, alias: str, policy: str, rate: float, count: int, tokens: int, limits: dict, seed: int
+) -> list[dict]:
     rng = random.Random(seed)
     arrivals, at = [], 0.0
     for i in range(count):
         at += rng.expovariate(rate)
         latency, floor = MIX[rng.randrange(len(MIX))]
-        budget = {k: v for k, v in {"latency_ms_per_token": limits.get(latency), "min_quality": limits.get(floor)}.items() if v is not None}
+        budget = {
+            k: v
+            for k, v in {"latency_ms_per_token": limits.get(latency), "min_quality": limits.get(floor)}.items()
+            if v is not None
+        }
         arrivals.append((at, PROMPTS[i % len(PROMPTS)], budget))
     results = [None] * count
 
     def send(i, prompt, budget):
         model = {"kdlora": alias, "fixed r64": f"{alias}@r64", "fixed r8": f"{alias}@r8"}[policy]
         results[i] = stream(client, model, prompt, tokens, budget if policy == "kdlora" else None) | {"budget": budget}
+
     threads, started = [], time.perf_counter()
     for i, (at, prompt, budget) in enumerate(arrivals):  # open loop: each request at its time, whatever is in flight
         time.sleep(max(0.0, started + at - time.perf_counter()))
@@ -97,15 +107,23 @@ def poisson_run(client, alias: str, policy: str, rate: float, count: int, tokens
 def summarize(results: list[dict], quality: dict[int, float]) -> dict:
     def within(r):
         bound, floor = r["budget"].get("latency_ms_per_token"), r["budget"].get("min_quality")
-        return (bound is None or (r["decode_ms"] is not None and r["decode_ms"] <= bound)) and (floor is None or quality[r["rank"]] >= floor)
+        return (bound is None or (r["decode_ms"] is not None and r["decode_ms"] <= bound)) and (
+            floor is None or quality[r["rank"]] >= floor
+        )
 
     def percentile(values, q):
         values = sorted(v for v in values if v is not None)
         return values[min(len(values) - 1, int(q * len(values)))] if values else None
-    return {"within_budget": sum(map(within, results)) / len(results), "mean_rank": sum(r["rank"] for r in results) / len(results),
-            "mean_quality": sum(quality[r["rank"]] for r in results) / len(results),
-            "ttft_p50_s": percentile([r["ttft_s"] for r in results], 0.5), "ttft_p99_s": percentile([r["ttft_s"] for r in results], 0.99),
-            "decode_p50_ms": percentile([r["decode_ms"] for r in results], 0.5), "decode_p99_ms": percentile([r["decode_ms"] for r in results], 0.99)}
+
+    return {
+        "within_budget": sum(map(within, results)) / len(results),
+        "mean_rank": sum(r["rank"] for r in results) / len(results),
+        "mean_quality": sum(quality[r["rank"]] for r in results) / len(results),
+        "ttft_p50_s": percentile([r["ttft_s"] for r in results], 0.5),
+        "ttft_p99_s": percentile([r["ttft_s"] for r in results], 0.99),
+        "decode_p50_ms": percentile([r["decode_ms"] for r in results], 0.5),
+        "decode_p99_ms": percentile([r["decode_ms"] for r in results], 0.99),
+    }
 
 
 def main() -> None:
@@ -119,8 +137,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--saturation-concurrency", type=int, default=8)
     parser.add_argument("--policies", default="kdlora,fixed r64,fixed r8", help="on the rank-aware server")
-    parser.add_argument("--stock-policies", default="kdlora", help="on a server with vLLM's stock LoRA path (KDLORA_RANK_AWARE=0)")
-    parser.add_argument("--dtype", help="the servers' dtype (default: the one kdlora serve picks); results go to budget-<dtype>.*")
+    parser.add_argument(
+        "--stock-policies", default="kdlora", help="on a server with vLLM's stock LoRA path (KDLORA_RANK_AWARE=0)"
+    )
+    parser.add_argument(
+        "--dtype", help="the servers' dtype (default: the one kdlora serve picks); results go to budget-<dtype>.*"
+    )
     args = parser.parse_args()
     meta = load_metadata(ADAPTER)
     quality = {r.rank: r.teacher_top1_agreement for r in meta.ranks}
@@ -131,23 +153,43 @@ def main() -> None:
             client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
             warm(client, alias, sorted(quality))
             if rank_aware:  # budgets and rates from the rank-aware server, the same for the stock one
-                alone = {rank: stream(client, f"{alias}@r{rank}", PROMPTS[1], args.tokens, None)["decode_ms"] for rank in (1, 64)}
+                alone = {
+                    rank: stream(client, f"{alias}@r{rank}", PROMPTS[1], args.tokens, None)["decode_ms"]
+                    for rank in (1, 64)
+                }
                 limits = {"tight": 1.1 * alone[1], "loose": 1.1 * alone[64], "floor": quality[32]}
                 saturation = closed_loop_rate(client, f"{alias}@r64", args.saturation_concurrency, args.tokens)
-                print(f"decode alone: r1 {alone[1]:.1f} ms, r64 {alone[64]:.1f} ms; saturation {saturation:.2f} req/s", flush=True)
+                print(
+                    f"decode alone: r1 {alone[1]:.1f} ms, r64 {alone[64]:.1f} ms; saturation {saturation:.2f} req/s",
+                    flush=True,
+                )
             for fraction in map(float, args.rates.split(",")):
                 for number, policy in enumerate(policies.split(",")):
-                    results = poisson_run(client, alias, policy, fraction * saturation, args.requests, args.tokens, limits, seed=number)
-                    row = {"rate_fraction": fraction, "rate_rps": fraction * saturation, "server": "rank-aware" if rank_aware else "stock",
-                           "policy": policy, **summarize(results, quality)}
+                    results = poisson_run(
+                        client, alias, policy, fraction * saturation, args.requests, args.tokens, limits, seed=number
+                    )
+                    row = {
+                        "rate_fraction": fraction,
+                        "rate_rps": fraction * saturation,
+                        "server": "rank-aware" if rank_aware else "stock",
+                        "policy": policy,
+                        **summarize(results, quality),
+                    }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=120)
-    summary = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-               "settings": vars(args), "adapter": str(ADAPTER), "quality_by_rank": quality, "limits": limits,
-               "decode_alone_ms": alone, "saturation_rps": saturation, "rows": rows}
+    summary = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "settings": vars(args),
+        "adapter": str(ADAPTER),
+        "quality_by_rank": quality,
+        "limits": limits,
+        "decode_alone_ms": alone,
+        "saturation_rps": saturation,
+        "rows": rows,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"budget-{args.dtype}" if args.dtype else "budget"
     (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -163,11 +205,17 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=110)
     for server, policy in dict.fromkeys((r["server"], r["policy"]) for r in summary["rows"]):
         rows = [r for r in summary["rows"] if (r["server"], r["policy"]) == (server, policy)]
-        x, label, style = [r["rate_fraction"] for r in rows], f"{policy} ({server})", "o-" if server == "rank-aware" else "s--"
+        x, label, style = (
+            [r["rate_fraction"] for r in rows],
+            f"{policy} ({server})",
+            "o-" if server == "rank-aware" else "s--",
+        )
         axes[0].plot(x, [100 * r["within_budget"] for r in rows], style, label=label)
         axes[1].plot(x, [r["mean_quality"] for r in rows], style, label=label)
         axes[2].plot(x, [r["decode_p50_ms"] for r in rows], style, label=label)
-    for axis, title in zip(axes, ("% of requests within budget", "mean quality served (top-1 agreement)", "p50 decode ms/token")):
+    for axis, title in zip(
+        axes, ("% of requests within budget", "mean quality served (top-1 agreement)", "p50 decode ms/token")
+    ):
         axis.set_xlabel("arrival rate / saturation")
         axis.set_title(title, fontsize=10)
     axes[2].axhline(summary["limits"]["tight"], color="gray", linestyle=":")

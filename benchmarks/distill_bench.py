@@ -29,13 +29,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def kdlora(*args: str, env: dict | None = None) -> float:
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "kdlora"), *args], check=True, env=None if env is None else {**os.environ, **env})
+    subprocess.run(
+        [str(Path(sys.executable).parent / "kdlora"), *args],
+        check=True,
+        env=None if env is None else {**os.environ, **env},
+    )
     return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--student", type=Path, help="student checkpoint (default: the embedded teacher pruned to 50%%)")
+    parser.add_argument(
+        "--student", type=Path, help="student checkpoint (default: the embedded teacher pruned to 50%%)"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -48,9 +54,32 @@ def main() -> None:
     student = args.student or WORK / "student"
     if not student.exists():
         kdlora("prune", "--out", str(student), "--target-params", "0.5", "--calib-samples", "64", "--seq-len", "128")
-    common = ["--student", str(student), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--seq-len", str(args.seq_len), "--lr", args.lr, "--eval-samples", "16"]
-    runs = {"qdylora-nf4": ["--train", "qdylora", "--max-rank", str(max(ranks)), "--eval-ranks", args.ranks, "--quantize", "nf4"]}
+    common = [
+        "--student",
+        str(student),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--lr",
+        args.lr,
+        "--eval-samples",
+        "16",
+    ]
+    runs = {
+        "qdylora-nf4": [
+            "--train",
+            "qdylora",
+            "--max-rank",
+            str(max(ranks)),
+            "--eval-ranks",
+            args.ranks,
+            "--quantize",
+            "nf4",
+        ]
+    }
     runs.update({f"lora-nf4-r{r}": ["--train", "lora", "--rank", str(r), "--quantize", "nf4"] for r in ranks})
     runs[f"lora-fp32-r{max(ranks)}"] = ["--train", "lora", "--rank", str(max(ranks)), "--quantize", "none"]
     runs["full"] = ["--train", "full", "--quantize", "none", "--lr", "2e-5"]
@@ -59,15 +88,32 @@ def main() -> None:
         out = WORK / "runs" / name
         wall = kdlora("distill", *common, *flags, "--out", str(out))
         report = json.loads((out / "distill_report.json").read_text())
-        results[name] = {"wall_seconds": wall, "mean_step_seconds": report["mean_step_seconds"],
-                         "peak_memory_mb": report["peak_memory_mb"], "before": report["before"], "after": report["after"]}
-        print(f"{name}: {wall:.0f} s, {report['mean_step_seconds']:.2f} s/step, {report['peak_memory_mb']:.0f} MB peak", flush=True)
+        results[name] = {
+            "wall_seconds": wall,
+            "mean_step_seconds": report["mean_step_seconds"],
+            "peak_memory_mb": report["peak_memory_mb"],
+            "before": report["before"],
+            "after": report["after"],
+        }
+        print(
+            f"{name}: {wall:.0f} s, {report['mean_step_seconds']:.2f} s/step, {report['peak_memory_mb']:.0f} MB peak",
+            flush=True,
+        )
 
-    quality = {r: {"qdylora": results["qdylora-nf4"]["after"][str(r)]["kl_to_teacher"],
-                   "lora": results[f"lora-nf4-r{r}"]["after"][str(r)]["kl_to_teacher"]} for r in ranks}
+    quality = {
+        r: {
+            "qdylora": results["qdylora-nf4"]["after"][str(r)]["kl_to_teacher"],
+            "lora": results[f"lora-nf4-r{r}"]["after"][str(r)]["kl_to_teacher"],
+        }
+        for r in ranks
+    }
     separate = sum(results[f"lora-nf4-r{r}"]["wall_seconds"] for r in ranks)
     summary = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
         "settings": vars(args) | {"student": str(student)},
         "runs": results,
         "kl_by_rank": quality,
@@ -78,7 +124,15 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "distill.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, ranks, RESULTS / "distill.png")
-    print(json.dumps({k: summary[k] for k in ("kl_by_rank", "kl_before_training", "one_qdylora_wall_seconds", "separate_lora_wall_seconds")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("kl_by_rank", "kl_before_training", "one_qdylora_wall_seconds", "separate_lora_wall_seconds")
+            },
+            indent=1,
+        )
+    )
 
 
 def plot(summary: dict, ranks: list[int], path: Path) -> None:

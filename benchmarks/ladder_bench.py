@@ -59,8 +59,20 @@ def main() -> None:
         kdlora("prune", "--out", str(student), "--target-params", "0.5", "--calib-samples", "64", "--seq-len", "128")
     if not args.reuse:
         shutil.rmtree(WORK / "ladder", ignore_errors=True)
-    common = ["--student", str(student), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", args.lr,
-              "--eval-samples", "16", "--quantize", "nf4"]
+    common = [
+        "--student",
+        str(student),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--lr",
+        args.lr,
+        "--eval-samples",
+        "16",
+        "--quantize",
+        "nf4",
+    ]
     nested = ["--train", "qdylora", "--max-rank", str(args.max_rank), "--eval-ranks", ",".join(map(str, ranks))]
     alpha_b = ["--no-rslora"]  # scale alpha / b, DyLoRA's; the runs named "rslora" scale alpha / sqrt(b)
     same_compute = max(1, round(args.steps / 2.5))  # sandwich: 3 passes per step, 2 when the sample hits an end
@@ -68,23 +80,101 @@ def main() -> None:
         "uniform seed 0": [*nested, "--steps", str(args.steps), "--seed", "0", *alpha_b],
         "uniform seed 1": [*nested, "--steps", str(args.steps), "--seed", "1", *alpha_b],
         "sandwich, same steps": [*nested, "--steps", str(args.steps), "--rank-distribution", "sandwich", *alpha_b],
-        f"sandwich, same passes ({same_compute} steps)": [*nested, "--steps", str(same_compute), "--rank-distribution", "sandwich", *alpha_b],
-        "matryoshka seed 0": [*nested, "--steps", str(args.steps), "--seed", "0", "--rank-distribution", "matryoshka", *alpha_b],
-        "matryoshka seed 1": [*nested, "--steps", str(args.steps), "--seed", "1", "--rank-distribution", "matryoshka", *alpha_b],
-        f"lora r{ranks[0]} (separate)": ["--train", "lora", "--rank", str(ranks[0]), "--steps", str(args.steps), *alpha_b],
-        f"lora r{ranks[-1]} (separate)": ["--train", "lora", "--rank", str(ranks[-1]), "--steps", str(args.steps), *alpha_b],
+        f"sandwich, same passes ({same_compute} steps)": [
+            *nested,
+            "--steps",
+            str(same_compute),
+            "--rank-distribution",
+            "sandwich",
+            *alpha_b,
+        ],
+        "matryoshka seed 0": [
+            *nested,
+            "--steps",
+            str(args.steps),
+            "--seed",
+            "0",
+            "--rank-distribution",
+            "matryoshka",
+            *alpha_b,
+        ],
+        "matryoshka seed 1": [
+            *nested,
+            "--steps",
+            str(args.steps),
+            "--seed",
+            "1",
+            "--rank-distribution",
+            "matryoshka",
+            *alpha_b,
+        ],
+        f"lora r{ranks[0]} (separate)": [
+            "--train",
+            "lora",
+            "--rank",
+            str(ranks[0]),
+            "--steps",
+            str(args.steps),
+            *alpha_b,
+        ],
+        f"lora r{ranks[-1]} (separate)": [
+            "--train",
+            "lora",
+            "--rank",
+            str(ranks[-1]),
+            "--steps",
+            str(args.steps),
+            *alpha_b,
+        ],
         "uniform rslora": [*nested, "--steps", str(args.steps), "--seed", "0", "--rslora"],
-        "matryoshka rslora": [*nested, "--steps", str(args.steps), "--seed", "0", "--rank-distribution", "matryoshka", "--rslora"],
-        "sandwich rslora, same steps": [*nested, "--steps", str(args.steps), "--rank-distribution", "sandwich", "--rslora"],
-        f"lora r{ranks[0]} rslora (separate)": ["--train", "lora", "--rank", str(ranks[0]), "--steps", str(args.steps), "--rslora"],
-        f"lora r{ranks[-1]} rslora (separate)": ["--train", "lora", "--rank", str(ranks[-1]), "--steps", str(args.steps), "--rslora"],
+        "matryoshka rslora": [
+            *nested,
+            "--steps",
+            str(args.steps),
+            "--seed",
+            "0",
+            "--rank-distribution",
+            "matryoshka",
+            "--rslora",
+        ],
+        "sandwich rslora, same steps": [
+            *nested,
+            "--steps",
+            str(args.steps),
+            "--rank-distribution",
+            "sandwich",
+            "--rslora",
+        ],
+        f"lora r{ranks[0]} rslora (separate)": [
+            "--train",
+            "lora",
+            "--rank",
+            str(ranks[0]),
+            "--steps",
+            str(args.steps),
+            "--rslora",
+        ],
+        f"lora r{ranks[-1]} rslora (separate)": [
+            "--train",
+            "lora",
+            "--rank",
+            str(ranks[-1]),
+            "--steps",
+            str(args.steps),
+            "--rslora",
+        ],
     }
     results = {}
     for name, flags in runs.items():
         out = WORK / "ladder" / name.split(" (")[0].replace(" ", "-").replace(",", "")
         command = ["distill", *common, *flags, "--out", str(out)]
         recorded = out.with_suffix(".command.json")
-        if args.reuse and (out / "distill_report.json").exists() and recorded.exists() and json.loads(recorded.read_text()) == command:
+        if (
+            args.reuse
+            and (out / "distill_report.json").exists()
+            and recorded.exists()
+            and json.loads(recorded.read_text()) == command
+        ):
             wall = None  # made by an earlier invocation: its quality is what a rerun would give, its time is not comparable
         else:
             shutil.rmtree(out, ignore_errors=True)
@@ -92,21 +182,50 @@ def main() -> None:
             recorded.write_text(json.dumps(command))
         report = json.loads((out / "distill_report.json").read_text())
         after = {int(k): v for k, v in report["after"].items()}
-        results[name] = {"wall_seconds": wall, "seconds_training": report["seconds_training"], "steps": report["steps"], "tokens": report["tokens"],
-                         "passes": sum(len(h["ranks"]) for h in report["history"]),
-                         "before": report["before"], "after": after,
-                         "aurac_agreement": aurac({k: v["teacher_top1_agreement"] for k, v in after.items()}) if len(after) > 1 else None,
-                         "aurac_greedy_f1": aurac({k: f1(v) for k, v in after.items()}) if len(after) > 1 else None}
-        print(f"{name}: {report['seconds_training']:.0f} s training, " + ", ".join(f"r{k} KL {v['kl_to_teacher']:.3f} F1 {f1(v):.3f}" for k, v in sorted(after.items())),
-              flush=True)
-    noise = {schedule: {r: {metric: abs(read(results[f"{schedule} seed 0"]["after"][r]) - read(results[f"{schedule} seed 1"]["after"][r]))
-                            for metric, read in (("kl", lambda v: v["kl_to_teacher"]), ("agreement", lambda v: v["teacher_top1_agreement"]),
-                                                 ("greedy_f1", f1))}
-                        for r in ranks}
-             for schedule in ("uniform", "matryoshka")}
-    summary = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
-               "settings": vars(args) | {"student": str(student), "ranks": ranks}, "runs": results,
-               "seed_noise_by_rank": noise}
+        results[name] = {
+            "wall_seconds": wall,
+            "seconds_training": report["seconds_training"],
+            "steps": report["steps"],
+            "tokens": report["tokens"],
+            "passes": sum(len(h["ranks"]) for h in report["history"]),
+            "before": report["before"],
+            "after": after,
+            "aurac_agreement": aurac({k: v["teacher_top1_agreement"] for k, v in after.items()})
+            if len(after) > 1
+            else None,
+            "aurac_greedy_f1": aurac({k: f1(v) for k, v in after.items()}) if len(after) > 1 else None,
+        }
+        print(
+            f"{name}: {report['seconds_training']:.0f} s training, "
+            + ", ".join(f"r{k} KL {v['kl_to_teacher']:.3f} F1 {f1(v):.3f}" for k, v in sorted(after.items())),
+            flush=True,
+        )
+    noise = {
+        schedule: {
+            r: {
+                metric: abs(
+                    read(results[f"{schedule} seed 0"]["after"][r]) - read(results[f"{schedule} seed 1"]["after"][r])
+                )
+                for metric, read in (
+                    ("kl", lambda v: v["kl_to_teacher"]),
+                    ("agreement", lambda v: v["teacher_top1_agreement"]),
+                    ("greedy_f1", f1),
+                )
+            }
+            for r in ranks
+        }
+        for schedule in ("uniform", "matryoshka")
+    }
+    summary = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
+        "settings": vars(args) | {"student": str(student), "ranks": ranks},
+        "runs": results,
+        "seed_noise_by_rank": noise,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ladder.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, ranks, RESULTS / "ladder.png")
@@ -118,9 +237,11 @@ def plot(summary: dict, ranks: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("held-out KL(teacher || student), lower is better", lambda v: v["kl_to_teacher"]),
-              ("top-1 agreement with teacher", lambda v: v["teacher_top1_agreement"]),
-              ("token F1 of greedy answers vs teacher's", f1))
+    panels = (
+        ("held-out KL(teacher || student), lower is better", lambda v: v["kl_to_teacher"]),
+        ("top-1 agreement with teacher", lambda v: v["teacher_top1_agreement"]),
+        ("token F1 of greedy answers vs teacher's", f1),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.5), dpi=110)
     for name, run in summary["runs"].items():
         points = sorted(run["after"].items())
@@ -135,7 +256,9 @@ def plot(summary: dict, ranks: list[int], path: Path) -> None:
         axis.set_xlabel("rank")
         axis.set_ylabel(label, fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle("quality per rank: nested-rank schedules vs separately trained LoRAs (pruned student, no healing)", fontsize=10)
+    fig.suptitle(
+        "quality per rank: nested-rank schedules vs separately trained LoRAs (pruned student, no healing)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path)
 

@@ -33,8 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / ".work"
 RESULTS = ROOT / "benchmarks" / "results"
 RANKS = [1, 4, 8, 16, 32, 64]
-PROMPTS = ["The three most useful Python built-in functions are", "def fibonacci(n):", "A list in Python is",
-           "Write one sentence about the sea.", "The capital of Italy is", "import numpy as np", "Dear team,", "SELECT name FROM"]
+PROMPTS = [
+    "The three most useful Python built-in functions are",
+    "def fibonacci(n):",
+    "A list in Python is",
+    "Write one sentence about the sea.",
+    "The capital of Italy is",
+    "import numpy as np",
+    "Dear team,",
+    "SELECT name FROM",
+]
 
 
 def make_adapter() -> Path:
@@ -52,8 +60,10 @@ def make_adapter() -> Path:
 
     teacher = embedded_teacher()
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32),
-                           LoraConfig(r=64, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32),
+        LoraConfig(r=64, lora_alpha=64, target_modules="all-linear", init_lora_weights=False),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -61,8 +71,12 @@ def make_adapter() -> Path:
     model.save_pretrained(out)
     RankMetadata(max_rank=64, default_rank=8, base_model=ModelRef(id=str(teacher))).save(out)
     adapter = read_adapter(out)
-    RankMetadata(max_rank=64, default_rank=8, base_model=ModelRef(id=str(teacher)),
-                 ranks=[RankResult(rank=k, adapter_bytes=adapter_bytes(adapter, k)) for k in RANKS]).save(out)
+    RankMetadata(
+        max_rank=64,
+        default_rank=8,
+        base_model=ModelRef(id=str(teacher)),
+        ranks=[RankResult(rank=k, adapter_bytes=adapter_bytes(adapter, k)) for k in RANKS],
+    ).save(out)
     return out
 
 
@@ -70,10 +84,30 @@ def start_server(adapter: Path, rank_aware: bool, dtype: str | None, log: Path, 
     """`kdlora serve` with `adapter`; dtype None: the one kdlora serve picks on this machine."""
     from kdlora_serve.serve import start_background
 
-    env = {**os.environ, **(env or {}), "KDLORA_RANK_AWARE": "1" if rank_aware else "0", "VLLM_NO_USAGE_STATS": "1",
-           "KDLORA_CACHE": str(WORK / "cache")}
-    return start_background(["--adapter", str(adapter), *more_args, "--max-loras", "8", "--", "--served-model-name", "base",
-                             *(["--dtype", dtype] if dtype else []), "--max-model-len", "1024"], log, env=env)
+    env = {
+        **os.environ,
+        **(env or {}),
+        "KDLORA_RANK_AWARE": "1" if rank_aware else "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "KDLORA_CACHE": str(WORK / "cache"),
+    }
+    return start_background(
+        [
+            "--adapter",
+            str(adapter),
+            *more_args,
+            "--max-loras",
+            "8",
+            "--",
+            "--served-model-name",
+            "base",
+            *(["--dtype", dtype] if dtype else []),
+            "--max-model-len",
+            "1024",
+        ],
+        log,
+        env=env,
+    )
 
 
 @contextlib.contextmanager
@@ -93,9 +127,15 @@ def throughput(client, model: str | list[str], concurrency: int, tokens: int) ->
     models = [model] if isinstance(model, str) else model
 
     def one(i):
-        reply = client.completions.create(model=models[i % len(models)], prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
-                                          temperature=0.0, extra_body={"ignore_eos": True})
+        reply = client.completions.create(
+            model=models[i % len(models)],
+            prompt=PROMPTS[i % len(PROMPTS)],
+            max_tokens=tokens,
+            temperature=0.0,
+            extra_body={"ignore_eos": True},
+        )
         return reply.usage.completion_tokens
+
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         generated = sum(pool.map(one, range(concurrency)))
@@ -116,17 +156,31 @@ def run_mode(adapter, rank_aware, dtype, tokens, rounds) -> dict:
     from openai import OpenAI
 
     name = f"{'rank-aware' if rank_aware else 'stock'}-{dtype}"
-    copies = [WORK / f"bench-adapter-{i}" for i in (2, 3, 4)]  # the same weights under other names: given at start, never requested
+    copies = [
+        WORK / f"bench-adapter-{i}" for i in (2, 3, 4)
+    ]  # the same weights under other names: given at start, never requested
     for copy in copies:
         if not copy.exists():
             shutil.copytree(adapter, copy)
     with hub_with(adapter, "bench/on-demand") as hub_url:
         given = [arg for copy in copies for arg in ("--adapter", str(copy))]
-        proc, url = start_server(adapter, rank_aware, dtype, WORK / f"server-{name}.log", [*given, "--allow", "bench/*"],
-                                 {"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1"})
+        proc, url = start_server(
+            adapter,
+            rank_aware,
+            dtype,
+            WORK / f"server-{name}.log",
+            [*given, "--allow", "bench/*"],
+            {"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1"},
+        )
         try:
-            return measure(OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600), name, adapter.name,
-                           [copy.name for copy in copies], tokens, rounds)
+            return measure(
+                OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600),
+                name,
+                adapter.name,
+                [copy.name for copy in copies],
+                tokens,
+                rounds,
+            )
         finally:
             proc.terminate()
             proc.wait(timeout=120)
@@ -136,7 +190,9 @@ def measure(client, name, alias, given, tokens, rounds) -> dict:
     """TTFTs (each first request once per server, so three of each, medians kept with the values) and throughput."""
     firsts = {"new_adapter_given_at_start": [ttft(client, f"{other}@r2") for other in given]}
     ttft(client, f"{alias}@r8")  # the adapter in use (its default rank) ...
-    firsts["new_rank"] = [ttft(client, f"{alias}@r{k}") for k in (2, 3, 5)]  # ... then ranks of it never requested before
+    firsts["new_rank"] = [
+        ttft(client, f"{alias}@r{k}") for k in (2, 3, 5)
+    ]  # ... then ranks of it never requested before
     firsts["warm"] = [ttft(client, f"{alias}@r{k}") for k in (2, 3, 5)]
     ttfts = {case: statistics.median(values) for case, values in firsts.items()}
     ttfts["new_adapter_pulled_on_demand"] = ttft(client, "bench/on-demand@r2")
@@ -154,10 +210,21 @@ def measure(client, name, alias, given, tokens, rounds) -> dict:
     rows = {}
     for concurrency in (1, 8):
         base = mean[("base", concurrency)]
-        rows[f"c{concurrency}"] = {"base_tok_s": base, **{str(k): {"tok_s": mean[(f"{alias}@r{k}", concurrency)],
-                                                                    "ratio_to_base": mean[(f"{alias}@r{k}", concurrency)] / base}
-                                                              for k in RANKS}}
-    rows["c8"]["mixed"] = {"ranks": RANKS + RANKS[:2], "tok_s": mean[("mixed", 8)], "ratio_to_base": mean[("mixed", 8)] / mean[("base", 8)]}
+        rows[f"c{concurrency}"] = {
+            "base_tok_s": base,
+            **{
+                str(k): {
+                    "tok_s": mean[(f"{alias}@r{k}", concurrency)],
+                    "ratio_to_base": mean[(f"{alias}@r{k}", concurrency)] / base,
+                }
+                for k in RANKS
+            },
+        }
+    rows["c8"]["mixed"] = {
+        "ranks": RANKS + RANKS[:2],
+        "tok_s": mean[("mixed", 8)],
+        "ratio_to_base": mean[("mixed", 8)] / mean[("base", 8)],
+    }
     result = {"mode": name, "ttft_s": ttfts, "ttft_each_s": firsts, "throughput": rows}
     print(json.dumps(result), flush=True)
     return result
@@ -172,13 +239,25 @@ def main() -> None:
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     adapter = make_adapter()
-    results = [run_mode(adapter, rank_aware, dtype, args.tokens, args.rounds)
-               for dtype in args.dtypes.split(",") for rank_aware in [mode == "rank-aware" for mode in args.modes.split(",")]]
+    results = [
+        run_mode(adapter, rank_aware, dtype, args.tokens, args.rounds)
+        for dtype in args.dtypes.split(",")
+        for rank_aware in [mode == "rank-aware" for mode in args.modes.split(",")]
+    ]
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    summary = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(), "gpu": gpu},
-               "settings": vars(args), "ranks": RANKS, "results": results}
+    summary = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "gpu": gpu,
+        },
+        "settings": vars(args),
+        "ranks": RANKS,
+        "results": results,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "serve_gpu" if gpu else "serve"
     (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -197,24 +276,40 @@ def plot(summary: dict, path: Path) -> None:
         for result in summary["results"]:
             ratios = [result["throughput"][concurrency][str(k)]["ratio_to_base"] for k in summary["ranks"]]
             style = "o-" if result["mode"].startswith("rank-aware") else "s--"
-            line, = axis.plot(summary["ranks"], ratios, style, label=result["mode"])
+            (line,) = axis.plot(summary["ranks"], ratios, style, label=result["mode"])
             if "mixed" in result["throughput"][concurrency]:  # the mixed batch, drawn at its largest rank
-                axis.plot([max(summary["ranks"])], [result["throughput"][concurrency]["mixed"]["ratio_to_base"]], "*",
-                          color=line.get_color(), markersize=11)
+                axis.plot(
+                    [max(summary["ranks"])],
+                    [result["throughput"][concurrency]["mixed"]["ratio_to_base"]],
+                    "*",
+                    color=line.get_color(),
+                    markersize=11,
+                )
         axis.axhline(1.0, color="gray", linestyle=":")
         axis.set_xscale("log", base=2)
         axis.set_xticks(summary["ranks"], [str(k) for k in summary["ranks"]])
         axis.set_xlabel("adapter rank served")
-        axis.set_title(f"throughput / base, concurrency {concurrency[1:]}" + (" (* = one batch mixing all ranks)" if concurrency == "c8"
-                                                                                else ""), fontsize=10)
+        axis.set_title(
+            f"throughput / base, concurrency {concurrency[1:]}"
+            + (" (* = one batch mixing all ranks)" if concurrency == "c8" else ""),
+            fontsize=10,
+        )
     axes[0].set_ylabel("tok/s relative to the base model (same server)")
     axes[0].legend(fontsize=8)
     cases = ["warm", "new_rank", "new_adapter_given_at_start", "new_adapter_pulled_on_demand"]
     width = 0.8 / len(summary["results"])
     for i, result in enumerate(summary["results"]):
-        axes[2].bar([c + i * width for c in range(len(cases))], [result["ttft_s"][case] for case in cases], width, label=result["mode"])
-    axes[2].set_xticks([c + 0.4 - width / 2 for c in range(len(cases))],
-                       ["warm", "rank never\nrequested", "adapter given\nat start", "adapter pulled\non demand"], fontsize=8)
+        axes[2].bar(
+            [c + i * width for c in range(len(cases))],
+            [result["ttft_s"][case] for case in cases],
+            width,
+            label=result["mode"],
+        )
+    axes[2].set_xticks(
+        [c + 0.4 - width / 2 for c in range(len(cases))],
+        ["warm", "rank never\nrequested", "adapter given\nat start", "adapter pulled\non demand"],
+        fontsize=8,
+    )
     axes[2].set_ylabel("time to first token (s)")
     axes[2].set_title("time to first token", fontsize=10)
     axes[2].legend(fontsize=7)

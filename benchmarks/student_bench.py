@@ -48,21 +48,58 @@ def main() -> None:
     for name, student in students.items():
         for lr in args.lrs.split(","):
             out = WORK / "student-runs" / f"{name}-lr{lr}"
-            wall = kdlora("distill", "--student", str(student), "--train", "full", "--quantize", "none", "--steps", str(args.steps),
-                          "--seq-len", str(args.seq_len), "--lr", lr, "--eval-samples", "16", "--out", str(out))
+            wall = kdlora(
+                "distill",
+                "--student",
+                str(student),
+                "--train",
+                "full",
+                "--quantize",
+                "none",
+                "--steps",
+                str(args.steps),
+                "--seq-len",
+                str(args.seq_len),
+                "--lr",
+                lr,
+                "--eval-samples",
+                "16",
+                "--out",
+                str(out),
+            )
             report = json.loads((out / "distill_report.json").read_text())
-            runs[f"{name}-lr{lr}"] = {"student": name, "lr": float(lr), "wall_seconds": wall, "before": report["before"],
-                                      "after": report["after"]["None"], "loss": [h["loss"] for h in report["history"]]}
-            print(f"{name} lr {lr}: KL {report['before']['kl_to_teacher']:.3f} -> {report['after']['None']['kl_to_teacher']:.3f}",
-                  flush=True)
-    best = {name: min((r for r in runs.values() if r["student"] == name), key=lambda r: r["after"]["kl_to_teacher"]) for name in students}
+            runs[f"{name}-lr{lr}"] = {
+                "student": name,
+                "lr": float(lr),
+                "wall_seconds": wall,
+                "before": report["before"],
+                "after": report["after"]["None"],
+                "loss": [h["loss"] for h in report["history"]],
+            }
+            print(
+                f"{name} lr {lr}: KL {report['before']['kl_to_teacher']:.3f} -> {report['after']['None']['kl_to_teacher']:.3f}",
+                flush=True,
+            )
+    best = {
+        name: min((r for r in runs.values() if r["student"] == name), key=lambda r: r["after"]["kl_to_teacher"])
+        for name in students
+    }
     params = json.loads((pruned / "pruning_report.json").read_text())["params_after"]
-    summary = {"machine": {"platform": platform.platform(), "python": platform.python_version()},
-               "settings": vars(args), "student_params": params, "runs": runs, "best": best}
+    summary = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "settings": vars(args),
+        "student_params": params,
+        "runs": runs,
+        "best": best,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "student.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, RESULTS / "student.png")
-    print(json.dumps({name: {"lr": r["lr"], "before": r["before"], "after": r["after"]} for name, r in best.items()}, indent=1))
+    print(
+        json.dumps(
+            {name: {"lr": r["lr"], "before": r["before"], "after": r["after"]} for name, r in best.items()}, indent=1
+        )
+    )
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -73,16 +110,27 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for name, run in summary["runs"].items():
-        curves.plot(range(1, len(run["loss"]) + 1), run["loss"], "-" if run["student"] == "pruned" else "--", label=name)
+        curves.plot(
+            range(1, len(run["loss"]) + 1), run["loss"], "-" if run["student"] == "pruned" else "--", label=name
+        )
     curves.set_xlabel("step")
     curves.set_ylabel("training loss (KD + next token)")
     curves.set_yscale("log")
     curves.set_title(f"same architecture ({summary['student_params'] / 1e6:.1f}M params), same tokens", fontsize=10)
     curves.legend(fontsize=8)
     names = list(summary["best"])
-    for offset, (when, label) in enumerate((("before", "before"), ("after", f"after {summary['settings']['steps']} steps"))):
-        bars.bar([i + 0.4 * offset for i in range(len(names))], [summary["best"][n][when]["kl_to_teacher"] for n in names], 0.4, label=label)
-    bars.set_xticks([i + 0.2 for i in range(len(names))], [f"{n}\n(best lr {summary['best'][n]['lr']:g})" for n in names])
+    for offset, (when, label) in enumerate(
+        (("before", "before"), ("after", f"after {summary['settings']['steps']} steps"))
+    ):
+        bars.bar(
+            [i + 0.4 * offset for i in range(len(names))],
+            [summary["best"][n][when]["kl_to_teacher"] for n in names],
+            0.4,
+            label=label,
+        )
+    bars.set_xticks(
+        [i + 0.2 for i in range(len(names))], [f"{n}\n(best lr {summary['best'][n]['lr']:g})" for n in names]
+    )
     bars.set_ylabel("held-out KL(teacher || student)")
     bars.set_title("quality (lower is better)", fontsize=10)
     bars.legend(fontsize=8)

@@ -36,7 +36,12 @@ def run(name: str, command: list[str], reuse: bool) -> tuple[Path, float | None]
     out = WORK / "task" / name
     command = [*command, "--out", str(out)]
     recorded = out.with_suffix(".command.json")
-    if reuse and (out / "distill_report.json").exists() and recorded.exists() and json.loads(recorded.read_text()) == command:
+    if (
+        reuse
+        and (out / "distill_report.json").exists()
+        and recorded.exists()
+        and json.loads(recorded.read_text()) == command
+    ):
         return out, None
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,18 +65,82 @@ def main() -> None:
 
     ranks = [r for r in (1, 2, 4, 8, 16, 32, 64) if r <= args.max_rank]
     base = str(embedded_teacher())
-    teacher, _ = run("teacher-bbc", ["distill", "--student", base, "--teacher", base, "--train", "full", "--quantize", "none", "--kd-alpha", "0",
-                                     "--data", DATA, "--steps", str(args.teacher_steps), "--batch-size", "16", "--seq-len", "128", "--lr", "1e-4",
-                                     "--eval-samples", "222"], args.reuse)
+    teacher, _ = run(
+        "teacher-bbc",
+        [
+            "distill",
+            "--student",
+            base,
+            "--teacher",
+            base,
+            "--train",
+            "full",
+            "--quantize",
+            "none",
+            "--kd-alpha",
+            "0",
+            "--data",
+            DATA,
+            "--steps",
+            str(args.teacher_steps),
+            "--batch-size",
+            "16",
+            "--seq-len",
+            "128",
+            "--lr",
+            "1e-4",
+            "--eval-samples",
+            "222",
+        ],
+        args.reuse,
+    )
     pruned = WORK / "student"  # distill_bench's: the embedded teacher pruned to 50%
     if not pruned.exists():
         kdlora("prune", "--out", str(pruned), "--target-params", "0.5", "--calib-samples", "64", "--seq-len", "128")
     # healed on generic text as the quickstart's fast plan does (30 steps, lr 5e-4)
-    student, _ = run("student-healed", ["distill", "--student", str(pruned), "--train", "full", "--quantize", "none", "--steps", "30",
-                                        "--seq-len", "128", "--lr", "5e-4", "--eval-samples", "16"], args.reuse)
-    common = ["distill", "--student", str(student), "--teacher", str(teacher), "--data", DATA, "--batch-size", str(args.batch_size),
-              "--seq-len", "128", "--lr", args.lr, "--eval-samples", str(args.eval_samples), "--quantize", "nf4", "--rslora",
-              "--steps", str(args.steps)]
+    student, _ = run(
+        "student-healed",
+        [
+            "distill",
+            "--student",
+            str(pruned),
+            "--train",
+            "full",
+            "--quantize",
+            "none",
+            "--steps",
+            "30",
+            "--seq-len",
+            "128",
+            "--lr",
+            "5e-4",
+            "--eval-samples",
+            "16",
+        ],
+        args.reuse,
+    )
+    common = [
+        "distill",
+        "--student",
+        str(student),
+        "--teacher",
+        str(teacher),
+        "--data",
+        DATA,
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        "128",
+        "--lr",
+        args.lr,
+        "--eval-samples",
+        str(args.eval_samples),
+        "--quantize",
+        "nf4",
+        "--rslora",
+        "--steps",
+        str(args.steps),
+    ]
     nested = ["--train", "qdylora", "--max-rank", str(args.max_rank), "--eval-ranks", ",".join(map(str, ranks))]
     runs = {
         "sandwich seed 0": [*nested, "--rank-distribution", "sandwich", "--seed", "0"],
@@ -85,21 +154,47 @@ def main() -> None:
         out, wall = run(name.split(" (")[0].replace(" ", "-"), [*common, *flags], args.reuse)
         report = json.loads((out / "distill_report.json").read_text())
         meta = json.loads((out / "kdlora.json").read_text())
-        after = {int(k): {"accuracy": v["task_metrics"]["accuracy"], "kl_to_teacher": v["kl_to_teacher"]} for k, v in report["after"].items()}
-        results[name] = {"wall_seconds": wall, "seconds_training": report["seconds_training"], "passes": sum(len(h["ranks"]) for h in report["history"]),
-                         "student_alone": report["before"]["task_metrics"]["accuracy"], "teacher": meta["teacher_quality"]["task_metrics"]["accuracy"],
-                         "after": after, "aurac_accuracy": aurac({k: v["accuracy"] for k, v in after.items()}) if len(after) > 1 else None}
-        print(f"{name}: {report['seconds_training']:.0f} s training; student alone {results[name]['student_alone']:.3f}, teacher "
-              f"{results[name]['teacher']:.3f}; " + ", ".join(f"r{k} {v['accuracy']:.3f}" for k, v in sorted(after.items())), flush=True)
+        after = {
+            int(k): {"accuracy": v["task_metrics"]["accuracy"], "kl_to_teacher": v["kl_to_teacher"]}
+            for k, v in report["after"].items()
+        }
+        results[name] = {
+            "wall_seconds": wall,
+            "seconds_training": report["seconds_training"],
+            "passes": sum(len(h["ranks"]) for h in report["history"]),
+            "student_alone": report["before"]["task_metrics"]["accuracy"],
+            "teacher": meta["teacher_quality"]["task_metrics"]["accuracy"],
+            "after": after,
+            "aurac_accuracy": aurac({k: v["accuracy"] for k, v in after.items()}) if len(after) > 1 else None,
+        }
+        print(
+            f"{name}: {report['seconds_training']:.0f} s training; student alone {results[name]['student_alone']:.3f}, teacher "
+            f"{results[name]['teacher']:.3f}; "
+            + ", ".join(f"r{k} {v['accuracy']:.3f}" for k, v in sorted(after.items())),
+            flush=True,
+        )
     first = results["sandwich seed 0"]
     gap = first["teacher"] - first["student_alone"]
-    summary = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
-               "settings": vars(args) | {"data": DATA, "teacher": str(teacher), "student": str(student), "ranks": ranks},
-               "runs": results,
-               "gap_closed_by_rank": {r: (first["after"][r]["accuracy"] - first["student_alone"]) / gap for r in ranks} if gap > 0 else None,
-               "seed_noise_by_rank": {r: abs(first["after"][r]["accuracy"] - results["sandwich seed 1"]["after"][r]["accuracy"]) for r in ranks},
-               "rank_range": {seed: max(v["accuracy"] for v in results[f"sandwich seed {seed}"]["after"].values())
-                              - min(v["accuracy"] for v in results[f"sandwich seed {seed}"]["after"].values()) for seed in (0, 1)}}
+    summary = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
+        "settings": vars(args) | {"data": DATA, "teacher": str(teacher), "student": str(student), "ranks": ranks},
+        "runs": results,
+        "gap_closed_by_rank": {r: (first["after"][r]["accuracy"] - first["student_alone"]) / gap for r in ranks}
+        if gap > 0
+        else None,
+        "seed_noise_by_rank": {
+            r: abs(first["after"][r]["accuracy"] - results["sandwich seed 1"]["after"][r]["accuracy"]) for r in ranks
+        },
+        "rank_range": {
+            seed: max(v["accuracy"] for v in results[f"sandwich seed {seed}"]["after"].values())
+            - min(v["accuracy"] for v in results[f"sandwich seed {seed}"]["after"].values())
+            for seed in (0, 1)
+        },
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "task.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, ranks, RESULTS / "task.png")
@@ -115,10 +210,17 @@ def plot(summary: dict, ranks: list[int], path: Path) -> None:
     fig, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
     for name, run_result in summary["runs"].items():
         points = sorted(run_result["after"].items())
-        axis.plot([k for k, _ in points], [v["accuracy"] for _, v in points], "s" if name.startswith("lora") else "o-", label=name)
+        axis.plot(
+            [k for k, _ in points],
+            [v["accuracy"] for _, v in points],
+            "s" if name.startswith("lora") else "o-",
+            label=name,
+        )
     first = summary["runs"]["sandwich seed 0"]
     axis.axhline(first["teacher"], color="black", linestyle=":", label=f"fine-tuned teacher {first['teacher']:.3f}")
-    axis.set_title(f"BBC News topic accuracy per rank (held-out); student alone {first['student_alone']:.3f}", fontsize=9)
+    axis.set_title(
+        f"BBC News topic accuracy per rank (held-out); student alone {first['student_alone']:.3f}", fontsize=9
+    )
     axis.set_xscale("log", base=2)
     axis.set_xticks(ranks, [str(r) for r in ranks])
     axis.set_xlabel("adapter rank (one nested adapter, truncated)")

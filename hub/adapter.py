@@ -34,7 +34,9 @@ class Adapter:
     @property
     def module_ranks(self) -> dict[str, int]:
         """LoRA module name -> its rank in this file (`r`, or its `rank_pattern` entry)."""
-        return {_LORA_KEY.match(name)["module"]: shape[0] for name, shape in self.shapes.items() if _rank_dim(name) == 0}
+        return {
+            _LORA_KEY.match(name)["module"]: shape[0] for name, shape in self.shapes.items() if _rank_dim(name) == 0
+        }
 
 
 def refuse_pickles(names) -> None:
@@ -57,11 +59,15 @@ def read_adapter(path: Path, require_metadata: bool = True) -> Adapter:
     refuse_pickles(p.name for p in path.iterdir())
     for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (path / required).is_file():
-            raise KdloraError(f"{path} has no {required}: not a PEFT LoRA adapter directory (expected {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+            raise KdloraError(
+                f"{path} has no {required}: not a PEFT LoRA adapter directory (expected {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})"
+            )
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as err:
-        raise KdloraError(f"{path / ADAPTER_CONFIG} is not valid JSON ({err.msg} at line {err.lineno}); fix or regenerate it") from err
+        raise KdloraError(
+            f"{path / ADAPTER_CONFIG} is not valid JSON ({err.msg} at line {err.lineno}); fix or regenerate it"
+        ) from err
     if config.get("peft_type", "LORA") != "LORA":
         raise KdloraError(f"{path} is a {config['peft_type']} adapter; kdlora handles LoRA adapters only")
     metadata = load_metadata(path) if require_metadata or (path / METADATA_FILE).exists() else None
@@ -69,7 +75,9 @@ def read_adapter(path: Path, require_metadata: bool = True) -> Adapter:
         with safe_open(path / ADAPTER_WEIGHTS, framework="pt") as weights:
             shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
     except Exception as err:  # safetensors raises its own error types for damaged headers
-        raise KdloraError(f"{path / ADAPTER_WEIGHTS} is not a readable safetensors file ({err}); re-download or regenerate it") from err
+        raise KdloraError(
+            f"{path / ADAPTER_WEIGHTS} is not a readable safetensors file ({err}); re-download or regenerate it"
+        ) from err
     adapter = Adapter(path, config, metadata, shapes)
     _check_consistent(adapter)
     return adapter
@@ -89,13 +97,17 @@ def _check_consistent(adapter: Adapter) -> None:
     where = adapter.path
     ranks = adapter.module_ranks
     if not ranks:
-        raise KdloraError(f"{where / ADAPTER_WEIGHTS} holds no LoRA tensors (no '*.lora_A.weight'); the file is not a LoRA adapter")
+        raise KdloraError(
+            f"{where / ADAPTER_WEIGHTS} holds no LoRA tensors (no '*.lora_A.weight'); the file is not a LoRA adapter"
+        )
     for name, shape in adapter.shapes.items():
         if _rank_dim(name) != 1:
             continue
         module = _LORA_KEY.match(name)["module"]
         if module not in ranks or shape[1] != ranks[module]:
-            raise KdloraError(f"{where}: tensor {name} has shape {list(shape)} but its lora_A has rank {ranks.get(module)}; the adapter file is corrupt")
+            raise KdloraError(
+                f"{where}: tensor {name} has shape {list(shape)} but its lora_A has rank {ranks.get(module)}; the adapter file is corrupt"
+            )
     for module, rank in ranks.items():
         configured = _configured_rank(adapter.config, module.removeprefix(_PEFT_PREFIX))
         if rank != configured:

@@ -28,8 +28,10 @@ def refuse_other_settings(partial: Path, settings_file: Path, settings: dict, ho
     saved = json.loads(settings_file.read_text()) if settings_file.exists() else {}
     changed = sorted(k for k in settings if saved.get(k) != settings[k])
     if changed:
-        raise KdloraError(f"{partial} holds {holds} made with other settings ({', '.join(changed)}); rerun with the original "
-                          "settings to continue it, or delete it to start over")
+        raise KdloraError(
+            f"{partial} holds {holds} made with other settings ({', '.join(changed)}); rerun with the original "
+            "settings to continue it, or delete it to start over"
+        )
 
 
 @contextlib.contextmanager

@@ -33,15 +33,35 @@ def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
     fig, kl_axis = plt.subplots(figsize=(6, 4.2), dpi=120)
     ranks = [r.rank for r in points]
     nan = float("nan")  # a rank missing one of the two numbers leaves a gap, not an error
-    kl_axis.plot(ranks, [nan if r.kl_to_teacher is None else r.kl_to_teacher for r in points], "o-", color="tab:red", label="KL to teacher (lower is better)")
+    kl_axis.plot(
+        ranks,
+        [nan if r.kl_to_teacher is None else r.kl_to_teacher for r in points],
+        "o-",
+        color="tab:red",
+        label="KL to teacher (lower is better)",
+    )
     kl_axis.set_xscale("log", base=2)
     kl_axis.set_xticks(ranks, [str(r) for r in ranks])
     kl_axis.set_xlabel("adapter rank (one nested adapter, truncated)")
     kl_axis.set_ylabel("KL(teacher || student), nats/token", color="tab:red")
     agreement_axis = kl_axis.twinx()
-    agreement_axis.plot(ranks, [nan if r.teacher_top1_agreement is None else r.teacher_top1_agreement for r in points], "s--", color="tab:blue", label="top-1 agreement (higher is better)")
-    for name, color in zip(task_metric_names(metadata), ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:gray")):
-        agreement_axis.plot(ranks, [r.task_metrics.get(name, nan) for r in points], "^--", color=color, label=f"{name} (higher is better)")
+    agreement_axis.plot(
+        ranks,
+        [nan if r.teacher_top1_agreement is None else r.teacher_top1_agreement for r in points],
+        "s--",
+        color="tab:blue",
+        label="top-1 agreement (higher is better)",
+    )
+    for name, color in zip(
+        task_metric_names(metadata), ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:gray")
+    ):
+        agreement_axis.plot(
+            ranks,
+            [r.task_metrics.get(name, nan) for r in points],
+            "^--",
+            color=color,
+            label=f"{name} (higher is better)",
+        )
     agreement_axis.set_ylabel("agreement / task metrics (0-1)", color="tab:blue")
     kl_axis.set_title(f"quality vs rank, base {metadata.base_model.id}", fontsize=9)
     legend_rows = -(-len(fig.axes[0].lines + fig.axes[1].lines) // 2)
@@ -59,12 +79,30 @@ def rank_table(metadata: RankMetadata) -> str:
     rows = [header, ["---"] * len(header)]
     if metadata.base_quality is not None:
         base = metadata.base_quality
-        rows.append(["0 (no adapter)", *(_fmt(getattr(base, field)) for field, _, _ in _METRICS), *(_fmt(base.task_metrics.get(t)) for t in tasks), "0", "–"])
+        rows.append(
+            [
+                "0 (no adapter)",
+                *(_fmt(getattr(base, field)) for field, _, _ in _METRICS),
+                *(_fmt(base.task_metrics.get(t)) for t in tasks),
+                "0",
+                "–",
+            ]
+        )
     if metadata.teacher_quality is not None and metadata.teacher_quality.task_metrics:
-        rows.append(["teacher", *(["–"] * len(_METRICS)), *(_fmt(metadata.teacher_quality.task_metrics.get(t)) for t in tasks), "–", "–"])
+        rows.append(
+            [
+                "teacher",
+                *(["–"] * len(_METRICS)),
+                *(_fmt(metadata.teacher_quality.task_metrics.get(t)) for t in tasks),
+                "–",
+                "–",
+            ]
+        )
     for result in metadata.ranks:
         cells = [str(result.rank) + (" (default)" if result.rank == metadata.default_rank else "")]
-        cells += [_fmt(getattr(result, field)) for field, _, _ in _METRICS] + [_fmt(result.task_metrics.get(t)) for t in tasks]
+        cells += [_fmt(getattr(result, field)) for field, _, _ in _METRICS] + [
+            _fmt(result.task_metrics.get(t)) for t in tasks
+        ]
         cells.append(_fmt(result.adapter_bytes / 1e6 if result.adapter_bytes is not None else None))
         cells.append(_fmt(result.serving.ms_per_token if result.serving else None))
         rows.append(cells)
@@ -79,17 +117,30 @@ def adapter_card(metadata: RankMetadata, repo_id: str, base_model: str, plot: st
     """The adapter repo's README.md as a `huggingface_hub.ModelCard`."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    dataset = (metadata.recipe.data if metadata.recipe and metadata.recipe.data else "held-out")
+    dataset = metadata.recipe.data if metadata.recipe and metadata.recipe.data else "held-out"
     results = [
-        EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=f"{dataset} (held-out split)",
-                   metric_type=metric_type, metric_name=title, metric_value=float(getattr(result, field)),
-                   metric_config=f"rank={result.rank}")
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=dataset,
+            dataset_name=f"{dataset} (held-out split)",
+            metric_type=metric_type,
+            metric_name=title,
+            metric_value=float(getattr(result, field)),
+            metric_config=f"rank={result.rank}",
+        )
         for result in metadata.ranks
         for field, metric_type, title in _METRICS
         if getattr(result, field) is not None
     ] + [
-        EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=f"{dataset} (held-out split)",
-                   metric_type=name, metric_name=name, metric_value=float(value), metric_config=f"rank={result.rank}")
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=dataset,
+            dataset_name=f"{dataset} (held-out split)",
+            metric_type=name,
+            metric_name=name,
+            metric_value=float(value),
+            metric_config=f"rank={result.rank}",
+        )
         for result in metadata.ranks
         for name, value in sorted(result.task_metrics.items())
     ]
@@ -100,7 +151,11 @@ def adapter_card(metadata: RankMetadata, repo_id: str, base_model: str, plot: st
         tags=["kdlora", "lora", "peft", "nested-rank", "dylora", "knowledge-distillation"],
         model_name=repo_id,
         eval_results=results or None,
-        kdlora={"max_rank": metadata.max_rank, "default_rank": metadata.default_rank, "teacher": metadata.teacher.id if metadata.teacher else None},
+        kdlora={
+            "max_rank": metadata.max_rank,
+            "default_rank": metadata.default_rank,
+            "teacher": metadata.teacher.id if metadata.teacher else None,
+        },
     )
     recipe = metadata.recipe.model_dump(exclude_none=True) if metadata.recipe else {}
     body = f"""
@@ -145,8 +200,13 @@ def student_card(repo_id: str, teacher: str, report: dict | None):
     """The student repo's README.md: a pruned (and distilled) teacher, with its pruning report."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(base_model=teacher, library_name="transformers", pipeline_tag="text-generation",
-                         tags=["kdlora", "pruned", "minitron", "knowledge-distillation"], model_name=repo_id)
+    data = ModelCardData(
+        base_model=teacher,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["kdlora", "pruned", "minitron", "knowledge-distillation"],
+        model_name=repo_id,
+    )
     body = f"""
 # {repo_id}
 

@@ -48,7 +48,9 @@ def parse_repo(spec: str, allow_local: bool = True) -> RepoRef:
     """`ORG/NAME[@REV]` -> Hub repo; a path or `file://PATH` -> local directory hub (if allowed)."""
     spec = str(spec)
     if len(spec) > MAX_SPEC_CHARS:
-        raise KdloraError(f"'{spec[:40]}...' ({len(spec)} characters) is too long for a repo id or path (at most {MAX_SPEC_CHARS})")
+        raise KdloraError(
+            f"'{spec[:40]}...' ({len(spec)} characters) is too long for a repo id or path (at most {MAX_SPEC_CHARS})"
+        )
     looks_local = spec.startswith(("file://", "/", "./", "../", "~")) or _exists(spec)
     if looks_local:
         if not allow_local:
@@ -72,6 +74,7 @@ def _exists(path: str) -> bool:
 
 # --- pull ------------------------------------------------------------------------------------------
 
+
 def fetch_adapter(ref: RepoRef, staging: Path, files=ADAPTER_FILES + CARD_FILES, endpoint=None, token=None) -> Path:
     """A local directory holding the adapter's files: the local hub dir itself, or a download into `staging`."""
     if ref.path is not None:
@@ -92,7 +95,9 @@ def fetch_adapter(ref: RepoRef, staging: Path, files=ADAPTER_FILES + CARD_FILES,
 
         for name in files:
             if name in present:
-                hf_hub_download(ref.repo_id, name, revision=info.sha, local_dir=staging, endpoint=api.endpoint, token=token)
+                hf_hub_download(
+                    ref.repo_id, name, revision=info.sha, local_dir=staging, endpoint=api.endpoint, token=token
+                )
     return Path(staging)
 
 
@@ -121,14 +126,25 @@ def read_remote_metadata(spec: str, endpoint=None, token=None) -> tuple[RankMeta
     from hub.schema import load_metadata
 
     with tempfile.TemporaryDirectory() as staging:
-        src = fetch_adapter(parse_repo(spec), Path(staging), files=(ADAPTER_CONFIG, METADATA_FILE), endpoint=endpoint, token=token)
+        src = fetch_adapter(
+            parse_repo(spec), Path(staging), files=(ADAPTER_CONFIG, METADATA_FILE), endpoint=endpoint, token=token
+        )
         return load_metadata(src), json.loads((src / ADAPTER_CONFIG).read_text())
 
 
 # --- push ------------------------------------------------------------------------------------------
 
-def push(src: Path, repo: str, student: Path | None = None, student_repo: str | None = None,
-         materialize_ranks=(), private: bool = False, endpoint=None, token=None) -> list[str]:
+
+def push(
+    src: Path,
+    repo: str,
+    student: Path | None = None,
+    student_repo: str | None = None,
+    materialize_ranks=(),
+    private: bool = False,
+    endpoint=None,
+    token=None,
+) -> list[str]:
     """Publish an adapter (and optionally its student first); returns where each landed."""
     if (student is None) != (student_repo is None):
         raise KdloraError("--student and --student-repo go together: give both to publish the student, or neither")
@@ -147,7 +163,9 @@ def push(src: Path, repo: str, student: Path | None = None, student_repo: str | 
             where, revision = _upload(student_ref, staging / "student", private, endpoint, token, "student")
             landed.append(where)
             # lineage: the adapter's base is now the published student, pinned to the commit just made
-            metadata = metadata.model_copy(update={"base_model": ModelRef(id=_model_id(student_ref), revision=revision)})
+            metadata = metadata.model_copy(
+                update={"base_model": ModelRef(id=_model_id(student_ref), revision=revision)}
+            )
         _stage_adapter(adapter.path, metadata, staging / "adapter", _name(adapter_ref), materialize_ranks)
         where, _ = _upload(adapter_ref, staging / "adapter", private, endpoint, token, "adapter")
         landed.append(where)
@@ -179,7 +197,9 @@ def _stage_student(student: Path, stage: Path, name: str, teacher: str | None) -
     import json
 
     if not (student / "config.json").is_file() or not any(student.glob("*.safetensors")):
-        raise KdloraError(f"student directory {student} is not a transformers checkpoint with safetensors weights (config.json + *.safetensors)")
+        raise KdloraError(
+            f"student directory {student} is not a transformers checkpoint with safetensors weights (config.json + *.safetensors)"
+        )
     refuse_pickles(p.name for p in student.iterdir())
     report = json.loads((student / PRUNING_REPORT).read_text()) if (student / PRUNING_REPORT).is_file() else None
     teacher = (report or {}).get("teacher") or teacher or "unknown"
@@ -201,10 +221,16 @@ def _upload(ref: RepoRef, folder: Path, private: bool, endpoint, token, what: st
         api.create_repo(ref.repo_id, private=private, exist_ok=True)
         try:
             files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-            stale = [f for f in api.list_repo_files(ref.repo_id) if _MATERIALIZED.match(f) and f not in files] if existed else []
+            stale = (
+                [f for f in api.list_repo_files(ref.repo_id) if _MATERIALIZED.match(f) and f not in files]
+                if existed
+                else []
+            )
             operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
             operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
-            commit = api.create_commit(ref.repo_id, operations, commit_message=f"kdlora: push {what}", revision=ref.revision)
+            commit = api.create_commit(
+                ref.repo_id, operations, commit_message=f"kdlora: push {what}", revision=ref.revision
+            )
         except BaseException:
             if not existed:  # a push that fails leaves no empty repo behind
                 api.delete_repo(ref.repo_id, missing_ok=True)
@@ -213,6 +239,7 @@ def _upload(ref: RepoRef, folder: Path, private: bool, endpoint, token, what: st
 
 
 # --- errors ----------------------------------------------------------------------------------------
+
 
 def _api(endpoint, token):
     from huggingface_hub import HfApi
@@ -224,7 +251,12 @@ def _api(endpoint, token):
 def _hub_errors(ref: RepoRef, endpoint):
     """Turn `huggingface_hub` and network exceptions into one-line KdloraErrors that name the fix."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     endpoint = endpoint or constants.ENDPOINT
     try:
@@ -238,7 +270,9 @@ def _hub_errors(ref: RepoRef, endpoint):
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else "?"
         hint = "check HF_TOKEN (it needs write access to push)" if status in (401, 403) else "retry later"
-        raise KdloraError(f"the Hub at {endpoint} answered HTTP {status} for {ref}: {str(err).splitlines()[0]}; {hint}") from err
+        raise KdloraError(
+            f"the Hub at {endpoint} answered HTTP {status} for {ref}: {str(err).splitlines()[0]}; {hint}"
+        ) from err
     except (httpx2.TransportError, ConnectionError) as err:
         raise KdloraError(
             f"cannot reach the Hub at {endpoint} ({type(err).__name__}: {err}); check --endpoint / HF_ENDPOINT and the "

@@ -44,7 +44,9 @@ class ServingCost(_Strict):
 
 
 class Quality(_Strict):
-    kl_to_teacher: float | None = Field(None, ge=0, description="mean forward KL(teacher || student), nats/token, held-out")
+    kl_to_teacher: float | None = Field(
+        None, ge=0, description="mean forward KL(teacher || student), nats/token, held-out"
+    )
     teacher_top1_agreement: float | None = Field(None, ge=0, le=1)
     perplexity: float | None = Field(None, gt=0)
     task_metrics: dict[str, float] = Field(default_factory=dict, description="e.g. {'bbc_accuracy': 0.91}")
@@ -83,7 +85,9 @@ class RankMetadata(_Strict):
     default_rank: int = Field(ge=1, description="the rank served when a request names none")
     ranks: list[RankResult] = Field(default_factory=list, description="evaluated ranks, ascending")
     base_quality: Quality | None = Field(None, description="the base model without the adapter, same evaluation")
-    teacher_quality: Quality | None = Field(None, description="the teacher's own task metrics on the same data (what 'closing the gap' is measured against)")
+    teacher_quality: Quality | None = Field(
+        None, description="the teacher's own task metrics on the same data (what 'closing the gap' is measured against)"
+    )
     base_model: ModelRef
     teacher: ModelRef | None = None
     recipe: TrainingRecipe | None = None
@@ -130,7 +134,9 @@ def load_metadata(directory: Path) -> RankMetadata:
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise KdloraError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix or regenerate it") from err
+        raise KdloraError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix or regenerate it"
+        ) from err
     return parse_metadata(raw, source=str(path))
 
 
@@ -141,7 +147,9 @@ def parse_metadata(raw: object, source: str = METADATA_FILE) -> RankMetadata:
     version = f"{version}.0" if isinstance(version, int) and not isinstance(version, bool) else version
     match = _VERSION.match(version) if isinstance(version, str) else None
     if match is None:
-        raise KdloraError(f"{source}: field 'schema_version' is {version!r}, not a version like \"{SCHEMA_VERSION}\"; fix or regenerate the file")
+        raise KdloraError(
+            f"{source}: field 'schema_version' is {version!r}, not a version like \"{SCHEMA_VERSION}\"; fix or regenerate the file"
+        )
     if int(match[1]) > int(SCHEMA_VERSION.split(".")[0]):
         raise KdloraError(
             f"{source}: field 'schema_version' is {version}, a newer major version than this kdlora understands ({SCHEMA_VERSION}); "
@@ -169,7 +177,9 @@ def _known_fields(model: type[BaseModel], raw):
             continue
         nested = _model_in(field.annotation)
         if nested is not None:
-            value = [_known_fields(nested, v) for v in value] if isinstance(value, list) else _known_fields(nested, value)
+            value = (
+                [_known_fields(nested, v) for v in value] if isinstance(value, list) else _known_fields(nested, value)
+            )
         known[key] = value
     return known
 

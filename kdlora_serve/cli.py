@@ -35,15 +35,35 @@ def _teacher_export(args) -> int:
 def _teacher_answers(args) -> int:
     from training.answers import answer_prompts
 
-    print(answer_prompts(args.prompts, args.out, teacher=args.teacher, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed))
+    print(
+        answer_prompts(
+            args.prompts,
+            args.out,
+            teacher=args.teacher,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+    )
     return 0
 
 
 def _teacher_cache(args) -> int:
     from training.teacher_cache import build_cache
 
-    print(build_cache(args.data, args.out, teacher=args.teacher, seq_len=args.seq_len, top_k=args.top_k, temperature=args.temperature,
-                      batch_size=args.batch_size, sampling=args.sampling, seed=args.seed))
+    print(
+        build_cache(
+            args.data,
+            args.out,
+            teacher=args.teacher,
+            seq_len=args.seq_len,
+            top_k=args.top_k,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+            sampling=args.sampling,
+            seed=args.seed,
+        )
+    )
     return 0
 
 
@@ -69,7 +89,9 @@ def _hub_inspect(args) -> int:
     print(f"adapter    {args.src}")
     print(f"base       {base}")
     print(f"teacher    {meta.teacher.id if meta.teacher else '-'}")
-    print(f"ranks      1..{meta.max_rank} ({'nested' if meta.nested else 'fixed'}), default {meta.default_rank}, lora_alpha {config.get('lora_alpha')}")
+    print(
+        f"ranks      1..{meta.max_rank} ({'nested' if meta.nested else 'fixed'}), default {meta.default_rank}, lora_alpha {config.get('lora_alpha')}"
+    )
     print(f"targets    {', '.join(sorted(config.get('target_modules') or []))}")
     if meta.recipe:
         print(f"recipe     {meta.recipe.model_dump_json(exclude_none=True)}")
@@ -95,8 +117,15 @@ def _hub_truncate(args) -> int:
 def _hub_push(args) -> int:
     from hub.remote import push
 
-    for where in push(args.src, args.repo, student=args.student, student_repo=args.student_repo,
-                      materialize_ranks=args.materialize_ranks, private=args.private, endpoint=args.endpoint):
+    for where in push(
+        args.src,
+        args.repo,
+        student=args.student,
+        student_repo=args.student_repo,
+        materialize_ranks=args.materialize_ranks,
+        private=args.private,
+        endpoint=args.endpoint,
+    ):
         print(where)
     return 0
 
@@ -111,18 +140,40 @@ def _hub_pull(args) -> int:
 def _prune(args) -> int:
     from training.prune import run_prune
 
-    dims = dict(hidden_size=args.hidden_size, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-                intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers)
+    dims = dict(
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+    )
     if args.plan:
         from training.prune import plan_prune
 
-        print(plan_prune(args.teacher, args.target_params, args.batch_size, args.seq_len, args.device_gb,
-                         cuda=None if args.plan_device is None else args.plan_device == "cuda", **dims))
+        print(
+            plan_prune(
+                args.teacher,
+                args.target_params,
+                args.batch_size,
+                args.seq_len,
+                args.device_gb,
+                cuda=None if args.plan_device is None else args.plan_device == "cuda",
+                **dims,
+            )
+        )
         return 0
     if args.out is None:
         raise KdloraError("give --out DIR (where the student goes), or --plan to only estimate memory")
-    report = run_prune(args.out, teacher=args.teacher, target_params=args.target_params, calib_data=args.calib_data,
-                       calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, **dims)
+    report = run_prune(
+        args.out,
+        teacher=args.teacher,
+        target_params=args.target_params,
+        calib_data=args.calib_data,
+        calib_samples=args.calib_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        **dims,
+    )
     if report is not None:  # the main process's (other processes of a launch return None)
         print(args.out)
     return 0
@@ -138,8 +189,15 @@ def _distill(args) -> int:
     if args.plan:
         from training.plan import plan
 
-        print(plan(cfg, devices=args.devices, sharding=args.sharding, device_gb=args.device_gb,
-                   cuda=None if args.plan_device is None else args.plan_device == "cuda"))
+        print(
+            plan(
+                cfg,
+                devices=args.devices,
+                sharding=args.sharding,
+                device_gb=args.device_gb,
+                cuda=None if args.plan_device is None else args.plan_device == "cuda",
+            )
+        )
         return 0
     if run_distill(cfg) is not None:  # the main process's report (other processes of a launch return None)
         print(args.out)
@@ -152,8 +210,10 @@ def _serve(args) -> int:
     return run_serve(args.adapter, args.host, args.port, args.max_loras, args.allow, args.extra, endpoint=args.endpoint)
 
 
-DATA_HELP = ("SPEC: a .txt/.md/.jsonl file or folder, hf:NAME[:CONFIG][:SPLIT] (needs `datasets`), "
-             "or builtin:pydoc (Python's documentation; offline)")
+DATA_HELP = (
+    "SPEC: a .txt/.md/.jsonl file or folder, hf:NAME[:CONFIG][:SPLIT] (needs `datasets`), "
+    "or builtin:pydoc (Python's documentation; offline)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)
 
     quickstart = commands.add_parser("quickstart", help="the whole pipeline on the embedded default model, offline")
-    quickstart.add_argument("--out", type=Path, default=Path("kdlora-quickstart"), help="work directory (reused: finished stages are skipped)")
+    quickstart.add_argument(
+        "--out",
+        type=Path,
+        default=Path("kdlora-quickstart"),
+        help="work directory (reused: finished stages are skipped)",
+    )
     speed = quickstart.add_mutually_exclusive_group()
     speed.add_argument("--fast", action="store_true", help="short training, <= 20 min on 2 CPU cores (default)")
     speed.add_argument("--full", action="store_true", help="train long enough for the numbers to mean something")
@@ -173,28 +238,59 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check the environment and say how to fix each problem")
     doctor.set_defaults(handler=_doctor)
 
-    teacher = commands.add_parser("teacher", help="the embedded teacher (SmolLM2-135M-Instruct), its answers and its cached targets")
+    teacher = commands.add_parser(
+        "teacher", help="the embedded teacher (SmolLM2-135M-Instruct), its answers and its cached targets"
+    )
     teacher_commands = teacher.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)
     export = teacher_commands.add_parser("export", help="write the teacher as a transformers checkpoint")
     export.add_argument("--out", type=Path, required=True, help="new or empty directory to write")
-    export.add_argument("--gguf", type=Path, default=None, help="a Llama-family GGUF to convert (default: the embedded teacher)")
+    export.add_argument(
+        "--gguf", type=Path, default=None, help="a Llama-family GGUF to convert (default: the embedded teacher)"
+    )
     export.set_defaults(handler=_teacher_export)
-    answers = teacher_commands.add_parser("answers", help="the teacher's answers to a prompts file, for sequence-level KD (vLLM batch, resumable)")
-    answers.add_argument("--prompts", type=Path, required=True, help='JSONL of {"prompt": ...} or {"messages": [...]} records')
-    answers.add_argument("--out", type=Path, required=True, help="JSONL to write (kdlora distill --data reads it); resumes <out>.partial")
-    answers.add_argument("--teacher", help="checkpoint directory or Hub id vLLM can load (default: the embedded teacher)")
+    answers = teacher_commands.add_parser(
+        "answers", help="the teacher's answers to a prompts file, for sequence-level KD (vLLM batch, resumable)"
+    )
+    answers.add_argument(
+        "--prompts", type=Path, required=True, help='JSONL of {"prompt": ...} or {"messages": [...]} records'
+    )
+    answers.add_argument(
+        "--out", type=Path, required=True, help="JSONL to write (kdlora distill --data reads it); resumes <out>.partial"
+    )
+    answers.add_argument(
+        "--teacher", help="checkpoint directory or Hub id vLLM can load (default: the embedded teacher)"
+    )
     answers.add_argument("--max-tokens", type=int, default=128, help="longest answer (default 128)")
-    answers.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples, seeded per prompt")
+    answers.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples, seeded per prompt"
+    )
     answers.add_argument("--seed", type=int, default=0)
     answers.set_defaults(handler=_teacher_answers)
-    cache = teacher_commands.add_parser("cache", help="the teacher's top-k log-probs on the training rows, once, for `distill --teacher-cache` (resumable)")
-    cache.add_argument("--data", metavar="SPEC", default="builtin:pydoc", help=DATA_HELP + " (default builtin:pydoc; as distill's --data)")
+    cache = teacher_commands.add_parser(
+        "cache",
+        help="the teacher's top-k log-probs on the training rows, once, for `distill --teacher-cache` (resumable)",
+    )
+    cache.add_argument(
+        "--data",
+        metavar="SPEC",
+        default="builtin:pydoc",
+        help=DATA_HELP + " (default builtin:pydoc; as distill's --data)",
+    )
     cache.add_argument("--out", type=Path, required=True, help="directory to write; resumes <out>.partial")
     cache.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded teacher)")
     cache.add_argument("--seq-len", type=int, default=256, help="as distill's --seq-len (default 256)")
-    cache.add_argument("--top-k", type=int, default=64, help="log-probs kept per token, plus one bucket for the rest; rs-kd: ids drawn per token (default 64)")
-    cache.add_argument("--sampling", choices=("top-k", "rs-kd"), default="top-k",
-                       help="top-k: the k most likely ids; rs-kd: k ids drawn from the teacher, unbiased (arXiv 2503.16870)")
+    cache.add_argument(
+        "--top-k",
+        type=int,
+        default=64,
+        help="log-probs kept per token, plus one bucket for the rest; rs-kd: ids drawn per token (default 64)",
+    )
+    cache.add_argument(
+        "--sampling",
+        choices=("top-k", "rs-kd"),
+        default="top-k",
+        help="top-k: the k most likely ids; rs-kd: k ids drawn from the teacher, unbiased (arXiv 2503.16870)",
+    )
     cache.add_argument("--seed", type=int, default=0, help="rs-kd: seed of the draws (default 0)")
     cache.add_argument("--temperature", type=float, default=2.0, help="as distill's --kd-temperature (default 2.0)")
     cache.add_argument("--batch-size", type=int, default=8, help="rows per teacher forward (default 8)")
@@ -205,70 +301,145 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", type=Path, help="new or empty directory for the student checkpoint")
     prune.add_argument("--target-params", help="student size: absolute (70M, 1.5B) or a fraction of the teacher (0.5)")
     for flag in ("--hidden-size", "--num-heads", "--num-kv-heads", "--intermediate-size", "--num-layers"):
-        prune.add_argument(flag, type=int, help="explicit student dimension (the rest: teacher's, or solved from --target-params)")
+        prune.add_argument(
+            flag, type=int, help="explicit student dimension (the rest: teacher's, or solved from --target-params)"
+        )
     prune.add_argument("--calib-data", default="builtin:pydoc", metavar="SPEC", help=DATA_HELP)
     prune.add_argument("--calib-samples", type=int, default=1024, help="calibration blocks (default 1024)")
     prune.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     prune.add_argument("--batch-size", type=int, default=8)
-    prune.add_argument("--plan", action="store_true", help="only print the estimated peak memory per process (configs only, no weights)")
+    prune.add_argument(
+        "--plan",
+        action="store_true",
+        help="only print the estimated peak memory per process (configs only, no weights)",
+    )
     prune.add_argument("--device-gb", type=float, help="--plan: memory per process, to say whether it fits")
-    prune.add_argument("--plan-device", choices=("cpu", "cuda"), help="--plan: plan for GPUs or CPU processes (default: this machine's)")
+    prune.add_argument(
+        "--plan-device",
+        choices=("cpu", "cuda"),
+        help="--plan: plan for GPUs or CPU processes (default: this machine's)",
+    )
     prune.set_defaults(handler=_prune)
 
-    distill = commands.add_parser("distill", help="knowledge distillation into one nested-rank adapter (or the whole student)")
-    distill.add_argument("--teacher", help="Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    distill.add_argument("--student", required=True, help="student checkpoint directory (e.g. from kdlora prune) or Hub id")
-    distill.add_argument("--out", type=Path, help="new or empty directory for the adapter (or the student, --train full)")
+    distill = commands.add_parser(
+        "distill", help="knowledge distillation into one nested-rank adapter (or the whole student)"
+    )
+    distill.add_argument(
+        "--teacher", help="Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    distill.add_argument(
+        "--student", required=True, help="student checkpoint directory (e.g. from kdlora prune) or Hub id"
+    )
+    distill.add_argument(
+        "--out", type=Path, help="new or empty directory for the adapter (or the student, --train full)"
+    )
     distill.add_argument("--data", metavar="SPEC", help=DATA_HELP + " (default builtin:pydoc)")
-    distill.add_argument("--train", choices=("qdylora", "lora", "full"), help="qdylora (default): nested ranks 1..R; lora: one rank; full: all weights")
+    distill.add_argument(
+        "--train",
+        choices=("qdylora", "lora", "full"),
+        help="qdylora (default): nested ranks 1..R; lora: one rank; full: all weights",
+    )
     distill.add_argument("--max-rank", type=int, help="R for qdylora (default 64)")
     distill.add_argument("--rank", type=int, help="r for --train lora (default 16)")
     distill.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
-    distill.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=None,
-                         help="scale rank b by alpha/sqrt(b) (rsLoRA; PEFT's and vLLM's use_rslora; default) or, with "
-                              "--no-rslora, by alpha/b")
-    distill.add_argument("--rank-distribution", choices=("uniform", "pow2", "sandwich", "matryoshka"),  # nested_lora.RANK_SCHEDULES
-                         help="which ranks each qdylora step trains: one uniform or pow2 sample (default uniform); "
-                              "sandwich: max + min + one sample; matryoshka: one pass of the mean of ranks 1, 2, 4, ..., R")
+    distill.add_argument(
+        "--rslora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scale rank b by alpha/sqrt(b) (rsLoRA; PEFT's and vLLM's use_rslora; default) or, with "
+        "--no-rslora, by alpha/b",
+    )
+    distill.add_argument(
+        "--rank-distribution",
+        choices=("uniform", "pow2", "sandwich", "matryoshka"),  # nested_lora.RANK_SCHEDULES
+        help="which ranks each qdylora step trains: one uniform or pow2 sample (default uniform); "
+        "sandwich: max + min + one sample; matryoshka: one pass of the mean of ranks 1, 2, 4, ..., R",
+    )
     distill.add_argument("--quantize", choices=("nf4", "none"), help="frozen base of the adapter modes (default nf4)")
-    distill.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"),
-                         help="compute dtype of teacher and student (default auto: bf16 on GPUs that have it, else fp32); "
-                              "full training keeps fp32 weights and autocasts")
-    distill.add_argument("--teacher-quantize", choices=("nf4", "int8", "none"), help="load the frozen teacher through bitsandbytes (default none)")
-    distill.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                         help="recompute the student's activations in backward (less memory, ~30%% more time)")
-    distill.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"),
-                         help="adamw (default, fp32 states) or bitsandbytes' 8-bit AdamW (states at 1/4 of the memory)")
+    distill.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="compute dtype of teacher and student (default auto: bf16 on GPUs that have it, else fp32); "
+        "full training keeps fp32 weights and autocasts",
+    )
+    distill.add_argument(
+        "--teacher-quantize",
+        choices=("nf4", "int8", "none"),
+        help="load the frozen teacher through bitsandbytes (default none)",
+    )
+    distill.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute the student's activations in backward (less memory, ~30%% more time)",
+    )
+    distill.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw8bit", "paged_adamw8bit"),
+        help="adamw (default, fp32 states) or bitsandbytes' 8-bit AdamW (states at 1/4 of the memory)",
+    )
     distill.add_argument("--kd-temperature", type=float, help="T of the KL term (default 2.0)")
     distill.add_argument("--kd-alpha", type=float, help="weight of KL vs next-token CE (default 0.5)")
-    distill.add_argument("--teacher-cache", type=Path, help="train from `kdlora teacher cache` output instead of a teacher in memory "
-                                                             "(the teacher is loaded only to evaluate)")
-    distill.add_argument("--loss-chunk-tokens", type=int, help="tokens whose full-vocabulary logits exist at once in the "
-                                                                 "KD loss (default 256; memory only, same loss)")
+    distill.add_argument(
+        "--teacher-cache",
+        type=Path,
+        help="train from `kdlora teacher cache` output instead of a teacher in memory "
+        "(the teacher is loaded only to evaluate)",
+    )
+    distill.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        help="tokens whose full-vocabulary logits exist at once in the KD loss (default 256; memory only, same loss)",
+    )
     distill.add_argument("--steps", type=int, help="optimizer steps (default 200)")
     distill.add_argument("--batch-size", type=int, help="blocks per step, over all processes (default 4)")
     distill.add_argument("--seq-len", type=int, help="tokens per block (default 256)")
     distill.add_argument("--lr", type=float, help="learning rate (default 2e-4 adapters, 2e-5 full)")
-    distill.add_argument("--eval-ranks", type=_rank_list, metavar="K,K,...", help="ranks to evaluate (default 1,2,4,8,16,32,64, capped at R)")
+    distill.add_argument(
+        "--eval-ranks",
+        type=_rank_list,
+        metavar="K,K,...",
+        help="ranks to evaluate (default 1,2,4,8,16,32,64, capped at R)",
+    )
     distill.add_argument("--eval-samples", type=int, help="held-out blocks to evaluate on (default 32)")
     distill.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 50)")
     distill.add_argument("--resume", action="store_true", help="continue from <out>.checkpoint")
     distill.add_argument("--seed", type=int, help="seed for data order and sampled ranks (default 0)")
-    distill.add_argument("--plan", action="store_true", help="only print the estimated peak memory per device (configs only, no weights)")
+    distill.add_argument(
+        "--plan", action="store_true", help="only print the estimated peak memory per device (configs only, no weights)"
+    )
     distill.add_argument("--devices", type=int, default=1, help="--plan: devices the run spreads over (default 1)")
-    distill.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp", help="--plan: how the student is spread (default ddp)")
-    distill.add_argument("--device-gb", type=float, help="--plan: memory per device, to say whether it fits and what would make it")
-    distill.add_argument("--plan-device", choices=("cpu", "cuda"), help="--plan: plan for GPUs or CPU processes (default: this machine's)")
+    distill.add_argument(
+        "--sharding", choices=("ddp", "fsdp"), default="ddp", help="--plan: how the student is spread (default ddp)"
+    )
+    distill.add_argument(
+        "--device-gb", type=float, help="--plan: memory per device, to say whether it fits and what would make it"
+    )
+    distill.add_argument(
+        "--plan-device",
+        choices=("cpu", "cuda"),
+        help="--plan: plan for GPUs or CPU processes (default: this machine's)",
+    )
     distill.set_defaults(handler=_distill)
 
-    serve = commands.add_parser("serve", help="serve adapters at any rank from vLLM's OpenAI-compatible server",
-                                description="Extra vLLM flags go after `--`, e.g. kdlora serve --adapter org/a -- --dtype float32 --api-key KEY")
-    serve.add_argument("--adapter", action="append", required=True, help="Hub repo ORG/NAME[@REV] or adapter directory (repeatable)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve adapters at any rank from vLLM's OpenAI-compatible server",
+        description="Extra vLLM flags go after `--`, e.g. kdlora serve --adapter org/a -- --dtype float32 --api-key KEY",
+    )
+    serve.add_argument(
+        "--adapter", action="append", required=True, help="Hub repo ORG/NAME[@REV] or adapter directory (repeatable)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-loras", type=int, default=4, help="adapter ranks resident at once (vLLM --max-loras)")
-    serve.add_argument("--allow", action="append", default=[], metavar="PATTERN",
-                       help="repo ids requests may pull on demand, e.g. 'myorg/*' (repeatable; default: only --adapter ones)")
+    serve.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="repo ids requests may pull on demand, e.g. 'myorg/*' (repeatable; default: only --adapter ones)",
+    )
     serve.add_argument("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT, else huggingface.co)")
     serve.set_defaults(handler=_serve)
 
@@ -289,8 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo", required=True, help="ORG/NAME on the Hub, or a local directory hub path / file:///PATH")
     push.add_argument("--student", type=Path, help="student checkpoint directory to publish first")
     push.add_argument("--student-repo", help="repo for --student (same forms as --repo)")
-    push.add_argument("--materialize-ranks", type=_rank_list, default=[], metavar="K,K,...",
-                      help="also write pre-truncated r<K>/ folders for users without kdlora")
+    push.add_argument(
+        "--materialize-ranks",
+        type=_rank_list,
+        default=[],
+        metavar="K,K,...",
+        help="also write pre-truncated r<K>/ folders for users without kdlora",
+    )
     push.add_argument("--private", action="store_true", help="create the repo(s) private")
     push.set_defaults(handler=_hub_push)
     pull = hub_commands.add_parser("pull", help="download and validate an adapter (safetensors only)")
@@ -308,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = []
     if "--" in argv:  # everything after `--` goes to vLLM untouched (kdlora serve)
         at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+        argv, extra = argv[:at], argv[at + 1 :]
     args = build_parser().parse_args(argv)
     args.extra = extra
     if extra and args.handler is not _serve:

@@ -24,7 +24,7 @@ def _version(dist: str) -> str | None:
 
 
 def check_python() -> str:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 -- reached when pip was bypassed (PYTHONPATH on an old interpreter)
         raise Problem(f"Python {sys.version.split()[0]} is too old; kdlora needs Python >= 3.11")
     return sys.version.split()[0]
 
@@ -73,7 +73,9 @@ def check_vision_packages() -> str:
 
 
 def check_libraries() -> str:
-    missing = [d for d in ("transformers", "peft", "bitsandbytes", "huggingface-hub", "accelerate", "gguf") if not _version(d)]
+    missing = [
+        d for d in ("transformers", "peft", "bitsandbytes", "huggingface-hub", "accelerate", "gguf") if not _version(d)
+    ]
     if missing:
         raise Problem(f"missing {', '.join(missing)}; {SETUP_HINT}")
     return ", ".join(f"{d} {_version(d)}" for d in ("transformers", "peft", "bitsandbytes", "huggingface-hub"))
@@ -88,14 +90,20 @@ def check_teacher() -> str:
     except KdloraError as err:
         raise Problem(str(err)) from err
     exported = default_teacher_dir()
-    state = f"exported at {exported}" if is_valid_export(exported, gguf) else "not exported yet (first use exports it, ~30 s)"
+    state = (
+        f"exported at {exported}"
+        if is_valid_export(exported, gguf)
+        else "not exported yet (first use exports it, ~30 s)"
+    )
     return f"{gguf.name} present; {state}"
 
 
 def check_plugin() -> str:
     names = [ep.name for ep in metadata.entry_points(group="vllm.general_plugins")]
     if "kdlora" not in names:
-        raise Problem(f"the kdlora vLLM plugin is not registered (kdlora is not installed in this environment); {SETUP_HINT}")
+        raise Problem(
+            f"the kdlora vLLM plugin is not registered (kdlora is not installed in this environment); {SETUP_HINT}"
+        )
     return "vllm.general_plugins: kdlora"
 
 
@@ -112,7 +120,11 @@ def check_lora_path() -> str:
     else:
         reason = lora_cpu.unsupported_reason(vllm.__version__)
         ours = "CPU: kdlora's grouped rank-aware path (base tokens exact, cost follows the rank)"
-    return ours if reason is None else f"{'CUDA' if torch.cuda.is_available() else 'CPU'}: vLLM's stock LoRA path, cost does not follow the rank ({reason})"
+    return (
+        ours
+        if reason is None
+        else f"{'CUDA' if torch.cuda.is_available() else 'CPU'}: vLLM's stock LoRA path, cost does not follow the rank ({reason})"
+    )
 
 
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the ones bitsandbytes and vLLM branch on
@@ -131,7 +143,11 @@ def describe_cpu(machine: str, flags: set[str], nf4_packed: bool, bf16_native: b
     present = [f for f in CPU_FEATURES if f in flags]
     absent = [f for f in CPU_FEATURES if f not in flags]
     features = " ".join(present) + (f" (no {', '.join(absent)})" if absent else "")
-    nf4 = "generic path (bitsandbytes' packed AVX512-BF16 path has no backward: not used)" if nf4_packed else "generic path"
+    nf4 = (
+        "generic path (bitsandbytes' packed AVX512-BF16 path has no backward: not used)"
+        if nf4_packed
+        else "generic path"
+    )
     serve = "CUDA (vLLM's own dtype)" if cuda else f"{'bfloat16' if bf16_native else 'float32'} on CPU"
     return f"{machine} {features}: NF4 {nf4}; vLLM bf16 {'native' if bf16_native else 'emulated'}; kdlora serve picks {serve}"
 
@@ -142,13 +158,17 @@ def check_cpu() -> str:
     from kdlora_serve.engine import native_bf16
     from training.nf4 import packed_cpu_path_available
 
-    return describe_cpu(platform.machine(), cpu_flags(), packed_cpu_path_available(), native_bf16(), torch.cuda.is_available())
+    return describe_cpu(
+        platform.machine(), cpu_flags(), packed_cpu_path_available(), native_bf16(), torch.cuda.is_available()
+    )
 
 
 def check_memory() -> str:
     free_gib = psutil.virtual_memory().available / 2**30
     if free_gib < MIN_FREE_GIB:
-        raise Problem(f"only {free_gib:.1f} GiB of memory free; the embedded default needs ~{MIN_FREE_GIB:.0f} GiB: stop other jobs")
+        raise Problem(
+            f"only {free_gib:.1f} GiB of memory free; the embedded default needs ~{MIN_FREE_GIB:.0f} GiB: stop other jobs"
+        )
     return f"{free_gib:.1f} GiB free of {psutil.virtual_memory().total / 2**30:.1f} GiB"
 
 
@@ -175,5 +195,9 @@ def run_doctor() -> int:
         except Problem as problem:
             problems += 1
             print(f"FAIL {name:<17} {problem}")
-    print("all checks passed" if not problems else f"{problems} problem(s): fix them as said above, then rerun kdlora doctor")
+    print(
+        "all checks passed"
+        if not problems
+        else f"{problems} problem(s): fix them as said above, then rerun kdlora doctor"
+    )
     return 1 if problems else 0

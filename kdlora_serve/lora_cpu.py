@@ -63,8 +63,12 @@ def _groups(slots: torch.Tensor, wants: torch.Tensor | None, slot_ranks: dict[in
 def _apply_grouped(owner, y_rows, x_rows, groups, lora_a_stacked, lora_b_stacked, scale, output_slices) -> None:
     """y[rows of slot s] += (x[rows] @ A_s[:k]^T * scale) @ B_s[:, :k]^T for each group, all slices of the layer at once."""
     for slot, rows, rank, ratio, column_scale in groups:
-        tokens = x_rows.shape[0] if rows is None else rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
-        weights = _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot, y_rows.dtype, scale, output_slices, rank, tokens)
+        tokens = (
+            x_rows.shape[0] if rows is None else rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
+        )
+        weights = _slot_weights(
+            owner, lora_a_stacked, lora_b_stacked, slot, y_rows.dtype, scale, output_slices, rank, tokens
+        )
         if weights is not None:  # None: this adapter has no LoRA on this layer
             _apply(weights, y_rows, x_rows, rows, rank, ratio, column_scale)
 
@@ -77,8 +81,10 @@ def _apply(weights, y_rows, x_rows, rows, rank, ratio, column_scale) -> None:
     width = shrink.shape[1] if rank is None else rank * slices  # shrunk columns: rank-major, so a prefix
     rank = width // slices
     x_group = x_rows if rows is None else x_rows[rows]
-    shrunk = torch.mm(x_group if x_group.dtype == torch.float32 else x_group.float(),
-                      shrink if width == shrink.shape[1] else shrink[:, :width])
+    shrunk = torch.mm(
+        x_group if x_group.dtype == torch.float32 else x_group.float(),
+        shrink if width == shrink.shape[1] else shrink[:, :width],
+    )
     if column_scale is not None:  # rows asking for a smaller rank than the group's: their rank, their scaling
         shrunk.view(shrunk.shape[0], rank, slices).mul_(column_scale.unsqueeze(2))
     if plan != "fp32" and shrunk.dtype != y_rows.dtype:
@@ -95,7 +101,9 @@ def _apply(weights, y_rows, x_rows, rows, rank, ratio, column_scale) -> None:
         y_rows[rows] = target
 
 
-def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale: float, output_slices, rank, tokens: int):
+def _slot_weights(
+    owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale: float, output_slices, rank, tokens: int
+):
     """The slot's weights up to its adapter's rank R, laid out for the plan measured fastest for this rank and number of
     tokens (`_plan`), cached until vLLM activates an adapter (`slots_changed`); None when the slot's A is all zero
     (vLLM zeroes a slot for layers the adapter does not touch, e.g. lm_head). Every rank k <= R reads a prefix of
@@ -114,7 +122,10 @@ def _slot_weights(owner, lora_a_stacked, lora_b_stacked, slot: int, dtype, scale
     plan = _plan(shape, rank or full, tokens)
     key = (id(lora_a_stacked[0]), slot, dtype, scale, plan)
     if key not in cache:  # every plan this shape may use, at once: a rank asked for later finds its layout built
-        a_all = torch.stack([a[slot].reshape(-1, a.shape[-1])[:full] for a in lora_a_stacked], 1).flatten(0, 1).float().t() * scale
+        a_all = (
+            torch.stack([a[slot].reshape(-1, a.shape[-1])[:full] for a in lora_a_stacked], 1).flatten(0, 1).float().t()
+            * scale
+        )
         bs = [b[slot].reshape(-1, b.shape[-1])[:, :full].float().t() for b in lora_b_stacked]
         for other in {plan, *_PLANS.get(shape, {}).values()}:
             cache[key[:-1] + (other,)] = _layout(other, a_all, bs, dtype, output_slices)
@@ -133,10 +144,22 @@ def _layout(plan: str, a_all: torch.Tensor, bs: list[torch.Tensor], dtype, outpu
     if plan == "torch-split":
         widths = [min(size, b.shape[1]) for b, size in zip(bs, output_slices)]
         starts = [sum(output_slices[:i]) for i in range(slices)]
-        return plan, slices, a_all.contiguous(), [(slice(start, start + width), i, b[:, :width].to(dtype).contiguous())
-                                                  for i, (b, start, width) in enumerate(zip(bs, starts, widths))]
+        return (
+            plan,
+            slices,
+            a_all.contiguous(),
+            [
+                (slice(start, start + width), i, b[:, :width].to(dtype).contiguous())
+                for i, (b, start, width) in enumerate(zip(bs, starts, widths))
+            ],
+        )
     block = torch.block_diag(*bs).view(slices, rank, -1).transpose(0, 1).reshape(rank * slices, -1)  # rows rank-major
-    return plan, slices, a_all.contiguous(), [(None, 0, block.to(torch.float32 if plan == "fp32" else dtype).contiguous())]
+    return (
+        plan,
+        slices,
+        a_all.contiguous(),
+        [(None, 0, block.to(torch.float32 if plan == "fp32" else dtype).contiguous())],
+    )
 
 
 _PLANS: dict[tuple, dict[tuple[int, int], str]] = {}  # layer shape -> {(rank, tokens): plan}, measured once per process
@@ -154,8 +177,13 @@ def _plan(shape: tuple, rank: int, tokens: int) -> str:
     token count (in log scale: a decode step of 1 token, of a few, or a prefill)."""
     if shape not in _PLANS:
         _PLANS[shape] = _measure(*shape)
-        log.info("kdlora: CPU LoRA plans for %s, %d -> %s (measured; rank x tokens): %s", shape[0], shape[1],
-                 "+".join(map(str, shape[2])), ", ".join(f"r{r}x{t} {plan}" for (r, t), plan in _PLANS[shape].items()))
+        log.info(
+            "kdlora: CPU LoRA plans for %s, %d -> %s (measured; rank x tokens): %s",
+            shape[0],
+            shape[1],
+            "+".join(map(str, shape[2])),
+            ", ".join(f"r{r}x{t} {plan}" for (r, t), plan in _PLANS[shape].items()),
+        )
     return _PLANS[shape][min(MEASURED_RANKS, key=lambda r: abs(math.log(r / rank))), _measured_tokens(tokens)]
 
 
@@ -209,7 +237,10 @@ def prepare(wrapper, modules) -> None:
 def slots_changed(wrapper, slot: int, rank: int) -> None:
     """vLLM wrote an adapter of `rank` into `slot` (lora_slots): record the rank, drop that slot's cached layouts."""
     wrapper.__dict__.setdefault("kdlora_slot_ranks", {})[slot] = rank
-    for name in ("kdlora_weights", "kdlora_lookup"):  # that slot's entries only: the other slots' adapters are unchanged
+    for name in (
+        "kdlora_weights",
+        "kdlora_lookup",
+    ):  # that slot's entries only: the other slots' adapters are unchanged
         wrapper.__dict__[name] = {key: value for key, value in wrapper.__dict__.get(name, {}).items() if key[1] != slot}
 
 
@@ -260,12 +291,24 @@ def install() -> bool:
     reason = unsupported_reason(vllm.__version__)
     if reason:
         if reason != lora_slots.SWITCHED_OFF:
-            log.warning("kdlora: vLLM's stock CPU LoRA ops (%s); LoRA cost will not follow the rank and base requests batched "
-                        "with adapter requests may differ from the same requests alone", reason)
+            log.warning(
+                "kdlora: vLLM's stock CPU LoRA ops (%s); LoRA cost will not follow the rank and base requests batched "
+                "with adapter requests may differ from the same requests alone",
+                reason,
+            )
         return False
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    lora_slots.patch("cpu", PunicaWrapperCPU, {"update_metadata": update_metadata, "add_lora_linear": add_lora_linear,
-                                               "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slots_changed,
-                                               "kdlora_prepare": prepare}, _STOCK)
+    lora_slots.patch(
+        "cpu",
+        PunicaWrapperCPU,
+        {
+            "update_metadata": update_metadata,
+            "add_lora_linear": add_lora_linear,
+            "add_lora_logits": add_lora_logits,
+            "kdlora_slots_changed": slots_changed,
+            "kdlora_prepare": prepare,
+        },
+        _STOCK,
+    )
     return True

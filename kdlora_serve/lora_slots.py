@@ -81,8 +81,11 @@ def split(mapping):
     """(vLLM's mapping with plain LoRA ids, per-token wants, per-sample wants): undoes `set_active_loras`."""
     tokens = torch.tensor(mapping.index_mapping, dtype=torch.int64)
     samples = torch.tensor(mapping.prompt_mapping, dtype=torch.int64)
-    plain = dataclasses.replace(mapping, index_mapping=tuple((tokens % RANK_STRIDE).tolist()),
-                                prompt_mapping=tuple((samples % RANK_STRIDE).tolist()))
+    plain = dataclasses.replace(
+        mapping,
+        index_mapping=tuple((tokens % RANK_STRIDE).tolist()),
+        prompt_mapping=tuple((samples % RANK_STRIDE).tolist()),
+    )
     return plain, tokens // RANK_STRIDE, samples // RANK_STRIDE
 
 
@@ -92,7 +95,9 @@ def set_active_loras(self, input_batch, num_scheduled_tokens, num_sampled_tokens
 
     if num_sampled_tokens is None:
         num_sampled_tokens = np.ones_like(num_scheduled_tokens, dtype=np.int32)
-    prompt_mapping, token_mapping, lora_requests = input_batch.make_lora_inputs(num_scheduled_tokens, num_sampled_tokens)
+    prompt_mapping, token_mapping, lora_requests = input_batch.make_lora_inputs(
+        num_scheduled_tokens, num_sampled_tokens
+    )
     wants = np.array([want_of(self.requests[req_id].lora_request) for req_id in input_batch.req_ids], dtype=np.int64)
     if wants.any():
         ids = input_batch.request_lora_mapping[: input_batch.num_reqs] + wants * RANK_STRIDE
@@ -123,7 +128,12 @@ def create_manager(self, *args, **kwargs) -> None:
 
 def load_adapter(self, lora_request):
     """vLLM's load of an adapter's weights from disk into the worker, logged (vLLM does not say when it loads)."""
-    log.info("kdlora: vLLM loads LoRA %s (id %d) from %s", lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path)
+    log.info(
+        "kdlora: vLLM loads LoRA %s (id %d) from %s",
+        lora_request.lora_name,
+        lora_request.lora_int_id,
+        lora_request.lora_path,
+    )
     return _STOCK["_load_adapter"](self, lora_request)
 
 

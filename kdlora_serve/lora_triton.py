@@ -40,10 +40,31 @@ def _group_tokens(sorted_tokens_ptr, group_start_ptr, group, count, pid_m, BLOCK
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_tokens_ptr, group_count_ptr, group_start_ptr,
-                   group_slot_ptr, slot_rank_ptr, token_rank_ptr, token_scale_ptr, hidden, scale,
-                   stride_xt, stride_xh, stride_as, stride_ar, stride_ah, stride_ot, stride_or,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _shrink_kernel(
+    x_ptr,
+    a_ptr,
+    out_ptr,
+    sorted_tokens_ptr,
+    group_count_ptr,
+    group_start_ptr,
+    group_slot_ptr,
+    slot_rank_ptr,
+    token_rank_ptr,
+    token_scale_ptr,
+    hidden,
+    scale,
+    stride_xt,
+    stride_xh,
+    stride_as,
+    stride_ar,
+    stride_ah,
+    stride_ot,
+    stride_or,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
     """out[t, :rank(t)] (+)= x[t] @ A[slot][:rank(t)]^T * scale * scale(t) for the tokens t of one group."""
     pid_mk, pid_r, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_m, pid_k = pid_mk // SPLIT_K, pid_mk % SPLIT_K
@@ -63,10 +84,16 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_tokens_ptr, group_count_ptr, gr
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(pid_k * BLOCK_K, hidden, BLOCK_K * SPLIT_K):
         in_hidden = k + ks < hidden
-        x = tl.load(x_ptr + tokens[:, None] * stride_xt + (k + ks)[None, :] * stride_xh,
-                    mask=real[:, None] & in_hidden[None, :], other=0.0)
-        a = tl.load(a_slot + ranks[None, :] * stride_ar + (k + ks)[:, None] * stride_ah,
-                    mask=in_rank[None, :] & in_hidden[:, None], other=0.0)  # masked rows past the rank: never read
+        x = tl.load(
+            x_ptr + tokens[:, None] * stride_xt + (k + ks)[None, :] * stride_xh,
+            mask=real[:, None] & in_hidden[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_slot + ranks[None, :] * stride_ar + (k + ks)[:, None] * stride_ah,
+            mask=in_rank[None, :] & in_hidden[:, None],
+            other=0.0,
+        )  # masked rows past the rank: never read
         acc += tl.dot(x, a)
     acc = tl.where(ranks[None, :] < token_rank[:, None], acc * (scale * token_scale)[:, None], 0.0)
     out = out_ptr + tokens[:, None] * stride_ot + ranks[None, :] * stride_or
@@ -77,10 +104,29 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_tokens_ptr, group_count_ptr, gr
 
 
 @triton.jit
-def _expand_kernel(in_ptr, b_ptr, y_ptr, sorted_tokens_ptr, group_count_ptr, group_start_ptr, group_slot_ptr,
-                   slot_rank_ptr, width, column_offset,
-                   stride_it, stride_ir, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ADD_INPUTS: tl.constexpr):
+def _expand_kernel(
+    in_ptr,
+    b_ptr,
+    y_ptr,
+    sorted_tokens_ptr,
+    group_count_ptr,
+    group_start_ptr,
+    group_slot_ptr,
+    slot_rank_ptr,
+    width,
+    column_offset,
+    stride_it,
+    stride_ir,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_yt,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ADD_INPUTS: tl.constexpr,
+):
     """y[t, offset + n] (+)= shrunk[t, :rank] @ B[slot][n, :rank]^T for the tokens t of one group (the shrink
     already zeroed each token's columns past its own rank)."""
     pid_m, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -96,10 +142,16 @@ def _expand_kernel(in_ptr, b_ptr, y_ptr, sorted_tokens_ptr, group_count_ptr, gro
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in range(0, rank, BLOCK_R):
         in_rank = r + rs < rank
-        shrunk = tl.load(in_ptr + tokens[:, None] * stride_it + (r + rs)[None, :] * stride_ir,
-                         mask=real[:, None] & in_rank[None, :], other=0.0)
-        b = tl.load(b_slot + columns[None, :] * stride_bn + (r + rs)[:, None] * stride_br,
-                    mask=in_rank[:, None] & in_width[None, :], other=0.0)
+        shrunk = tl.load(
+            in_ptr + tokens[:, None] * stride_it + (r + rs)[None, :] * stride_ir,
+            mask=real[:, None] & in_rank[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_slot + columns[None, :] * stride_bn + (r + rs)[:, None] * stride_br,
+            mask=in_rank[:, None] & in_width[None, :],
+            other=0.0,
+        )
         acc += tl.dot(shrunk.to(b.dtype), b)
     y = y_ptr + tokens[:, None] * stride_yt + (column_offset + columns)[None, :] * stride_yn
     if ADD_INPUTS:
@@ -111,8 +163,14 @@ def _expand_kernel(in_ptr, b_ptr, y_ptr, sorted_tokens_ptr, group_count_ptr, gro
 # host-side checks inside. `groups`: (tokens sorted by group, tokens per group, group starts, each group's slot,
 # each slot's rank this step, each token's rank and scale, the no-LoRA flag on the host), as `Batch.groups` packs them.
 @torch.library.custom_op("kdlora::lora_shrink", mutates_args=("out",))
-def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], out: torch.Tensor, groups: list[torch.Tensor], scale: float,
-                split_k: int) -> None:
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    out: torch.Tensor,
+    groups: list[torch.Tensor],
+    scale: float,
+    split_k: int,
+) -> None:
     """out[i] = the slice-i shrink of every LoRA token, zero elsewhere. out: [slices, tokens, padded rank] fp32."""
     out.zero_()
     sorted_tokens, counts, starts, group_slots, group_rank, token_rank, token_scale, no_lora = groups
@@ -121,15 +179,42 @@ def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], out: torch.Tensor, 
     padded_rank, hidden = lora_a[0].shape[-2], x.shape[-1]
     grid = (triton.cdiv(x.shape[0], BLOCK_M) * split_k, triton.cdiv(padded_rank, BLOCK_R), group_slots.numel())
     for a, out_slice in zip(lora_a, out):
-        _shrink_kernel[grid](x, a, out_slice, sorted_tokens, counts, starts, group_slots, group_rank, token_rank, token_scale,
-                             hidden, scale, x.stride(0), x.stride(1), a.stride(0), a.stride(-2), a.stride(-1),
-                             out_slice.stride(0), out_slice.stride(1),
-                             BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, SPLIT_K=split_k)
+        _shrink_kernel[grid](
+            x,
+            a,
+            out_slice,
+            sorted_tokens,
+            counts,
+            starts,
+            group_slots,
+            group_rank,
+            token_rank,
+            token_scale,
+            hidden,
+            scale,
+            x.stride(0),
+            x.stride(1),
+            a.stride(0),
+            a.stride(-2),
+            a.stride(-1),
+            out_slice.stride(0),
+            out_slice.stride(1),
+            BLOCK_M=BLOCK_M,
+            BLOCK_R=BLOCK_R,
+            BLOCK_K=BLOCK_K,
+            SPLIT_K=split_k,
+        )
 
 
 @torch.library.custom_op("kdlora::lora_expand", mutates_args=("y",))
-def lora_expand(shrunk: torch.Tensor, lora_b: list[torch.Tensor], y: torch.Tensor, groups: list[torch.Tensor],
-                offset_start: int, add_inputs: bool) -> None:
+def lora_expand(
+    shrunk: torch.Tensor,
+    lora_b: list[torch.Tensor],
+    y: torch.Tensor,
+    groups: list[torch.Tensor],
+    offset_start: int,
+    add_inputs: bool,
+) -> None:
     """y[:, offset:offset + width_i] (+)= shrunk[i] @ B_i^T for every LoRA token, slices side by side from offset_start."""
     sorted_tokens, counts, starts, group_slots, group_rank, _, _, no_lora = groups
     if no_lora.item():
@@ -138,10 +223,29 @@ def lora_expand(shrunk: torch.Tensor, lora_b: list[torch.Tensor], y: torch.Tenso
     for b, shrunk_slice in zip(lora_b, shrunk):
         width = b.shape[-2]
         grid = (triton.cdiv(shrunk_slice.shape[0], BLOCK_M), triton.cdiv(width, BLOCK_N), group_slots.numel())
-        _expand_kernel[grid](shrunk_slice, b, y, sorted_tokens, counts, starts, group_slots, group_rank, width, offset,
-                             shrunk_slice.stride(0), shrunk_slice.stride(1), b.stride(0), b.stride(-2), b.stride(-1),
-                             y.stride(0), y.stride(1),
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, ADD_INPUTS=add_inputs)
+        _expand_kernel[grid](
+            shrunk_slice,
+            b,
+            y,
+            sorted_tokens,
+            counts,
+            starts,
+            group_slots,
+            group_rank,
+            width,
+            offset,
+            shrunk_slice.stride(0),
+            shrunk_slice.stride(1),
+            b.stride(0),
+            b.stride(-2),
+            b.stride(-1),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_R=BLOCK_R,
+            ADD_INPUTS=add_inputs,
+        )
         offset += width
 
 
@@ -160,23 +264,37 @@ class Batch:
     def make(cls, max_loras: int, max_tokens: int, device) -> "Batch":
         from vllm.lora.ops.triton_ops import LoRAKernelMeta
 
-        return cls(LoRAKernelMeta.make(max_loras, max_tokens, device), torch.zeros(max_loras, dtype=torch.int32, device=device),
-                   torch.zeros(max_tokens, dtype=torch.int32, device=device), torch.zeros(max_tokens, dtype=torch.float32, device=device))
+        return cls(
+            LoRAKernelMeta.make(max_loras, max_tokens, device),
+            torch.zeros(max_loras, dtype=torch.int32, device=device),
+            torch.zeros(max_tokens, dtype=torch.int32, device=device),
+            torch.zeros(max_tokens, dtype=torch.float32, device=device),
+        )
 
     def prepare(self, token_slots: torch.Tensor, wants: torch.Tensor, slot_rank: torch.Tensor) -> None:
         """This step's grouping; `wants` per token as lora_slots encodes them, `slot_rank` each slot's full rank (host)."""
         slots = token_slots.cpu().long()
         full = slot_rank[slots.clamp(min=0)]
         ranks = torch.where(slots < 0, 0, torch.where(wants == 0, full, wants // 2).clamp(max=full))
-        self.group_rank.copy_(torch.zeros(len(self.group_rank), dtype=torch.int64).scatter_reduce(0, slots.clamp(min=0), ranks, "amax"))
+        self.group_rank.copy_(
+            torch.zeros(len(self.group_rank), dtype=torch.int64).scatter_reduce(0, slots.clamp(min=0), ranks, "amax")
+        )
         self.token_rank[: len(slots)].copy_(ranks)
         self.token_scale[: len(slots)].copy_(lora_slots.scale_ratio(wants, full))
         self.meta.prepare_tensors(token_slots)
 
     def groups(self, num_tokens: int) -> list[torch.Tensor]:
         meta = self.meta
-        return [meta.token_indices_sorted_by_lora_ids[:num_tokens], meta.num_tokens_per_lora, meta.lora_token_start_loc,
-                meta.active_lora_ids, self.group_rank, self.token_rank, self.token_scale, meta.no_lora_flag_cpu]
+        return [
+            meta.token_indices_sorted_by_lora_ids[:num_tokens],
+            meta.num_tokens_per_lora,
+            meta.lora_token_start_loc,
+            meta.active_lora_ids,
+            self.group_rank,
+            self.token_rank,
+            self.token_scale,
+            meta.no_lora_flag_cpu,
+        ]
 
 
 @dataclass
@@ -195,7 +313,9 @@ class SlotTable:
             max_loras, device, max_tokens = wrapper.max_loras, wrapper.device, wrapper._token_lora_indices.numel()
             table = wrapper.__dict__["kdlora_table"] = cls(
                 slot_rank=torch.full((max_loras,), wrapper.lora_config.max_lora_rank, dtype=torch.int64),
-                tokens=Batch.make(max_loras, max_tokens, device), samples=Batch.make(max_loras, max_tokens, device))
+                tokens=Batch.make(max_loras, max_tokens, device),
+                samples=Batch.make(max_loras, max_tokens, device),
+            )
         return table
 
 
@@ -216,7 +336,9 @@ def update_metadata(self, mapping, *args, **kwargs):
 
 
 def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
-    if self.lora_config.fully_sharded_loras:  # the rank itself is split over GPUs there: vLLM's kernels (here and below)
+    if (
+        self.lora_config.fully_sharded_loras
+    ):  # the rank itself is split over GPUs there: vLLM's kernels (here and below)
         return _STOCK["add_shrink"](self, y, x, lora_a_stacked, scale, **kwargs)
     x = x.view(-1, x.shape[-1])
     table = SlotTable.of(self)
@@ -228,7 +350,9 @@ def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_in
         return _STOCK["add_expand"](self, y, x, lora_b_stacked, output_slices, offset_start, add_inputs, **kwargs)
     assert x.ndim == 3 and x.size(0) == len(output_slices) == len(lora_b_stacked)
     table = SlotTable.of(self)
-    lora_expand(x, list(lora_b_stacked), y.view(-1, y.shape[-1]), table.tokens.groups(x.shape[1]), offset_start, add_inputs)
+    lora_expand(
+        x, list(lora_b_stacked), y.view(-1, y.shape[-1]), table.tokens.groups(x.shape[1]), offset_start, add_inputs
+    )
 
 
 def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
@@ -271,6 +395,16 @@ def install() -> bool:
         return False
     from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
-    lora_slots.patch("cuda", PunicaWrapperGPU, {"update_metadata": update_metadata, "add_shrink": add_shrink, "add_expand": add_expand,
-                                                "add_lora_logits": add_lora_logits, "kdlora_slots_changed": slots_changed}, _STOCK)
+    lora_slots.patch(
+        "cuda",
+        PunicaWrapperGPU,
+        {
+            "update_metadata": update_metadata,
+            "add_shrink": add_shrink,
+            "add_expand": add_expand,
+            "add_lora_logits": add_lora_logits,
+            "kdlora_slots_changed": slots_changed,
+        },
+        _STOCK,
+    )
     return True

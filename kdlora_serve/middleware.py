@@ -53,11 +53,19 @@ class KdloraMiddleware:
                 return await send({"type": "websocket.close", "code": 1008})  # policy violation: refused before accept
             return await self.app(scope, receive, send)
         if path in ADAPTER_ADMIN_PATHS or path.startswith("/adapters/"):
-            return await _send_json(send, 403, _error(
-                "loading and unloading adapters at run time is disabled on a kdlora server: name an adapter in `model` "
-                "(e.g. org/adapter@r8) and kdlora pulls, checks and loads it", 403))
+            return await _send_json(
+                send,
+                403,
+                _error(
+                    "loading and unloading adapters at run time is disabled on a kdlora server: name an adapter in `model` "
+                    "(e.g. org/adapter@r8) and kdlora pulls, checks and loads it",
+                    403,
+                ),
+            )
         if scope["method"] != "OPTIONS" and path not in PUBLIC_PATHS and not _authorized(scope):
-            return await _send_json(send, 401, _error("invalid or missing API key (send it as 'Authorization: Bearer KEY')", 401))
+            return await _send_json(
+                send, 401, _error("invalid or missing API key (send it as 'Authorization: Bearer KEY')", 401)
+            )
         if scope["method"] == "GET" and path == LISTING_PATH:
             return await _send_json(send, 200, {"object": "list", "data": get_store().listing()})
         if scope["method"] == "GET" and path == MODELS_PATH:
@@ -78,7 +86,9 @@ class KdloraMiddleware:
             return await _send_json(send, err.status, _error(str(err), err.status, err.param))
         except Exception as err:  # a bug here must cost one request, never the server
             log.exception("kdlora: routing failed")
-            return await _send_json(send, 500, _error(f"kdlora could not route this request: {type(err).__name__}: {err}", 500))
+            return await _send_json(
+                send, 500, _error(f"kdlora could not route this request: {type(err).__name__}: {err}", 500)
+            )
         if routed is None:
             return await self.app(scope, _replay(body, receive), send)
         new_body, adapter, choice = routed
@@ -98,8 +108,11 @@ class KdloraMiddleware:
         from_body, from_headers = payload.pop("kdlora", None), _budget_headers(scope["headers"])
         if model in _served_names(scope):
             if from_body is not None or from_headers:
-                raise RequestError(f"'{model}' is the base model: kdlora budgets (extra_body 'kdlora', x-kdlora-* headers) "
-                                   "apply to adapters only; drop them, or name an adapter", param="model")
+                raise RequestError(
+                    f"'{model}' is the base model: kdlora budgets (extra_body 'kdlora', x-kdlora-* headers) "
+                    "apply to adapters only; drop them, or name an adapter",
+                    param="model",
+                )
             return None
         store = get_store()
         adapter, rank = split_model_name(model)
@@ -149,8 +162,10 @@ class _Measured:
     async def __call__(self, message):
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            extra = [(b"x-kdlora-rank", str(self.choice.rank).encode()),
-                     (b"x-kdlora-budget-met", b"true" if self.choice.met else b"false")]
+            extra = [
+                (b"x-kdlora-rank", str(self.choice.rank).encode()),
+                (b"x-kdlora-budget-met", b"true" if self.choice.met else b"false"),
+            ]
             if not self.choice.met:
                 extra.append((b"x-kdlora-budget-miss", self.choice.reason.encode()))
             message = dict(message, headers=list(message.get("headers", [])) + extra)
@@ -173,7 +188,9 @@ class _Measured:
             return
         tokens = self.stream_tokens
         if tokens:
-            seconds, per = (self.last_token - self.first_token, tokens - 1) if tokens > 1 else (self.last_token - self.started, 1)
+            seconds, per = (
+                (self.last_token - self.first_token, tokens - 1) if tokens > 1 else (self.last_token - self.started, 1)
+            )
         else:
             try:
                 tokens = json.loads(b"".join(self.chunks))["usage"]["completion_tokens"]
@@ -224,8 +241,17 @@ def _with_ranks(listing: dict, scope) -> dict:
         ranks = sorted({r.rank for r in meta.ranks} | {meta.max_rank})
         for name in [row["id"], *(f"{row['id']}@r{k}" for k in ranks)]:
             if name not in listed:
-                listing["data"].append({"id": name, "object": "model", "created": int(time.time()), "owned_by": "kdlora",
-                                        "root": row["source"], "parent": parent, "permission": []})
+                listing["data"].append(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "kdlora",
+                        "root": row["source"],
+                        "parent": parent,
+                        "permission": [],
+                    }
+                )
     return listing
 
 
@@ -266,13 +292,20 @@ def _authorized(scope) -> bool:
 
 def _error(message: str, status: int, param: str | None = None) -> dict:
     kinds = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError"}
-    return {"error": {"message": message, "type": kinds.get(status, "InternalServerError"), "param": param, "code": status}}
+    return {
+        "error": {"message": message, "type": kinds.get(status, "InternalServerError"), "param": param, "code": status}
+    }
 
 
 async def _send_json(send, status: int, payload: dict) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -295,4 +328,5 @@ def _replay(body: bytes, receive):
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
+
     return replayed

@@ -12,7 +12,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hub.errors import KdloraError
@@ -44,8 +43,11 @@ class Budget(BaseModel):
     latency_ms_per_token: float | None = Field(None, gt=0, description="measured decode latency bound")
     memory_mb: float | None = Field(None, gt=0, description="adapter weights bound, MiB")
     min_quality: float | None = Field(None, ge=0, le=1, description="minimum held-out quality, by `quality_metric`")
-    quality_metric: str | None = Field(None, max_length=64, description=f"what min_quality bounds (default {DEFAULT_QUALITY_METRIC}; "
-                                                                         "or a task metric the adapter records)")
+    quality_metric: str | None = Field(
+        None,
+        max_length=64,
+        description=f"what min_quality bounds (default {DEFAULT_QUALITY_METRIC}; or a task metric the adapter records)",
+    )
 
     def constrained(self) -> bool:
         return any(v is not None for v in self.model_dump().values())
@@ -62,7 +64,11 @@ def parse_budget(from_body: dict, from_headers: dict[str, str]) -> Budget:
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        source = f"x-kdlora-{field.replace('_', '-')} header" if field in from_headers and field not in from_body else "extra_body kdlora"
+        source = (
+            f"x-kdlora-{field.replace('_', '-')} header"
+            if field in from_headers and field not in from_body
+            else "extra_body kdlora"
+        )
         raise RequestError(f"budget field '{field}' ({source}): {first['msg']}", param=f"kdlora.{field}") from err
 
 
@@ -84,12 +90,17 @@ def _header_value(name: str, text: str):
 def split_model_name(model: str) -> tuple[str, int | None]:
     """`org/name@r8` -> ("org/name", 8); `org/name` -> ("org/name", None)."""
     if len(model) > MAX_MODEL_CHARS:
-        raise RequestError(f"model name '{model[:40]}...' is {len(model)} characters long; at most {MAX_MODEL_CHARS}", param="model")
+        raise RequestError(
+            f"model name '{model[:40]}...' is {len(model)} characters long; at most {MAX_MODEL_CHARS}", param="model"
+        )
     match = _NAME.match(model)
     if not match:
         return model, None
     if not _RANK.fullmatch(match["rank"]):
-        raise RequestError(f"'{model}': the rank after '@r' must be a whole number in ASCII digits, e.g. {match['adapter']}@r8", param="model")
+        raise RequestError(
+            f"'{model}': the rank after '@r' must be a whole number in ASCII digits, e.g. {match['adapter']}@r8",
+            param="model",
+        )
     return match["adapter"], int(match["rank"])
 
 
@@ -134,7 +145,9 @@ class CostTracker:
 
     @staticmethod
     def _features(rank, in_flight) -> np.ndarray:
-        rank, in_flight = np.broadcast_arrays(np.asarray(rank, dtype=np.float64), np.asarray(in_flight, dtype=np.float64))
+        rank, in_flight = np.broadcast_arrays(
+            np.asarray(rank, dtype=np.float64), np.asarray(in_flight, dtype=np.float64)
+        )
         return np.stack([np.ones_like(rank), rank, in_flight, rank * in_flight], axis=-1)
 
     def measured(self, adapter: str) -> dict[int, float]:
@@ -157,17 +170,29 @@ class CostTracker:
         return float((self._features(ranks, in_flight) @ coefficients).max())
 
 
-def choose_rank(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker, requested: int | None = None, in_flight: int = 1) -> Choice:
+def choose_rank(
+    meta: RankMetadata,
+    budget: Budget,
+    adapter: str,
+    costs: CostTracker,
+    requested: int | None = None,
+    in_flight: int = 1,
+) -> Choice:
     """`in_flight`: the generation requests this server is serving now, this one included (the load the cost is at)."""
     if budget.quality_metric is not None:
         recorded = sorted({name for result in meta.ranks for name in result.quality_metrics()})
         if budget.quality_metric not in recorded:
-            raise RequestError(f"quality_metric '{budget.quality_metric}': adapter '{adapter}' records "
-                               f"{', '.join(recorded) or 'no quality metric'}", param="kdlora.quality_metric")
+            raise RequestError(
+                f"quality_metric '{budget.quality_metric}': adapter '{adapter}' records "
+                f"{', '.join(recorded) or 'no quality metric'}",
+                param="kdlora.quality_metric",
+            )
     if requested is not None or budget.rank is not None:
         rank = requested if requested is not None else budget.rank
         if requested is not None and budget.rank is not None and budget.rank != requested:
-            raise RequestError(f"model names rank {requested} but the budget asks for rank {budget.rank}; give one", param="model")
+            raise RequestError(
+                f"model names rank {requested} but the budget asks for rank {budget.rank}; give one", param="model"
+            )
         try:
             meta.check_rank(rank)
         except KdloraError as err:
@@ -195,9 +220,13 @@ def _failed(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker
         if result is None or result.adapter_bytes is None or result.adapter_bytes / 2**20 > budget.memory_mb:
             return f"memory_mb {budget.memory_mb}"
     if budget.min_quality is not None:
-        value = None if result is None else result.quality_metrics().get(budget.quality_metric or DEFAULT_QUALITY_METRIC)
+        value = (
+            None if result is None else result.quality_metrics().get(budget.quality_metric or DEFAULT_QUALITY_METRIC)
+        )
         if value is None or value < budget.min_quality:
-            return f"min_quality {budget.min_quality}" + (f" ({budget.quality_metric})" if budget.quality_metric else "")
+            return f"min_quality {budget.min_quality}" + (
+                f" ({budget.quality_metric})" if budget.quality_metric else ""
+            )
     if budget.latency_ms_per_token is not None:
         estimate = costs.estimate(adapter, rank, in_flight)
         if estimate is not None and estimate > budget.latency_ms_per_token:

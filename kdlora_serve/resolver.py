@@ -60,10 +60,16 @@ async def resolve_lora(self, lora_name: str):
         loaded = next((r for name, r in list(self.lora_requests.items()) if _kdlora_name(name)[0] == adapter), None)
         if loaded is None:
             return await _STOCK["resolve_lora"](self, lora_name)
-        alias = LoRARequest(lora_name=lora_name, lora_int_id=loaded.lora_int_id, lora_path=loaded.lora_path,
-                            base_model_name=loaded.base_model_name)
+        alias = LoRARequest(
+            lora_name=lora_name,
+            lora_int_id=loaded.lora_int_id,
+            lora_path=loaded.lora_path,
+            base_model_name=loaded.base_model_name,
+        )
         self.lora_requests[lora_name] = alias
-        log.info("kdlora: %s served from %s's LoRA (id %d): nothing to load", lora_name, loaded.lora_name, loaded.lora_int_id)
+        log.info(
+            "kdlora: %s served from %s's LoRA (id %d): nothing to load", lora_name, loaded.lora_name, loaded.lora_int_id
+        )
         return alias
 
 
@@ -87,8 +93,12 @@ async def _generate_one_token(engine_client, lora_request: LoRARequest) -> None:
     rather than on its first request."""
     from vllm import SamplingParams
 
-    async for _ in engine_client.generate({"prompt_token_ids": [0]}, SamplingParams(max_tokens=1), f"kdlora-warm-{lora_request.lora_int_id}",
-                                          lora_request=lora_request):
+    async for _ in engine_client.generate(
+        {"prompt_token_ids": [0]},
+        SamplingParams(max_tokens=1),
+        f"kdlora-warm-{lora_request.lora_int_id}",
+        lora_request=lora_request,
+    ):
         pass
 
 

@@ -18,8 +18,15 @@ def alias_for(spec: str) -> str:
     return ref.repo_id if ref.repo_id else ref.path.name
 
 
-def serve_command(adapters: list[str], host: str, port: int, max_loras: int, allow: list[str], extra: list[str],
-                  endpoint: str | None = None) -> tuple[list[str], dict[str, str]]:
+def serve_command(
+    adapters: list[str],
+    host: str,
+    port: int,
+    max_loras: int,
+    allow: list[str],
+    extra: list[str],
+    endpoint: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) for the vLLM server process."""
     from kdlora_serve.engine import engine_defaults, server_command
 
@@ -28,12 +35,16 @@ def serve_command(adapters: list[str], host: str, port: int, max_loras: int, all
     metas = {alias_for(spec): (spec, read_remote_metadata(spec, endpoint=endpoint)[0]) for spec in adapters}
     bases = {meta.base_model.id for _, meta in metas.values()}
     if len(bases) > 1:
-        raise KdloraError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}); one server serves one base")
+        raise KdloraError(
+            f"the adapters were trained on different base models ({', '.join(sorted(bases))}); one server serves one base"
+        )
     base = metas[next(iter(metas))][1].base_model
     max_rank = max(meta.max_rank for _, meta in metas.values())
     lora_rank = next((r for r in VLLM_LORA_RANKS if r >= max_rank), None)
     if lora_rank is None:
-        raise KdloraError(f"max rank {max_rank} is above the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]}); truncate the adapter first")
+        raise KdloraError(
+            f"max rank {max_rank} is above the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]}); truncate the adapter first"
+        )
     env = dict(os.environ)
     extra, keys = _take_api_keys(list(extra))
     if len(keys) == 1:  # hand it over in the environment: vLLM reads it there too, and it stays out of `ps`
@@ -43,15 +54,31 @@ def serve_command(adapters: list[str], host: str, port: int, max_loras: int, all
     if endpoint:  # the server's on-demand pulls go to the same Hub as this command's metadata reads
         env["HF_ENDPOINT"] = endpoint
     engine = engine_defaults()
-    flags = ["--enable-lora", "--max-lora-rank", str(lora_rank), "--max-loras", str(max_loras),
-             "--middleware", "kdlora_serve.middleware.KdloraMiddleware", "--host", host, "--port", str(port)]
+    flags = [
+        "--enable-lora",
+        "--max-lora-rank",
+        str(lora_rank),
+        "--max-loras",
+        str(max_loras),
+        "--middleware",
+        "kdlora_serve.middleware.KdloraMiddleware",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if base.revision and not os.path.exists(base.id):
         flags += ["--revision", base.revision]
     given = {arg.split("=")[0] for arg in extra if arg.startswith("--")}
     flags += [arg for arg in _without(engine.serve_args(), given)]
     env.update({k: v for k, v in engine.env.items() if k not in os.environ})
-    env.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", ENV_ADAPTERS: json.dumps({a: spec for a, (spec, _) in metas.items()}),
-                ENV_BASE_ID: base.id})
+    env.update(
+        {
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+            ENV_ADAPTERS: json.dumps({a: spec for a, (spec, _) in metas.items()}),
+            ENV_BASE_ID: base.id,
+        }
+    )
     if allow:
         env[ENV_ALLOW] = ",".join(allow)
     return server_command(base.id, *flags, *extra), env

@@ -87,7 +87,9 @@ def remove_dead_servers(root: Path) -> None:
 
 
 class AdapterStore:
-    def __init__(self, aliases: dict[str, str], allow: list[str], base_ids: list[str], root: Path, endpoint: str | None = None):
+    def __init__(
+        self, aliases: dict[str, str], allow: list[str], base_ids: list[str], root: Path, endpoint: str | None = None
+    ):
         self.aliases, self.allow, self.base_ids, self.root, self.endpoint = aliases, allow, base_ids, root, endpoint
         # every rank from the full adapter, one vLLM LoRA (set at start where lora_slots.rank_aware), else truncations
         self.one_lora_per_adapter = False
@@ -104,7 +106,9 @@ class AdapterStore:
         try:
             aliases = json.loads(os.environ.get(ENV_ADAPTERS) or "{}")
         except json.JSONDecodeError as err:
-            raise KdloraError(f"{ENV_ADAPTERS} is not JSON ({err.msg}); expected {{\"alias\": \"ORG/NAME or /path\"}}") from err
+            raise KdloraError(
+                f'{ENV_ADAPTERS} is not JSON ({err.msg}); expected {{"alias": "ORG/NAME or /path"}}'
+            ) from err
         allow = [p.strip() for p in os.environ.get(ENV_ALLOW, "").split(",") if p.strip()]
         base_ids = [b for b in [os.environ.get(ENV_BASE_ID)] if b]
         root = cache_dir("served")
@@ -122,13 +126,19 @@ class AdapterStore:
         if name in self.aliases:
             return self.aliases[name]
         if name.startswith(("/", ".", "~", "file:")) or ".." in name:
-            raise RequestError(f"adapter '{name}': paths are not adapter names; use a configured alias or ORG/NAME", param="model")
+            raise RequestError(
+                f"adapter '{name}': paths are not adapter names; use a configured alias or ORG/NAME", param="model"
+            )
         try:
             parse_repo(name, allow_local=False)
         except KdloraError as err:
             raise RequestError(str(err), param="model") from err
         if not self._allowed(name):
-            raise RequestError(f"adapter '{name}' is not on this server's allow-list ({', '.join(self.allow) or 'empty'})", 403, "model")
+            raise RequestError(
+                f"adapter '{name}' is not on this server's allow-list ({', '.join(self.allow) or 'empty'})",
+                403,
+                "model",
+            )
         return name
 
     def _lock(self, name: str) -> threading.Lock:
@@ -173,8 +183,12 @@ class AdapterStore:
     def _check_base(self, name: str, meta: RankMetadata, served_model: str | None) -> None:
         served = [m for m in [served_model, *self.base_ids] if m]
         if served and not any(_same_model(meta.base_model.id, model) for model in served):
-            raise RequestError(f"adapter '{name}' was trained on base model '{meta.base_model.id}', but this server serves "
-                               f"'{served[0]}'; serve it with its own base (kdlora serve --adapter {name})", 400, "model")
+            raise RequestError(
+                f"adapter '{name}' was trained on base model '{meta.base_model.id}', but this server serves "
+                f"'{served[0]}'; serve it with its own base (kdlora serve --adapter {name})",
+                400,
+                "model",
+            )
 
     def lora_dir(self, name: str, rank: int, served_model: str | None = None) -> Path:
         """The directory vLLM loads for rank `rank` of `name`, checked intact (re-made or pulled again when it is not):
@@ -190,7 +204,9 @@ class AdapterStore:
                 fingerprint = self._fingerprints.get(out)
                 if fingerprint is None or not fingerprint.holds():
                     if fingerprint is not None:
-                        log.warning("kdlora: %s on disk changed since it was written; re-making it from the pulled adapter", out)
+                        log.warning(
+                            "kdlora: %s on disk changed since it was written; re-making it from the pulled adapter", out
+                        )
                     self._truncate(name, loaded, rank, out)
         with self._guard:
             loaded.warm.update(warm)
@@ -204,7 +220,11 @@ class AdapterStore:
         try:
             pull_adapter(loaded.spec, loaded.directory, endpoint=self.endpoint)
         except KdloraError as err:
-            raise RequestError(f"adapter '{name}': its files on this server were damaged and pulling it again failed: {err}", 503, "model") from err
+            raise RequestError(
+                f"adapter '{name}': its files on this server were damaged and pulling it again failed: {err}",
+                503,
+                "model",
+            ) from err
         self._fingerprints[loaded.directory] = Fingerprint(loaded.directory)
 
     def _truncate(self, name: str, loaded: Loaded, rank: int, out: Path) -> None:
@@ -241,11 +261,24 @@ class AdapterStore:
             if loaded:
                 measured = self.costs.measured(name)
                 meta = loaded.metadata
-                row |= {"base_model": meta.base_model.id, "max_rank": meta.max_rank, "default_rank": meta.default_rank,
-                        "ranks": [{"rank": r.rank, "kl_to_teacher": r.kl_to_teacher, "teacher_top1_agreement": r.teacher_top1_agreement,
-                                   "task_metrics": r.task_metrics, "adapter_bytes": r.adapter_bytes, "warm": r.rank in warm,
-                                   "measured_ms_per_token": measured.get(r.rank)} for r in meta.ranks],
-                        "warm_ranks": sorted(warm)}
+                row |= {
+                    "base_model": meta.base_model.id,
+                    "max_rank": meta.max_rank,
+                    "default_rank": meta.default_rank,
+                    "ranks": [
+                        {
+                            "rank": r.rank,
+                            "kl_to_teacher": r.kl_to_teacher,
+                            "teacher_top1_agreement": r.teacher_top1_agreement,
+                            "task_metrics": r.task_metrics,
+                            "adapter_bytes": r.adapter_bytes,
+                            "warm": r.rank in warm,
+                            "measured_ms_per_token": measured.get(r.rank),
+                        }
+                        for r in meta.ranks
+                    ],
+                    "warm_ranks": sorted(warm),
+                }
             rows.append(row)
         return rows
 

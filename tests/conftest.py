@@ -24,8 +24,18 @@ def kdlora_cli(*args: str, env: dict | None = None, timeout: float = 600) -> sub
 def kdlora_launch(config: str, *args: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/<config> ... -m kdlora_serve.cli <args>` as users run it: on a machine
     without GPUs kdlora joins the processes over gloo (training/processes.py)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / config),
-           "--num_processes", str(processes), "-m", "kdlora_serve.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / config),
+        "--num_processes",
+        str(processes),
+        "-m",
+        "kdlora_serve.cli",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 cores: one thread per process
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
@@ -41,13 +51,18 @@ def teacher_dir() -> Path:
 @pytest.fixture(scope="session")
 def teacher_adapter(teacher_dir, tmp_path_factory) -> Path:
     """A random nested-rank adapter (R=16) on the real teacher, with made-up per-rank metadata."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    import torch
-
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    return write_nested_adapter(tmp_path_factory.mktemp("adapters") / "teacher-adapter", base, rank=16, alpha=16,
-                                base_model_id=str(teacher_dir), init_scale=0.5)
+    return write_nested_adapter(
+        tmp_path_factory.mktemp("adapters") / "teacher-adapter",
+        base,
+        rank=16,
+        alpha=16,
+        base_model_id=str(teacher_dir),
+        init_scale=0.5,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,11 +88,31 @@ def vllm_server(teacher_adapter, session_hub, vllm_root):
 
     url, _ = session_hub
     root = vllm_root
-    env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(root / "hf"), "KDLORA_CACHE": str(root / "cache"),
-           "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(root / "hf"),
+        "KDLORA_CACHE": str(root / "cache"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_LOGGING_LEVEL": "INFO",
+    }
     env.pop("HF_TOKEN", None)
-    args = ["--adapter", str(teacher_adapter), "--allow", "kd/*", "--max-loras", "4",
-            "--", "--served-model-name", "teacher", "--dtype", "float32", "--max-model-len", "1024"]
+    args = [
+        "--adapter",
+        str(teacher_adapter),
+        "--allow",
+        "kd/*",
+        "--max-loras",
+        "4",
+        "--",
+        "--served-model-name",
+        "teacher",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "1024",
+    ]
     try:
         proc, base_url = start_background(args, root / "server.log", env=env, timeout_s=SERVER_START_TIMEOUT_S)
     except RuntimeError as err:
@@ -98,13 +133,29 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 
-def write_nested_adapter(out: Path, model, rank: int = 8, alpha: int = 16, seed: int = 1, dtype=None, base_model_id: str = "tiny-llama",
-                         **lora_kwargs) -> Path:
+def write_nested_adapter(
+    out: Path,
+    model,
+    rank: int = 8,
+    alpha: int = 16,
+    seed: int = 1,
+    dtype=None,
+    base_model_id: str = "tiny-llama",
+    **lora_kwargs,
+) -> Path:
     """A PEFT LoRA with random A and B (so every rank component matters) plus its kdlora.json."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -112,7 +163,9 @@ def write_nested_adapter(out: Path, model, rank: int = 8, alpha: int = 16, seed:
     from hub.schema import ModelRef, RankMetadata, RankResult
 
     torch.manual_seed(seed)
-    lora_kwargs.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_kwargs.setdefault(
+        "target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     init_scale = lora_kwargs.pop("init_scale", None)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, **lora_kwargs)
     peft_model = get_peft_model(model, config)
@@ -127,9 +180,20 @@ def write_nested_adapter(out: Path, model, rank: int = 8, alpha: int = 16, seed:
     peft_model.unload()  # leave `model` as it was, for the caller's reference computations
     ranks = sorted({1, 2, 4, rank} & set(range(1, rank + 1)))
     RankMetadata(
-        max_rank=rank, default_rank=min(4, rank), base_model=ModelRef(id=base_model_id), teacher=ModelRef(id="tiny-teacher"),
-        ranks=[RankResult(rank=k, kl_to_teacher=1.0 / k, teacher_top1_agreement=min(1.0, 0.5 + k / 20), adapter_bytes=k * 100,
-                          task_metrics={"greedy_token_f1": min(1.0, k / 10)}) for k in ranks],
+        max_rank=rank,
+        default_rank=min(4, rank),
+        base_model=ModelRef(id=base_model_id),
+        teacher=ModelRef(id="tiny-teacher"),
+        ranks=[
+            RankResult(
+                rank=k,
+                kl_to_teacher=1.0 / k,
+                teacher_top1_agreement=min(1.0, 0.5 + k / 20),
+                adapter_bytes=k * 100,
+                task_metrics={"greedy_token_f1": min(1.0, k / 10)},
+            )
+            for k in ranks
+        ],
     ).save(out)
     return Path(out)
 
@@ -208,8 +272,18 @@ def tiny_checkpoint(out: Path, tokenizer_dir: Path, seed: int, **config) -> Path
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    settings = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    settings = dict(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(LlamaConfig(**{**settings, **config})).save_pretrained(out)
     for file in Path(tokenizer_dir).iterdir():
         shutil.copy(file, out / file.name)
@@ -220,5 +294,7 @@ def tiny_checkpoint(out: Path, tokenizer_dir: Path, seed: int, **config) -> Path
 def tiny_pair(real_tokenizer_dir, tmp_path_factory) -> tuple[Path, Path]:
     """(teacher, student) tiny checkpoints sharing the real vocabulary: distillation in seconds."""
     root = tmp_path_factory.mktemp("tiny_pair")
-    return (tiny_checkpoint(root / "teacher", real_tokenizer_dir, seed=0, hidden_size=64, intermediate_size=128),
-            tiny_checkpoint(root / "student", real_tokenizer_dir, seed=1))
+    return (
+        tiny_checkpoint(root / "teacher", real_tokenizer_dir, seed=0, hidden_size=64, intermediate_size=128),
+        tiny_checkpoint(root / "student", real_tokenizer_dir, seed=1),
+    )

@@ -24,7 +24,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -44,14 +44,15 @@ def git_blob_oid(data: bytes) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class HubError(Exception):
     """An error answer; `code` goes into X-Error-Code, which the client maps to an exception class."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
-                 body: dict | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, headers: dict | None = None, body: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
         self.headers, self.body = headers or {}, {"error": message, **(body or {})}
@@ -103,8 +104,14 @@ class FakeHub:
         with self._lock:
             return self._repos.pop(repo_id, None) is not None
 
-    def commit(self, repo_id: str, files: dict[str, bytes], deletions: tuple[str, ...] = (),
-               summary: str = "", parent: str | None = None) -> str:
+    def commit(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        deletions: tuple[str, ...] = (),
+        summary: str = "",
+        parent: str | None = None,
+    ) -> str:
         """Apply additions and deletions (a path ending in "/" deletes a folder) to `main`; returns the new sha."""
         with self._lock:
             repo = self._get(repo_id)
@@ -143,7 +150,7 @@ class FakeHub:
         prefix = f"/{repo_id}/resolve/"
         with self._lock:
             log = list(self.requests_log)
-        return [p[len(prefix):].split("/", 1)[1] for m, p in log if m == method and p.startswith(prefix)]
+        return [p[len(prefix) :].split("/", 1)[1] for m, p in log if m == method and p.startswith(prefix)]
 
     def _get(self, repo_id: str) -> Repo:
         if repo_id not in self._repos:
@@ -199,12 +206,27 @@ class FakeHub:
         repo_id, revision = groups["repo"], groups["rev"] or "main"
         repo, commit = self._readable(handler, repo_id, revision)
         blobs = query.get("blobs") == "true"
-        siblings = [{"rfilename": p, **({"size": len(b), "blobId": git_blob_oid(b)} if blobs else {})}
-                    for p, b in sorted(commit.files.items())]
-        return 200, {"_id": repo_id, "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
-                     "sha": commit.sha, "lastModified": commit.date, "createdAt": repo.created_at,
-                     "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0,
-                     "tags": [], "siblings": siblings, "usedStorage": sum(map(len, commit.files.values()))}
+        siblings = [
+            {"rfilename": p, **({"size": len(b), "blobId": git_blob_oid(b)} if blobs else {})}
+            for p, b in sorted(commit.files.items())
+        ]
+        return 200, {
+            "_id": repo_id,
+            "id": repo_id,
+            "modelId": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": commit.sha,
+            "lastModified": commit.date,
+            "createdAt": repo.created_at,
+            "private": repo.private,
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+            "usedStorage": sum(map(len, commit.files.values())),
+        }
 
     def api_tree(self, handler, groups, body, query):
         _, commit = self._readable(handler, groups["repo"], groups["rev"])
@@ -215,12 +237,16 @@ class FakeHub:
         for path, data in commit.files.items():
             if not path.startswith(prefix):
                 continue
-            parts = path[len(prefix):].split("/")
+            parts = path[len(prefix) :].split("/")
             depth = len(parts) if recursive else 1
             for i in range(1, min(depth, len(parts) - 1) + 1):  # the folders on the way
                 folder = prefix + "/".join(parts[:i])
-                entries[folder] = {"type": "directory", "path": folder, "size": 0,
-                                   "oid": hashlib.sha1(folder.encode()).hexdigest()}
+                entries[folder] = {
+                    "type": "directory",
+                    "path": folder,
+                    "size": 0,
+                    "oid": hashlib.sha1(folder.encode()).hexdigest(),
+                }
             if len(parts) <= depth:
                 entries[path] = {"type": "file", "path": path, "size": len(data), "oid": git_blob_oid(data)}
         if base and not entries:
@@ -232,9 +258,17 @@ class FakeHub:
         _, head = self._readable(handler, groups["repo"], groups["rev"])
         # "regular" for everything: bytes come base64 inside the commit ("lfs" would send the client to Xet).
         # `oid` of an existing file lets the client skip unchanged files, as on the real Hub.
-        return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                                "oid": git_blob_oid(head.files[f["path"]]) if f["path"] in head.files else None}
-                               for f in body.get("files", [])]}
+        return 200, {
+            "files": [
+                {
+                    "path": f["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": git_blob_oid(head.files[f["path"]]) if f["path"] in head.files else None,
+                }
+                for f in body.get("files", [])
+            ]
+        }
 
     def api_commit(self, handler, groups, body, query):
         self._require_write(handler)
@@ -259,8 +293,13 @@ class FakeHub:
             raise HubError(500, "Internal Error - injected by FakeHub.fail_next_commit")
         summary = header.get("summary", "")
         sha = self.commit(repo_id, files, tuple(deletions), summary=summary, parent=header.get("parentCommit"))
-        return 200, {"success": True, "commitOid": sha, "commitUrl": f"{handler.base_url}/{repo_id}/commit/{sha}",
-                     "commitMessage": summary, "pullRequestUrl": None}
+        return 200, {
+            "success": True,
+            "commitOid": sha,
+            "commitUrl": f"{handler.base_url}/{repo_id}/commit/{sha}",
+            "commitMessage": summary,
+            "pullRequestUrl": None,
+        }
 
     def resolve(self, handler, groups, body, query):
         repo_id, path = groups["repo"], groups["path"]
@@ -274,7 +313,7 @@ class FakeHub:
         if ranged:  # resumed download
             start, end = int(ranged[1]), int(ranged[2] or len(data) - 1)
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            status, data = 206, data[start:end + 1]
+            status, data = 206, data[start : end + 1]
         return status, data, headers
 
 
@@ -391,8 +430,14 @@ def point_client_at(monkeypatch, base_url: str, hf_home) -> None:
     from huggingface_hub import constants  # lazy: the server above needs nothing outside the stdlib
 
     home = str(hf_home)
-    env = {"HF_ENDPOINT": base_url, "HF_HOME": home, "HF_HUB_CACHE": os.path.join(home, "hub"),
-           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+    env = {
+        "HF_ENDPOINT": base_url,
+        "HF_HOME": home,
+        "HF_HUB_CACHE": os.path.join(home, "hub"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_XET_CACHE", "HF_ASSETS_CACHE"):
@@ -400,9 +445,13 @@ def point_client_at(monkeypatch, base_url: str, hf_home) -> None:
     patched = {
         "ENDPOINT": base_url,
         "HUGGINGFACE_CO_URL_TEMPLATE": base_url + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False, "HF_HOME": home,
-        "HF_HUB_CACHE": os.path.join(home, "hub"), "HF_ASSETS_CACHE": os.path.join(home, "assets"),
-        "HF_XET_CACHE": os.path.join(home, "xet"), "HF_TOKEN_PATH": os.path.join(home, "token"),
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_OFFLINE": False,
+        "HF_HOME": home,
+        "HF_HUB_CACHE": os.path.join(home, "hub"),
+        "HF_ASSETS_CACHE": os.path.join(home, "assets"),
+        "HF_XET_CACHE": os.path.join(home, "xet"),
+        "HF_TOKEN_PATH": os.path.join(home, "token"),
         "HF_STORED_TOKENS_PATH": os.path.join(home, "stored_tokens"),
         "AGENT_HARNESSES_PATH": os.path.join(home, ".agent_harnesses.json"),
     }

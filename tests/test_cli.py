@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from conftest import kdlora_cli
+
 from kdlora_serve import doctor
 
 
@@ -57,7 +58,10 @@ def test_teacher_export_refuses_non_empty_out(tmp_path):
     (tmp_path / "keep.txt").write_text("someone's work")
     result = kdlora_cli("teacher", "export", "--out", str(tmp_path))
     assert result.returncode == 1
-    assert result.stderr == f"kdlora: error: --out {tmp_path} exists and is not empty; choose a new directory or remove it first\n"
+    assert (
+        result.stderr
+        == f"kdlora: error: --out {tmp_path} exists and is not empty; choose a new directory or remove it first\n"
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
@@ -93,9 +97,11 @@ def test_doctor_passes_in_the_set_up_environment():
 def test_doctor_says_what_the_cpu_changes():
     assert doctor.describe_cpu("x86_64", {"avx2", "avx512f", "avx512_bf16", "sse4_2"}, True, True, False) == (
         "x86_64 avx2 avx512f avx512_bf16 (no amx_bf16): NF4 generic path (bitsandbytes' packed AVX512-BF16 path has no backward: not used); "
-        "vLLM bf16 native; kdlora serve picks bfloat16 on CPU")
+        "vLLM bf16 native; kdlora serve picks bfloat16 on CPU"
+    )
     assert doctor.describe_cpu("x86_64", {"avx2"}, False, False, False) == (
-        "x86_64 avx2 (no avx512f, avx512_bf16, amx_bf16): NF4 generic path; vLLM bf16 emulated; kdlora serve picks float32 on CPU")
+        "x86_64 avx2 (no avx512f, avx512_bf16, amx_bf16): NF4 generic path; vLLM bf16 emulated; kdlora serve picks float32 on CPU"
+    )
 
 
 def test_doctor_names_the_fix_for_a_broken_torchvision(monkeypatch, capsys):
@@ -117,4 +123,7 @@ def test_distill_needs_out_unless_it_only_plans(capsys):
     from kdlora_serve.cli import main
 
     assert main(["distill", "--student", "some/student"]) == 1
-    assert capsys.readouterr().err == "kdlora: error: give --out DIR (where the result goes), or --plan to only estimate memory\n"
+    assert (
+        capsys.readouterr().err
+        == "kdlora: error: give --out DIR (where the result goes), or --plan to only estimate memory\n"
+    )

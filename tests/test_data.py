@@ -18,7 +18,9 @@ class CharTokenizer:
         return {"input_ids": [[1 + ord(c) % 100 for c in text] for text in texts]}
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + (
+            "<assistant>" if add_generation_prompt else ""
+        )
 
 
 def test_builtin_pydoc_is_always_there():
@@ -30,11 +32,27 @@ def test_jsonl_records_and_folders(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "a.txt").write_text("plain text")
-    (folder / "b.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"text": "one"}, {"messages": [{"role": "user", "content": "hi"}]}, {"prompt": "Q: ", "completion": "A"}]) + "\n\n")
-    (folder / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo "}]}) + "\n")
+    (folder / "b.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"text": "one"},
+                {"messages": [{"role": "user", "content": "hi"}]},
+                {"prompt": "Q: ", "completion": "A"},
+            ]
+        )
+        + "\n\n"
+    )
+    (folder / "c.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo "}]}) + "\n"
+    )
     assert load_records(str(folder), CharTokenizer()) == [
-        "plain text", "one", "<user>hi", TextExample("Q: ", "A"), TextExample("<user>hi<assistant>", "yo")]
+        "plain text",
+        "one",
+        "<user>hi",
+        TextExample("Q: ", "A"),
+        TextExample("<user>hi<assistant>", "yo"),
+    ]
 
 
 def test_heldout_split_is_stable_and_disjoint(tmp_path):
@@ -45,10 +63,13 @@ def test_heldout_split_is_stable_and_disjoint(tmp_path):
     assert len(first.train) + len(first.heldout) == 100 and len(first.heldout) == 10
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "has 0 tokens: too little for one training and one held-out block of --seq-len 16"),
-    ("short", "has 6 tokens: too little"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "has 0 tokens: too little for one training and one held-out block of --seq-len 16"),
+        ("short", "has 6 tokens: too little"),
+    ],
+)
 def test_too_little_data(tmp_path, content, message):
     (tmp_path / "t.txt").write_text(content)
     with pytest.raises(KdloraError, match=message):
@@ -56,7 +77,9 @@ def test_too_little_data(tmp_path, content, message):
 
 
 def test_bad_specs(tmp_path):
-    with pytest.raises(KdloraError, match="unknown data SPEC 'builtin:wiki'; the built-in data are builtin:pydoc and builtin:bbc-news"):
+    with pytest.raises(
+        KdloraError, match="unknown data SPEC 'builtin:wiki'; the built-in data are builtin:pydoc and builtin:bbc-news"
+    ):
         load_records("builtin:wiki")
     with pytest.raises(KdloraError, match="is not a file, a folder, hf:NAME"):
         load_records(str(tmp_path / "missing.txt"))
@@ -64,41 +87,61 @@ def test_bad_specs(tmp_path):
     with pytest.raises(KdloraError, match=r"bad.jsonl:2 is not valid JSON"):
         load_records(str(tmp_path / "bad.jsonl"))
     (tmp_path / "odd.jsonl").write_text('{"title": "no text"}\n')
-    with pytest.raises(KdloraError, match=r'odd.jsonl:1: expected an object with "text", "messages", or "prompt" \+ "completion"'):
+    with pytest.raises(
+        KdloraError, match=r'odd.jsonl:1: expected an object with "text", "messages", or "prompt" \+ "completion"'
+    ):
         load_records(str(tmp_path / "odd.jsonl"))
 
 
 def test_examples_are_rows_that_learn_only_the_answer(tmp_path):
-    records = [{"prompt": "ab", "completion": "c"}, {"prompt": "0123456789", "completion": "xy"}, {"prompt": "q", "completion": "zz"}]
+    records = [
+        {"prompt": "ab", "completion": "c"},
+        {"prompt": "0123456789", "completion": "xy"},
+        {"prompt": "q", "completion": "zz"},
+    ]
     (tmp_path / "e.jsonl").write_text("\n".join(map(json.dumps, records)))
     data = load_token_data(str(tmp_path / "e.jsonl"), CharTokenizer(), seq_len=6)
-    rows = {tuple(r.tolist()): m.tolist() for r, m in zip([*data.train, *data.heldout], [*data.train_mask, *data.heldout_mask])}
-    ids = lambda text: [1 + ord(c) % 100 for c in text]  # noqa: E731  (CharTokenizer)
-    assert rows == {  # prompt + answer + EOS (0), right-padded with EOS; a long prompt loses its start, never the answer
-        (*ids("ab"), *ids("c"), 0, 0, 0): [False, False, True, True, False, False],
-        (*ids("789"), *ids("xy"), 0): [False, False, False, True, True, True],
-        (*ids("q"), *ids("zz"), 0, 0, 0): [False, True, True, True, False, False],
+    rows = {
+        tuple(r.tolist()): m.tolist()
+        for r, m in zip([*data.train, *data.heldout], [*data.train_mask, *data.heldout_mask])
     }
+    ids = lambda text: [1 + ord(c) % 100 for c in text]  # noqa: E731  (CharTokenizer)
+    assert (
+        rows
+        == {  # prompt + answer + EOS (0), right-padded with EOS; a long prompt loses its start, never the answer
+            (*ids("ab"), *ids("c"), 0, 0, 0): [False, False, True, True, False, False],
+            (*ids("789"), *ids("xy"), 0): [False, False, False, True, True, True],
+            (*ids("q"), *ids("zz"), 0, 0, 0): [False, True, True, True, False, False],
+        }
+    )
     assert len(data.heldout) == 1 and len(data.heldout_examples) == 1 and data.heldout_examples[0].choices is None
 
 
 def test_labelled_examples_keep_their_options(tmp_path):
-    records = [{"prompt": f"p{i}", "completion": " no" if i % 2 else " yes", "choices": [" yes", " no"]} for i in range(10)]
+    records = [
+        {"prompt": f"p{i}", "completion": " no" if i % 2 else " yes", "choices": [" yes", " no"]} for i in range(10)
+    ]
     (tmp_path / "l.jsonl").write_text("\n".join(map(json.dumps, records)))
     data = load_token_data(str(tmp_path / "l.jsonl"), CharTokenizer(), seq_len=8)
     ids = lambda text: [1 + ord(c) % 100 for c in text]  # noqa: E731
     for row, example in zip(data.heldout, data.heldout_examples):
         number = int(chr(example.prompt[1] - 1))  # the digit of "p<digit>"
-        assert example == Example(ids(f"p{number}"), ids(" no" if number % 2 else " yes") + [0], [ids(" yes"), ids(" no")], number % 2)
+        assert example == Example(
+            ids(f"p{number}"), ids(" no" if number % 2 else " yes") + [0], [ids(" yes"), ids(" no")], number % 2
+        )
         assert row[: len(example.prompt) + len(example.answer)].tolist() == example.prompt + example.answer
 
 
 def test_bad_examples(tmp_path):
     (tmp_path / "mixed.jsonl").write_text('{"text": "a document"}\n{"prompt": "q", "completion": "a"}\n')
-    with pytest.raises(KdloraError, match=r"mixes documents \(1\) and prompt/answer examples \(1\): .* train on one kind at a time"):
+    with pytest.raises(
+        KdloraError, match=r"mixes documents \(1\) and prompt/answer examples \(1\): .* train on one kind at a time"
+    ):
         load_token_data(str(tmp_path / "mixed.jsonl"), CharTokenizer(), seq_len=8)
     (tmp_path / "choices.jsonl").write_text('{"prompt": "q", "completion": "a", "choices": ["b", "c"]}\n')
-    with pytest.raises(KdloraError, match=r'choices.jsonl:1: "choices" must be a list of strings that contains the completion'):
+    with pytest.raises(
+        KdloraError, match=r'choices.jsonl:1: "choices" must be a list of strings that contains the completion'
+    ):
         load_records(str(tmp_path / "choices.jsonl"))
     (tmp_path / "one.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
     with pytest.raises(KdloraError, match="has 1 example\\(s\\): too few for one training and one held-out example"):
@@ -107,6 +150,17 @@ def test_bad_examples(tmp_path):
 
 def test_builtin_bbc_news():
     records = load_records("builtin:bbc-news")
-    assert len(records) == 2225 and {r.completion for r in records} == {" business", " entertainment", " politics", " sports", " tech"}
-    assert records[0].prompt.startswith("Which topic is this news article about: business, entertainment, politics, sports or tech?")
-    assert records[0].prompt.endswith("\n\nTopic:") and records[0].choices[records[0].choices.index(records[0].completion)] == records[0].completion
+    assert len(records) == 2225 and {r.completion for r in records} == {
+        " business",
+        " entertainment",
+        " politics",
+        " sports",
+        " tech",
+    }
+    assert records[0].prompt.startswith(
+        "Which topic is this news article about: business, entertainment, politics, sports or tech?"
+    )
+    assert (
+        records[0].prompt.endswith("\n\nTopic:")
+        and records[0].choices[records[0].choices.index(records[0].completion)] == records[0].completion
+    )

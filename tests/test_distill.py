@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kdlora_cli, kdlora_launch, peft_logits, tiny_checkpoint, tiny_llama
 from safetensors.torch import load_file
 
-from conftest import kdlora_cli, kdlora_launch, peft_logits, tiny_checkpoint, tiny_llama
 from hub.adapter import read_adapter, truncate_adapter
 from hub.errors import KdloraError
 from hub.schema import load_metadata
@@ -20,8 +20,20 @@ from training.nested_lora import NestedRank, sample_rank, step_ranks
 
 def tiny_config(tiny_pair, out, **overrides) -> DistillConfig:
     teacher, student = tiny_pair
-    settings = dict(student=str(student), teacher=str(teacher), out=Path(out), steps=6, batch_size=2, seq_len=32,
-                    max_rank=8, eval_ranks=(1, 2, 4, 8), eval_samples=4, quantize="none", save_every=2, lr=1e-2)
+    settings = dict(
+        student=str(student),
+        teacher=str(teacher),
+        out=Path(out),
+        steps=6,
+        batch_size=2,
+        seq_len=32,
+        max_rank=8,
+        eval_ranks=(1, 2, 4, 8),
+        eval_samples=4,
+        quantize="none",
+        save_every=2,
+        lr=1e-2,
+    )
     return DistillConfig(**{**settings, **overrides})
 
 
@@ -31,7 +43,9 @@ def _random_lora(tiny_pair, rslora=False):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_pair[1], dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, target_modules="all-linear", init_lora_weights=False)
+    )
     return model, NestedRank(model)
 
 
@@ -97,7 +111,7 @@ def test_sandwich_trains_the_largest_and_smallest_rank_every_step():
 def test_sandwich_samples_the_rank_between_log_uniformly():
     """Every octave between 1 and R as often (2-3, 4-7, ..., 32-63 at R = 64: a fifth each), and every rank some of the time."""
     between = [step_ranks(step, 0, 64, "sandwich")[1] for step in range(5000)]
-    octaves = [sum(2**k <= r < 2**(k + 1) for r in between) / len(between) for k in range(1, 6)]
+    octaves = [sum(2**k <= r < 2 ** (k + 1) for r in between) / len(between) for k in range(1, 6)]
     assert all(abs(share - 0.2) < 0.03 for share in octaves), octaves
     assert set(between) == set(range(2, 64))
 
@@ -106,20 +120,26 @@ def test_matryoshka_mixture_is_the_mean_of_its_ranks_and_trains_every_component(
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 6)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 6)),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False),
+    )
     nested, x = NestedRank(model), torch.randn(3, 8)
 
     def output(rank):
         nested.set(rank)
         return model(x)
 
-    torch.testing.assert_close(output((1, 2, 4)), (output(1) + output(2) + output(4)) / 3)  # one layer: linear in the ranks
+    torch.testing.assert_close(
+        output((1, 2, 4)), (output(1) + output(2) + output(4)) / 3
+    )  # one layer: linear in the ranks
     output((1, 2, 4)).sum().backward()
     lora_a = next(p for name, p in model.named_parameters() if "lora_A" in name)
     assert bool((lora_a.grad.abs().sum(dim=1) > 0).all())  # every component, rank 3 included, gets gradient
     torch.testing.assert_close(output(2), output((2,)))  # a one-rank mixture is that rank
-    assert step_ranks(7, 0, 16, "matryoshka") == [(1, 2, 4, 8, 16)] and step_ranks(0, 0, 12, "matryoshka") == [(1, 2, 4, 8, 12)]
+    assert step_ranks(7, 0, 16, "matryoshka") == [(1, 2, 4, 8, 16)] and step_ranks(0, 0, 12, "matryoshka") == [
+        (1, 2, 4, 8, 12)
+    ]
     with pytest.raises(ValueError, match="outside 0..4"):
         nested.set((0, 2))
 
@@ -161,17 +181,30 @@ def test_full_mode_writes_a_student_checkpoint(tiny_pair, tmp_path):
 @pytest.fixture(scope="module")
 def fp32_runs(tiny_pair, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fp32_runs")
-    return {mode: run_distill(tiny_config(tiny_pair, root / mode, steps=6, eval_ranks=(8,), train=mode)) for mode in ("qdylora", "full")}
+    return {
+        mode: run_distill(tiny_config(tiny_pair, root / mode, steps=6, eval_ranks=(8,), train=mode))
+        for mode in ("qdylora", "full")
+    }
 
 
-@pytest.mark.parametrize("options", [{"dtype": "bf16"}, {"teacher_quantize": "nf4"}, {"teacher_quantize": "int8"},
-                                     {"train": "full", "dtype": "bf16", "optimizer": "adamw8bit"}], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"dtype": "bf16"},
+        {"teacher_quantize": "nf4"},
+        {"teacher_quantize": "int8"},
+        {"train": "full", "dtype": "bf16", "optimizer": "adamw8bit"},
+    ],
+    ids=str,
+)
 def test_precision_and_memory_options_train_close_to_fp32(tiny_pair, tmp_path, fp32_runs, options):
     """Each option trains what the fp32 run trains, to within 1% of its loss at every step, and writes the usual
     result in fp32 (adapters on a bf16 base are fp32; full training keeps fp32 weights under bf16 autocast)."""
     mode = options.get("train", "qdylora")
     report = run_distill(tiny_config(tiny_pair, tmp_path / "out", steps=6, eval_ranks=(8,), **options))
-    assert [h["loss"] for h in report["history"]] == pytest.approx([h["loss"] for h in fp32_runs[mode]["history"]], rel=1e-2)
+    assert [h["loss"] for h in report["history"]] == pytest.approx(
+        [h["loss"] for h in fp32_runs[mode]["history"]], rel=1e-2
+    )
     weights = load_file(tmp_path / "out" / ("model.safetensors" if mode == "full" else "adapter_model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.float32}
     if mode == "full":  # the healing run learns: held-out KL falls, as in fp32
@@ -187,7 +220,9 @@ def test_nf4_teacher_on_bitsandbytes_generic_cpu_path(tiny_pair, tmp_path, fp32_
 
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
     report = run_distill(tiny_config(tiny_pair, tmp_path / "out", steps=6, eval_ranks=(8,), teacher_quantize="nf4"))
-    assert [h["loss"] for h in report["history"]] == pytest.approx([h["loss"] for h in fp32_runs["qdylora"]["history"]], rel=1e-2)
+    assert [h["loss"] for h in report["history"]] == pytest.approx(
+        [h["loss"] for h in fp32_runs["qdylora"]["history"]], rel=1e-2
+    )
 
 
 def test_gradient_checkpointing_changes_memory_not_the_result(tiny_pair, tmp_path):
@@ -203,7 +238,9 @@ def test_eight_bit_adamw_keeps_8_bit_states():
     optimizer = make_optimizer("adamw8bit", [big, small], 1e-3)
     big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
     optimizer.step()
-    assert optimizer.state[big]["state1"].dtype == torch.uint8 and optimizer.state[small]["state1"].dtype == torch.float32
+    assert (
+        optimizer.state[big]["state1"].dtype == torch.uint8 and optimizer.state[small]["state1"].dtype == torch.float32
+    )
 
 
 def interrupted_run(cfg: DistillConfig, monkeypatch, at_step: int) -> None:
@@ -221,7 +258,9 @@ def interrupted_run(cfg: DistillConfig, monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(distill_mod.Mode, "step_ranks", original)
 
 
-@pytest.mark.parametrize("options", [{}, {"train": "full", "optimizer": "adamw8bit"}], ids=["qdylora", "full-adamw8bit"])
+@pytest.mark.parametrize(
+    "options", [{}, {"train": "full", "optimizer": "adamw8bit"}], ids=["qdylora", "full-adamw8bit"]
+)
 def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp_path, monkeypatch, options):
     """Also for bitsandbytes' 8-bit AdamW, whose quantized states go through the checkpoint's by-name form."""
     run_distill(tiny_config(tiny_pair, tmp_path / "straight", **options))
@@ -243,30 +282,51 @@ def test_a_checkpoint_of_an_older_kdlora_is_refused_by_name(tiny_pair, tmp_path,
     interrupted_run(tiny_config(tiny_pair, tmp_path / "out"), monkeypatch, at_step=2)
     saved = tmp_path / "out.checkpoint" / "optimizer.pt"
     old = torch.load(saved, weights_only=True)
-    torch.save({**old, "optimizer": {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [{"params": [0]}]}}, saved)
-    with pytest.raises(KdloraError, match=r"out.checkpoint was written by an older kdlora \(optimizer state by parameter position, not by name\); delete it"):
+    torch.save(
+        {**old, "optimizer": {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [{"params": [0]}]}}, saved
+    )
+    with pytest.raises(
+        KdloraError,
+        match=r"out.checkpoint was written by an older kdlora \(optimizer state by parameter position, not by name\); delete it",
+    ):
         run_distill(tiny_config(tiny_pair, tmp_path / "out", resume=True))
 
 
 def test_resume_with_other_settings_is_refused(tiny_pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(distill_mod.Mode, "step_ranks", lambda mode, cfg, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else [1])
+    monkeypatch.setattr(
+        distill_mod.Mode,
+        "step_ranks",
+        lambda mode, cfg, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else [1],
+    )
     with pytest.raises(KeyboardInterrupt):
         run_distill(tiny_config(tiny_pair, tmp_path / "a"))
-    with pytest.raises(KdloraError, match=r"--resume: the checkpoint in .*a.checkpoint was made with other settings \(kd_alpha: 0.5 -> 0.9\)"):
+    with pytest.raises(
+        KdloraError,
+        match=r"--resume: the checkpoint in .*a.checkpoint was made with other settings \(kd_alpha: 0.5 -> 0.9\)",
+    ):
         run_distill(tiny_config(tiny_pair, tmp_path / "a", resume=True, kd_alpha=0.9))
     with pytest.raises(KdloraError, match="holds an unfinished run for this --out; add --resume to continue it"):
         run_distill(tiny_config(tiny_pair, tmp_path / "a"))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"max_rank": 0}, "ranks must be positive: --max-rank 0"),
-    ({"eval_ranks": (4, 16)}, "--eval-ranks 16 above --max-rank 8; list ranks <= 8"),
-    ({"train": "full", "quantize": "nf4"}, "--train full updates every weight, which a 4-bit base cannot hold; add --quantize none"),
-    ({"batch_size": 5000}, "fewer than one batch"),
-    ({"dtype": "fp16"}, "--dtype fp16 needs a CUDA GPU (CPUs compute fp16 slowly and autocast does not support it there); use bf16 or fp32"),
-    ({"optimizer": "sgd"}, "--optimizer sgd: use one of adamw, adamw8bit, paged_adamw8bit"),
-    ({"loss_chunk_tokens": 0}, "--loss-chunk-tokens must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"max_rank": 0}, "ranks must be positive: --max-rank 0"),
+        ({"eval_ranks": (4, 16)}, "--eval-ranks 16 above --max-rank 8; list ranks <= 8"),
+        (
+            {"train": "full", "quantize": "nf4"},
+            "--train full updates every weight, which a 4-bit base cannot hold; add --quantize none",
+        ),
+        ({"batch_size": 5000}, "fewer than one batch"),
+        (
+            {"dtype": "fp16"},
+            "--dtype fp16 needs a CUDA GPU (CPUs compute fp16 slowly and autocast does not support it there); use bf16 or fp32",
+        ),
+        ({"optimizer": "sgd"}, "--optimizer sgd: use one of adamw, adamw8bit, paged_adamw8bit"),
+        ({"loss_chunk_tokens": 0}, "--loss-chunk-tokens must be at least 1"),
+    ],
+)
 def test_bad_settings(tiny_pair, tmp_path, overrides, message):
     with pytest.raises(KdloraError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run_distill(tiny_config(tiny_pair, tmp_path / "out", **overrides))
@@ -280,21 +340,61 @@ def test_different_vocabularies_are_refused(tiny_pair, tmp_path, real_tokenizer_
     tokenizer = AutoTokenizer.from_pretrained(other)
     tokenizer.add_tokens(["<kdlora-extra>"])
     tokenizer.save_pretrained(other)
-    result = kdlora_cli("distill", "--teacher", str(other), "--student", str(tiny_pair[1]), "--out", str(tmp_path / "out"),
-                        "--steps", "1", "--quantize", "none")
+    result = kdlora_cli(
+        "distill",
+        "--teacher",
+        str(other),
+        "--student",
+        str(tiny_pair[1]),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "1",
+        "--quantize",
+        "none",
+    )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("kdlora: error:")]
     assert errors == [result.stderr.strip().splitlines()[-1]]
-    assert errors[0].startswith("kdlora: error: teacher and student tokenizers differ: distillation compares next-token distributions")
+    assert errors[0].startswith(
+        "kdlora: error: teacher and student tokenizers differ: distillation compares next-token distributions"
+    )
 
 
-TWO_PROCESS_RUN = ("--quantize", "none", "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--max-rank", "4", "--eval-ranks", "1,4",
-                   "--eval-samples", "4", "--save-every", "2")
+TWO_PROCESS_RUN = (
+    "--quantize",
+    "none",
+    "--steps",
+    "3",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--max-rank",
+    "4",
+    "--eval-ranks",
+    "1,4",
+    "--eval-samples",
+    "4",
+    "--save-every",
+    "2",
+)
 
 
 def launch_two_processes(config: str, tiny_pair, out: Path, *extra: str) -> subprocess.CompletedProcess:
     teacher, student = tiny_pair
-    return kdlora_launch(config, "distill", "--teacher", str(teacher), "--student", str(student), "--out", str(out), *TWO_PROCESS_RUN, *extra)
+    return kdlora_launch(
+        config,
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--out",
+        str(out),
+        *TWO_PROCESS_RUN,
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +410,9 @@ def two_process_runs(tiny_pair, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_ddp_and_fsdp_over_two_processes_write_the_same_adapter(two_process_runs):
-    reports = {config: json.loads((out / "distill_report.json").read_text()) for config, out in two_process_runs.items()}
+    reports = {
+        config: json.loads((out / "distill_report.json").read_text()) for config, out in two_process_runs.items()
+    }
     assert [(r["processes"], r["sharded"]) for r in reports.values()] == [(2, False), (2, True)]
     # each process trained on its half of every batch: step 1's loss (the main process's) is that of the first half
     halves = _first_step_losses(reports["ddp.yaml"]["config"])
@@ -322,17 +424,25 @@ def test_ddp_and_fsdp_over_two_processes_write_the_same_adapter(two_process_runs
     assert sorted(ddp) == sorted(fsdp)
     for name in ddp:  # sharding divides where the numbers live, not what they are
         torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-5, atol=1e-6)
-    assert [h["loss"] for h in reports["fsdp.yaml"]["history"]] == pytest.approx([h["loss"] for h in reports["ddp.yaml"]["history"]], rel=1e-6)
+    assert [h["loss"] for h in reports["fsdp.yaml"]["history"]] == pytest.approx(
+        [h["loss"] for h in reports["ddp.yaml"]["history"]], rel=1e-6
+    )
 
 
 def test_a_single_process_checkpoint_resumes_under_fsdp(two_process_runs, tiny_pair, tmp_path, monkeypatch):
     """Checkpoints hold whole tensors keyed by name whatever wrote them; FSDP shards them again when it resumes."""
     fingerprint = json.loads((two_process_runs["ddp.yaml"] / "distill_report.json").read_text())["config"]
-    interrupted_run(DistillConfig(**fingerprint, out=tmp_path / "resumed", eval_ranks=(1, 4), eval_samples=4), monkeypatch, at_step=2)
+    interrupted_run(
+        DistillConfig(**fingerprint, out=tmp_path / "resumed", eval_ranks=(1, 4), eval_samples=4),
+        monkeypatch,
+        at_step=2,
+    )
     result = launch_two_processes("fsdp.yaml", tiny_pair, tmp_path / "resumed", "--resume")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from step 2" in result.stderr
-    resumed, straight = (load_file(out / "adapter_model.safetensors") for out in (tmp_path / "resumed", two_process_runs["ddp.yaml"]))
+    resumed, straight = (
+        load_file(out / "adapter_model.safetensors") for out in (tmp_path / "resumed", two_process_runs["ddp.yaml"])
+    )
     for name in straight:  # steps 1-2 on the whole batch in one process, step 3 on halves: equal up to summation order
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
 
@@ -369,13 +479,23 @@ def _first_step_losses(fingerprint: dict) -> list[float]:
         target = target_source(cfg, teacher, None, torch.device("cpu"))(tokens, learned, rows[half::2])
         with torch.no_grad(), final_hidden_states(student) as head:
             hidden = student(tokens).logits[:, :-1][learned]
-            losses.append(ChunkedKDLoss(cfg.kd_alpha, cfg.kd_temperature, cfg.loss_chunk_tokens)(hidden, head, tokens[:, 1:][learned], target)[0].item())
+            losses.append(
+                ChunkedKDLoss(cfg.kd_alpha, cfg.kd_temperature, cfg.loss_chunk_tokens)(
+                    hidden, head, tokens[:, 1:][learned], target
+                )[0].item()
+            )
     return losses
 
 
 def _labelled_data(path: Path) -> Path:
-    records = [{"prompt": f"Is {n} even or odd? Answer:", "completion": " odd" if n % 2 else " even", "choices": [" even", " odd"]}
-               for n in range(40)]
+    records = [
+        {
+            "prompt": f"Is {n} even or odd? Answer:",
+            "completion": " odd" if n % 2 else " even",
+            "choices": [" even", " odd"],
+        }
+        for n in range(40)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return path
 
@@ -389,7 +509,9 @@ def test_examples_train_on_the_answer_and_report_accuracy(tiny_pair, tmp_path):
     from training.losses import KDLoss
     from training.teacher import load_causal_lm
 
-    cfg = tiny_config(tiny_pair, tmp_path / "adapter", data=str(_labelled_data(tmp_path / "parity.jsonl")), steps=2, eval_samples=8)
+    cfg = tiny_config(
+        tiny_pair, tmp_path / "adapter", data=str(_labelled_data(tmp_path / "parity.jsonl")), steps=2, eval_samples=8
+    )
     report = run_distill(cfg)
     # step 1 starts from B = 0, i.e. the student itself: its loss is KD on the answer tokens of that step's rows only
     teacher, tokenizer, _ = load_causal_lm(cfg.teacher)
@@ -400,14 +522,19 @@ def test_examples_train_on_the_answer_and_report_accuracy(tiny_pair, tmp_path):
     learned = mask[:, 1:]
     assert learned.sum() == 2 * cfg.batch_size  # " even"/" odd" and EOS, per row
     with torch.no_grad():
-        expected, _ = KDLoss(cfg.kd_alpha, cfg.kd_temperature)(student(batch).logits[:, :-1][learned], teacher(batch).logits[:, :-1][learned],
-                                                               batch[:, 1:][learned])
+        expected, _ = KDLoss(cfg.kd_alpha, cfg.kd_temperature)(
+            student(batch).logits[:, :-1][learned], teacher(batch).logits[:, :-1][learned], batch[:, 1:][learned]
+        )
     assert report["history"][0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
     # accuracy per rank, for the student alone and for the teacher, from the held-out examples
     meta = load_metadata(cfg.out)
     examples = data.heldout_examples[:8]  # 4: a tenth of 40 is held out
+
     # (same batches as distill: a tiny random model scores both options nearly equal, so batch numerics could flip a tie)
-    accuracy = lambda model: sum(p == e.label for p, e in zip(predicted_choices(model, examples, cfg.batch_size), examples)) / len(examples)  # noqa: E731
+    def accuracy(model):
+        predictions = predicted_choices(model, examples, cfg.batch_size)
+        return sum(p == e.label for p, e in zip(predictions, examples)) / len(examples)
+
     assert meta.teacher_quality.task_metrics == {"accuracy": accuracy(teacher)}
     assert meta.base_quality.task_metrics == {"accuracy": accuracy(student)}
     assert all(set(r.task_metrics) == {"accuracy"} for r in meta.ranks)
@@ -415,8 +542,16 @@ def test_examples_train_on_the_answer_and_report_accuracy(tiny_pair, tmp_path):
 
 
 def test_kd_alpha_zero_is_plain_fine_tuning(tiny_pair, tmp_path):
-    report = run_distill(tiny_config(tiny_pair, tmp_path / "tuned", train="full", kd_alpha=0.0, steps=2,
-                                     data=str(_labelled_data(tmp_path / "parity.jsonl"))))
+    report = run_distill(
+        tiny_config(
+            tiny_pair,
+            tmp_path / "tuned",
+            train="full",
+            kd_alpha=0.0,
+            steps=2,
+            data=str(_labelled_data(tmp_path / "parity.jsonl")),
+        )
+    )
     assert [set(h) - {"step", "ranks", "seconds"} for h in report["history"]] == [{"loss", "ce"}] * 2
     assert all(h["loss"] == h["ce"] for h in report["history"])
 
@@ -433,8 +568,21 @@ def test_the_chunked_loss_refuses_a_model_that_post_processes_its_logits():
     with final_hidden_states(llama) as head:
         assert llama(ids).logits.shape[-1] == 32 and isinstance(head, torch.nn.Linear)
     assert llama(ids).logits.shape[-1] == 128
-    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                           num_key_value_heads=1, head_dim=8, final_logit_softcapping=3.0)).eval()
-    with pytest.raises(KdloraError, match=r"^Gemma2ForCausalLM's logits are not its LM head applied to its final hidden states \(the "
-                                          r"model post-processes them\); kdlora's chunked distillation loss does not support it$"):
+    gemma = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            final_logit_softcapping=3.0,
+        )
+    ).eval()
+    with pytest.raises(
+        KdloraError,
+        match=r"^Gemma2ForCausalLM's logits are not its LM head applied to its final hidden states \(the "
+        r"model post-processes them\); kdlora's chunked distillation loss does not support it$",
+    ):
         check_head_split(gemma, ids)

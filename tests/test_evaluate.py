@@ -7,15 +7,18 @@ from training.data import Example
 from training.evaluate import choice_accuracy, greedy, greedy_agreement, predicted_choices, token_f1
 
 
-@pytest.mark.parametrize("predicted, reference, expected", [
-    ([1, 2, 3, 4], [2, 4, 5], 4 / 7),  # shared {2, 4}: precision 2/4, recall 2/3
-    ([7, 7, 8], [7, 9], 0.4),  # shared tokens count once each: precision 1/3, recall 1/2
-    ([7, 7, 8], [7, 7, 9], 2 / 3),
-    ([1, 2], [3, 4], 0.0),
-    ([5, 6], [6, 5], 1.0),  # a bag of tokens: order does not count (exact match does)
-    ([], [], 1.0),
-    ([], [1], 0.0),
-])
+@pytest.mark.parametrize(
+    "predicted, reference, expected",
+    [
+        ([1, 2, 3, 4], [2, 4, 5], 4 / 7),  # shared {2, 4}: precision 2/4, recall 2/3
+        ([7, 7, 8], [7, 9], 0.4),  # shared tokens count once each: precision 1/3, recall 1/2
+        ([7, 7, 8], [7, 7, 9], 2 / 3),
+        ([1, 2], [3, 4], 0.0),
+        ([5, 6], [6, 5], 1.0),  # a bag of tokens: order does not count (exact match does)
+        ([], [], 1.0),
+        ([], [1], 0.0),
+    ],
+)
 def test_token_f1_by_hand(predicted, reference, expected):
     assert token_f1(predicted, reference) == pytest.approx(expected)
 
@@ -49,13 +52,21 @@ def test_greedy_left_pads_prompts_of_any_length_and_stops_at_eos(tiny_models):
 def test_greedy_agreement_by_hand():
     prompts = torch.tensor([[10, 11], [12, 13]])
     teacher = _Answers({"teacher": [[1, 2, 3, 4], [5, 6, 7, 8]]})
-    answers = {"exact": [[1, 2, 3, 4], [5, 6, 7, 8]], "half": [[1, 2, 3, 4], [5, 9, 9, 8]], "reordered": [[4, 3, 2, 1], [8, 7, 6, 5]]}
+    answers = {
+        "exact": [[1, 2, 3, 4], [5, 6, 7, 8]],
+        "half": [[1, 2, 3, 4], [5, 9, 9, 8]],
+        "reordered": [[4, 3, 2, 1], [8, 7, 6, 5]],
+    }
     student = _Answers(answers)
-    results = greedy_agreement(student, teacher, prompts.tolist(), list(answers), student.configured.append, new_tokens=4, eos_token_id=0)
+    results = greedy_agreement(
+        student, teacher, prompts.tolist(), list(answers), student.configured.append, new_tokens=4, eos_token_id=0
+    )
     assert student.configured[1:] == list(answers)  # after the constructor's default
-    assert results == {"exact": {"greedy_exact_match": 1.0, "greedy_token_f1": 1.0},
-                       "half": {"greedy_exact_match": 0.5, "greedy_token_f1": 0.75},  # (1 + F1 of 2 shared of 4) / 2
-                       "reordered": {"greedy_exact_match": 0.0, "greedy_token_f1": 1.0}}
+    assert results == {
+        "exact": {"greedy_exact_match": 1.0, "greedy_token_f1": 1.0},
+        "half": {"greedy_exact_match": 0.5, "greedy_token_f1": 0.75},  # (1 + F1 of 2 shared of 4) / 2
+        "reordered": {"greedy_exact_match": 0.0, "greedy_token_f1": 1.0},
+    }
 
 
 class _Answers(torch.nn.Module):
@@ -88,12 +99,17 @@ class _Bigram(torch.nn.Module):
 
 
 def test_choice_accuracy_by_hand():
-    model = _Bigram({2: {3: 0.6, 4: 0.3}, 5: {3: 0.5, 4: 0.4}, 1: {8: 0.3, 4: 0.4}, 8: {7: 0.9}, 6: {8: 0.5, 4: 0.4}}, vocab=10)
+    model = _Bigram(
+        {2: {3: 0.6, 4: 0.3}, 5: {3: 0.5, 4: 0.4}, 1: {8: 0.3, 4: 0.4}, 8: {7: 0.9}, 6: {8: 0.5, 4: 0.4}}, vocab=10
+    )
     one_token = [Example([1, 2], [3, 0], [[3], [4]], 0), Example([5], [4, 0], [[3], [4]], 1)]
     assert predicted_choices(model, one_token) == [0, 0]  # 0.6 > 0.3; 0.5 > 0.4
     # options of several tokens: the product of their tokens' probabilities (a sum of log-probs), not normalised by length
     several = [Example([1], [8, 7, 0], [[8, 7], [4]], 0), Example([6], [8, 7, 0], [[8, 7], [4]], 0)]
     assert predicted_choices(model, several, batch_size=3) == [1, 0]  # 0.3 * 0.9 < 0.4; 0.5 * 0.9 > 0.4
     configured = []
-    assert choice_accuracy(model, one_token + several, ["r1", "r2"], configured.append) == {"r1": {"accuracy": 0.5}, "r2": {"accuracy": 0.5}}
+    assert choice_accuracy(model, one_token + several, ["r1", "r2"], configured.append) == {
+        "r1": {"accuracy": 0.5},
+        "r2": {"accuracy": 0.5},
+    }
     assert configured == ["r1", "r2"]

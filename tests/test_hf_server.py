@@ -8,6 +8,7 @@ import os
 import pickle
 
 import pytest
+from hf_server import point_client_at, serve_fake_hub
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -16,8 +17,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-from hf_server import point_client_at, serve_fake_hub
 
 TOKEN = "hf_fake_write_token"
 REPO = "kd/student-adapter"
@@ -44,8 +43,15 @@ def pushed(fake):
     """The fake with REPO holding a README, a config, nested binary weights and a pickle."""
     url, hub, api = fake
     api.create_repo(REPO)
-    info = _push(api, **{"README.md": README, "adapter_config.json": b'{"r": 4}',
-                         "r4/adapter_model.safetensors": WEIGHTS, "training_args.bin": PICKLED})
+    info = _push(
+        api,
+        **{
+            "README.md": README,
+            "adapter_config.json": b'{"r": 4}',
+            "r4/adapter_model.safetensors": WEIGHTS,
+            "training_args.bin": PICKLED,
+        },
+    )
     return url, hub, api, info
 
 
@@ -62,8 +68,13 @@ def test_create_repo_and_exist_ok(fake):
 def test_commit_info_and_listing(pushed):
     url, hub, api, info = pushed
     assert info.oid == hub.commits(REPO)[-1] and len(info.oid) == 40
-    expected = {".gitattributes", "README.md", "adapter_config.json", "r4/adapter_model.safetensors",
-                "training_args.bin"}
+    expected = {
+        ".gitattributes",
+        "README.md",
+        "adapter_config.json",
+        "r4/adapter_model.safetensors",
+        "training_args.bin",
+    }
     model = api.model_info(REPO)
     assert model.sha == info.oid and model.private is False
     assert {s.rfilename for s in model.siblings} == expected
@@ -89,8 +100,9 @@ def test_hf_hub_download(pushed, tmp_path):
 
 def test_snapshot_download_never_fetches_disallowed_files(pushed, tmp_path):
     url, hub, api, info = pushed
-    folder = snapshot_download(REPO, allow_patterns=["*.json", "*.safetensors", "README.md"], endpoint=url,
-                               cache_dir=tmp_path / "c")
+    folder = snapshot_download(
+        REPO, allow_patterns=["*.json", "*.safetensors", "README.md"], endpoint=url, cache_dir=tmp_path / "c"
+    )
     assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "r4"]
     assert open(os.path.join(folder, "r4", "adapter_model.safetensors"), "rb").read() == WEIGHTS
     assert "training_args.bin" not in hub.fetched_files(REPO, "GET") + hub.fetched_files(REPO, "HEAD")
@@ -99,15 +111,21 @@ def test_snapshot_download_never_fetches_disallowed_files(pushed, tmp_path):
 
 def test_old_commit_still_serves_old_content(pushed, tmp_path):
     url, hub, api, first = pushed
-    second = api.create_commit(REPO, commit_message="v2", operations=[
-        CommitOperationAdd(path_in_repo="adapter_config.json", path_or_fileobj=b'{"r": 8}'),
-        CommitOperationDelete(path_in_repo="training_args.bin"),
-    ])
+    second = api.create_commit(
+        REPO,
+        commit_message="v2",
+        operations=[
+            CommitOperationAdd(path_in_repo="adapter_config.json", path_or_fileobj=b'{"r": 8}'),
+            CommitOperationDelete(path_in_repo="training_args.bin"),
+        ],
+    )
     assert second.oid != first.oid and hub.commits(REPO)[-2:] == [first.oid, second.oid]
 
     def read(revision):
-        return open(hf_hub_download(REPO, "adapter_config.json", revision=revision, endpoint=url,
-                                    cache_dir=tmp_path / "c"), "rb").read()
+        return open(
+            hf_hub_download(REPO, "adapter_config.json", revision=revision, endpoint=url, cache_dir=tmp_path / "c"),
+            "rb",
+        ).read()
 
     assert read(first.oid) == b'{"r": 4}'
     assert read("main") == b'{"r": 8}'
@@ -130,8 +148,12 @@ def test_upload_folder_with_delete_patterns(pushed, tmp_path):
     (tmp_path / "out" / "r8" / "adapter_model.safetensors").write_bytes(b"r8 weights")
     (tmp_path / "out" / "adapter_config.json").write_bytes(b'{"r": 8}')
     api.upload_folder(repo_id=REPO, folder_path=tmp_path / "out", delete_patterns=["r4/*", "*.bin"])
-    assert set(hub.files(REPO)) == {".gitattributes", "README.md", "adapter_config.json",
-                                    "r8/adapter_model.safetensors"}
+    assert set(hub.files(REPO)) == {
+        ".gitattributes",
+        "README.md",
+        "adapter_config.json",
+        "r8/adapter_model.safetensors",
+    }
     assert hub.files(REPO)["adapter_config.json"] == b'{"r": 8}'
 
 
@@ -152,9 +174,11 @@ def test_writes_need_the_token(pushed):
     url, hub, api, info = pushed
     for token in (False, "hf_wrong"):
         anonymous = HfApi(endpoint=url, token=token)
-        for write in (lambda: anonymous.create_repo("kd/other"),
-                      lambda: _push(anonymous, **{"x.txt": b"x"}),
-                      lambda: anonymous.delete_repo(REPO)):
+        for write in (
+            lambda api=anonymous: api.create_repo("kd/other"),
+            lambda api=anonymous: _push(api, **{"x.txt": b"x"}),
+            lambda api=anonymous: api.delete_repo(REPO),
+        ):
             with pytest.raises(HfHubHTTPError) as err:
                 write()
             assert err.value.response.status_code == 401

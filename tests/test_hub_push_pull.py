@@ -7,12 +7,12 @@ import socket
 
 import pytest
 import torch
+from conftest import kdlora_cli, peft_logits, reference_logits, tiny_input, tiny_llama, write_nested_adapter
+from hf_server import point_client_at, serve_fake_hub
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from conftest import kdlora_cli, peft_logits, reference_logits, tiny_input, tiny_llama, write_nested_adapter
-from hf_server import point_client_at, serve_fake_hub
-from hub.adapter import ADAPTER_WEIGHTS, read_adapter, truncate_adapter
+from hub.adapter import ADAPTER_WEIGHTS, read_adapter
 from hub.errors import KdloraError
 from hub.remote import parse_repo, pull_adapter, push, read_remote_metadata
 from hub.schema import load_metadata
@@ -42,20 +42,40 @@ def adapter(tmp_path, base):
 @pytest.fixture
 def student(tmp_path, base):
     base.save_pretrained(tmp_path / "student")
-    (tmp_path / "student" / "pruning_report.json").write_text(json.dumps({"teacher": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_after": 1234}))
+    (tmp_path / "student" / "pruning_report.json").write_text(
+        json.dumps({"teacher": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_after": 1234})
+    )
     return tmp_path / "student"
 
 
 def test_round_trip_push_pull_truncate_peft(fake_hub, adapter, student, base, tmp_path):
     url, hub = fake_hub
-    pushed = kdlora_cli("hub", "push", str(adapter), "--repo", "kd/tiny-adapter", "--student", str(student),
-                        "--student-repo", "kd/tiny-student", "--materialize-ranks", "2,4")
+    pushed = kdlora_cli(
+        "hub",
+        "push",
+        str(adapter),
+        "--repo",
+        "kd/tiny-adapter",
+        "--student",
+        str(student),
+        "--student-repo",
+        "kd/tiny-student",
+        "--materialize-ranks",
+        "2,4",
+    )
     assert pushed.returncode == 0, pushed.stderr
     # one commit per repo (after the Hub's own .gitattributes commit)
     assert len(hub.commits("kd/tiny-student")) == 2 and len(hub.commits("kd/tiny-adapter")) == 2
     files = hub.files("kd/tiny-adapter")
-    assert {"adapter_config.json", "adapter_model.safetensors", "kdlora.json", "README.md", "quality_vs_rank.png",
-            "r2/adapter_model.safetensors", "r4/kdlora.json"} <= set(files)
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "kdlora.json",
+        "README.md",
+        "quality_vs_rank.png",
+        "r2/adapter_model.safetensors",
+        "r4/kdlora.json",
+    } <= set(files)
     assert {"config.json", "model.safetensors", "README.md", "pruning_report.json"} <= set(hub.files("kd/tiny-student"))
 
     # lineage: adapter -> student (pinned to the student's commit) -> teacher
@@ -85,7 +105,13 @@ def test_pull_full_adapter_is_byte_identical(fake_hub, adapter, tmp_path):
     push(adapter, "kd/a", token=TOKEN)
     out = pull_adapter("kd/a", tmp_path / "pulled")
     assert (out / ADAPTER_WEIGHTS).read_bytes() == (adapter / ADAPTER_WEIGHTS).read_bytes()
-    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "kdlora.json", "README.md", "quality_vs_rank.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "kdlora.json",
+        "README.md",
+        "quality_vs_rank.png",
+    }
 
 
 def test_pull_at_a_revision_and_stale_rank_folders_removed(fake_hub, adapter, tmp_path):
@@ -134,8 +160,15 @@ def _commit_raw(hub, repo, files):
 
 def test_pull_refuses_pickle_only_repo_without_downloading_it(fake_hub, adapter, tmp_path):
     url, hub = fake_hub
-    _commit_raw(hub, "kd/pickled", {"adapter_config.json": (adapter / "adapter_config.json").read_bytes(),
-                                    "kdlora.json": (adapter / "kdlora.json").read_bytes(), "adapter_model.bin": b"\x80\x04evil"})
+    _commit_raw(
+        hub,
+        "kd/pickled",
+        {
+            "adapter_config.json": (adapter / "adapter_config.json").read_bytes(),
+            "kdlora.json": (adapter / "kdlora.json").read_bytes(),
+            "adapter_model.bin": b"\x80\x04evil",
+        },
+    )
     with pytest.raises(KdloraError, match=r"refusing pickled weight file\(s\) adapter_model.bin"):
         pull_adapter("kd/pickled", tmp_path / "out")
     assert "adapter_model.bin" not in hub.fetched_files("kd/pickled") + hub.fetched_files("kd/pickled", method="HEAD")
@@ -144,7 +177,15 @@ def test_pull_refuses_pickle_only_repo_without_downloading_it(fake_hub, adapter,
 
 def test_pickles_beside_safetensors_are_never_fetched(fake_hub, adapter, tmp_path):
     url, hub = fake_hub
-    _commit_raw(hub, "kd/mixed", {**{p.name: p.read_bytes() for p in adapter.iterdir()}, "adapter_model.bin": b"\x80\x04evil", "training_args.pt": b"x"})
+    _commit_raw(
+        hub,
+        "kd/mixed",
+        {
+            **{p.name: p.read_bytes() for p in adapter.iterdir()},
+            "adapter_model.bin": b"\x80\x04evil",
+            "training_args.pt": b"x",
+        },
+    )
     pull_adapter("kd/mixed", tmp_path / "out")
     fetched = hub.fetched_files("kd/mixed") + hub.fetched_files("kd/mixed", method="HEAD")
     assert not [f for f in fetched if f.endswith((".bin", ".pt"))]
@@ -153,7 +194,9 @@ def test_pickles_beside_safetensors_are_never_fetched(fake_hub, adapter, tmp_pat
 def test_missing_file_in_repo(fake_hub, adapter, tmp_path):
     url, hub = fake_hub
     _commit_raw(hub, "kd/plain", {p.name: p.read_bytes() for p in adapter.iterdir() if p.name != "kdlora.json"})
-    with pytest.raises(KdloraError, match=r"repo kd/plain has no kdlora.json \(missing file\): it is not a kdlora adapter repo"):
+    with pytest.raises(
+        KdloraError, match=r"repo kd/plain has no kdlora.json \(missing file\): it is not a kdlora adapter repo"
+    ):
         pull_adapter("kd/plain", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -171,7 +214,9 @@ def test_shapes_disagreeing_with_metadata_on_the_hub(fake_hub, adapter, tmp_path
 
 
 def test_unknown_repo_and_revision(fake_hub, adapter, tmp_path):
-    with pytest.raises(KdloraError, match=r"repo kd/nope not found on http://127.0.0.1:\d+ \(if it is private, set HF_TOKEN\)"):
+    with pytest.raises(
+        KdloraError, match=r"repo kd/nope not found on http://127.0.0.1:\d+ \(if it is private, set HF_TOKEN\)"
+    ):
         pull_adapter("kd/nope", tmp_path / "out")
     push(adapter, "kd/a", token=TOKEN)
     with pytest.raises(KdloraError, match=r"repo kd/a has no revision '0{40}'"):
@@ -218,7 +263,13 @@ def test_pull_into_non_empty_out(adapter, tmp_path):
 
 def test_local_directory_hub(adapter, student, base, tmp_path):
     hub_root = tmp_path / "hub"
-    landed = push(adapter, str(hub_root / "kd" / "tiny"), student=student, student_repo=f"file://{hub_root}/kd/tiny-student", materialize_ranks=[2])
+    landed = push(
+        adapter,
+        str(hub_root / "kd" / "tiny"),
+        student=student,
+        student_repo=f"file://{hub_root}/kd/tiny-student",
+        materialize_ranks=[2],
+    )
     assert landed == [f"file://{hub_root}/kd/tiny-student", f"file://{hub_root}/kd/tiny"]
     assert (hub_root / "kd" / "tiny" / "r2" / "adapter_model.safetensors").is_file()
     assert (hub_root / "kd" / "tiny-student" / "README.md").is_file()
@@ -227,7 +278,9 @@ def test_local_directory_hub(adapter, student, base, tmp_path):
     assert f"base       {hub_root}/kd/tiny-student" in inspected.stdout  # loadable: the local hub's path
     assert "| 4 (default) | 0.25 | 0.7 | – | 0.4 |" in inspected.stdout  # KL, agreement, perplexity, greedy_token_f1
     assert "greedy_token_f1" in (hub_root / "kd" / "tiny" / "README.md").read_text()  # card: table and model-index
-    truncated = kdlora_cli("hub", "truncate", f"file://{hub_root}/kd/tiny", "--rank", "5", "--out", str(tmp_path / "r5"))
+    truncated = kdlora_cli(
+        "hub", "truncate", f"file://{hub_root}/kd/tiny", "--rank", "5", "--out", str(tmp_path / "r5")
+    )
     assert truncated.returncode == 0, truncated.stderr
     torch.testing.assert_close(peft_logits(base, tmp_path / "r5", INPUT), reference_logits(base, adapter, 5, INPUT))
     pulled = pull_adapter(f"file://{hub_root}/kd/tiny", tmp_path / "pulled")

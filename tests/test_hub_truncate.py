@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import kdlora_cli, peft_logits, reference_logits, tiny_input, tiny_llama, write_nested_adapter
 from safetensors.torch import load_file
 
-from conftest import kdlora_cli, peft_logits, reference_logits, tiny_input, tiny_llama, write_nested_adapter
 from hub.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, truncate_adapter
 from hub.errors import KdloraError
 from hub.schema import load_metadata
@@ -16,7 +16,10 @@ INPUT = tiny_input()
 
 VARIANTS = {
     "linear": {},
-    "rank_and_alpha_patterns": {"rank_pattern": {"v_proj": 4, "layers.1.mlp.down_proj": 2}, "alpha_pattern": {"o_proj": 3}},
+    "rank_and_alpha_patterns": {
+        "rank_pattern": {"v_proj": 4, "layers.1.mlp.down_proj": 2},
+        "alpha_pattern": {"o_proj": 3},
+    },
     "embedding": {"target_modules": ["embed_tokens", "q_proj", "v_proj"]},
 }
 
@@ -68,6 +71,7 @@ def test_truncation_is_exact_on_the_embedded_teacher(tmp_path, teacher_dir):
 
 # --- bad input: a clear one-line error, non-zero exit, nothing written -------------------------------
 
+
 @pytest.fixture
 def nested(tmp_path):
     return write_nested_adapter(tmp_path / "full", tiny_llama(), rank=8)
@@ -95,14 +99,19 @@ def test_plain_peft_adapter_is_not_nested(nested, tmp_path):
     (nested / "kdlora.json").unlink()
     result = _truncate_cli(nested, "4", tmp_path / "out")
     assert result.returncode == 1
-    assert result.stderr.startswith(f"kdlora: error: {nested} has no kdlora.json: it is not a kdlora nested-rank adapter")
+    assert result.stderr.startswith(
+        f"kdlora: error: {nested} has no kdlora.json: it is not a kdlora nested-rank adapter"
+    )
     assert "kdlora distill --train qdylora" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_malformed_metadata_json(nested, tmp_path):
     (nested / "kdlora.json").write_text('{"max_rank": 8,')
-    with pytest.raises(KdloraError, match=r"kdlora.json is not valid JSON \(Expecting property name enclosed in double quotes at line 1, column 16\)"):
+    with pytest.raises(
+        KdloraError,
+        match=r"kdlora.json is not valid JSON \(Expecting property name enclosed in double quotes at line 1, column 16\)",
+    ):
         truncate_adapter(nested, 2, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -111,7 +120,9 @@ def test_invalid_metadata_names_the_field(nested, tmp_path):
     meta = json.loads((nested / "kdlora.json").read_text())
     meta["ranks"][0]["teacher_top1_agreement"] = 1.5
     (nested / "kdlora.json").write_text(json.dumps(meta))
-    with pytest.raises(KdloraError, match=r"field 'ranks.0.teacher_top1_agreement': Input should be less than or equal to 1"):
+    with pytest.raises(
+        KdloraError, match=r"field 'ranks.0.teacher_top1_agreement': Input should be less than or equal to 1"
+    ):
         read_adapter(nested)
 
 
@@ -120,7 +131,10 @@ def test_newer_major_schema_version_says_upgrade(nested, version):
     meta = json.loads((nested / "kdlora.json").read_text())
     meta["schema_version"] = version
     (nested / "kdlora.json").write_text(json.dumps(meta))
-    with pytest.raises(KdloraError, match=rf"field 'schema_version' is 2(\.0)?, a newer major version than this kdlora understands \(1\.2\); upgrade kdlora"):
+    with pytest.raises(
+        KdloraError,
+        match=r"field 'schema_version' is 2(\.0)?, a newer major version than this kdlora understands \(1\.2\); upgrade kdlora",
+    ):
         read_adapter(nested)
 
 
@@ -150,7 +164,9 @@ def test_shapes_disagreeing_with_metadata(nested, tmp_path):
     meta = json.loads((nested / "kdlora.json").read_text())
     meta["max_rank"] = 16
     (nested / "kdlora.json").write_text(json.dumps(meta))
-    with pytest.raises(KdloraError, match="kdlora.json says max_rank 16 but the tensors have rank 8; the files do not belong together"):
+    with pytest.raises(
+        KdloraError, match="kdlora.json says max_rank 16 but the tensors have rank 8; the files do not belong together"
+    ):
         truncate_adapter(nested, 4, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -168,13 +184,17 @@ def test_dora_is_refused_and_rslora_read(nested):
     (nested / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_rslora": True}))
     assert read_adapter(nested).config["use_rslora"]  # alpha/sqrt(r) truncates exactly too (tests/test_distill.py)
     (nested / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(KdloraError, match=r"nested-rank truncation is exact for LoRA and rsLoRA scaling only, not DoRA$"):
+    with pytest.raises(
+        KdloraError, match=r"nested-rank truncation is exact for LoRA and rsLoRA scaling only, not DoRA$"
+    ):
         read_adapter(nested)
 
 
 def test_pickled_weights_are_refused(nested):
     (nested / "adapter_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(KdloraError, match=r"refusing pickled weight file\(s\) adapter_model.bin: loading a pickle can execute code"):
+    with pytest.raises(
+        KdloraError, match=r"refusing pickled weight file\(s\) adapter_model.bin: loading a pickle can execute code"
+    ):
         read_adapter(nested)
 
 

@@ -72,7 +72,6 @@ def test_stock_vllm_path_still_has_the_bug():
 
 def test_install_is_version_guarded(monkeypatch):
     import vllm
-
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.worker_manager import WorkerLoRAManager
     from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
@@ -92,7 +91,9 @@ def test_install_is_version_guarded(monkeypatch):
     monkeypatch.delenv("KDLORA_RANK_AWARE")
     assert lora_cpu.install() is True and PunicaWrapperCPU.add_lora_linear is lora_cpu.add_lora_linear
     assert lora_cpu.install() is True and lora_cpu._STOCK["add_lora_linear"] is STOCK_ADD_LORA_LINEAR  # idempotent
-    assert lora_slots.rank_aware(SimpleNamespace(fully_sharded_loras=True))  # the CPU path takes fully sharded LoRAs too
+    assert lora_slots.rank_aware(
+        SimpleNamespace(fully_sharded_loras=True)
+    )  # the CPU path takes fully sharded LoRAs too
 
 
 def test_slot_weights_are_cached_until_an_adapter_is_activated():
@@ -122,21 +123,31 @@ def adapter_stacks(rank=8, d_in=16, outs=(12, 4), alpha=8.0, rslora=False):
     raw = []
     for a_i, b_i, out in zip(a, b, outs):
         lora_a, lora_b = torch.randn(rank, d_in, generator=g), torch.randn(out, rank, generator=g)
-        a_i[0, 0], b_i[0, 0] = lora_a, lora_b * alpha / (rank ** 0.5 if rslora else rank)
+        a_i[0, 0], b_i[0, 0] = lora_a, lora_b * alpha / (rank**0.5 if rslora else rank)
         a_i[1, 0], b_i[1, 0] = lora_a, torch.randn(out, rank, generator=g)
         raw.append(lora_b)
     return a, b, raw
 
 
-PLANS = [("torch-fused", torch.float32), ("torch-split", torch.float32), ("torch-fused", torch.bfloat16),
-         ("torch-split", torch.bfloat16), ("fp32", torch.bfloat16)]
+PLANS = [
+    ("torch-fused", torch.float32),
+    ("torch-split", torch.float32),
+    ("torch-fused", torch.bfloat16),
+    ("torch-split", torch.bfloat16),
+    ("fp32", torch.bfloat16),
+]
 
 
 @pytest.mark.parametrize("plan, dtype", PLANS)  # every plan the start-up measurement may pick, forced
 @pytest.mark.parametrize("rslora", [False, True])
-@pytest.mark.parametrize("tokens", [[(0, 3), (0, 8), (-1, 0), (1, 0), (0, 3), (0, 0)],  # scattered rows, rank 0 = the slot's
-                                    [(0, 3), (0, 5), (0, 3), (0, 1)],  # every row, the largest asked for below the slot's
-                                    [(0, 2), (0, 2)]])  # one rank, not the slot's
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        [(0, 3), (0, 8), (-1, 0), (1, 0), (0, 3), (0, 0)],  # scattered rows, rank 0 = the slot's
+        [(0, 3), (0, 5), (0, 3), (0, 1)],  # every row, the largest asked for below the slot's
+        [(0, 2), (0, 2)],
+    ],
+)  # one rank, not the slot's
 def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora, plan, dtype, monkeypatch):
     """Tokens asking for different ranks of the adapter in slot 0 (lora_slots' encoding in vLLM's mapping, through
     update_metadata) == each token with the adapter truncated to its rank: A[:k], B[:, :k] scaled by alpha/k."""
@@ -150,7 +161,7 @@ def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora,
     for row, (slot, rank) in enumerate(tokens):
         if slot == 0:
             k = rank or 8
-            scale = alpha / (k ** 0.5 if rslora else k)
+            scale = alpha / (k**0.5 if rslora else k)
             expected[row, :12] += (x[row] @ a[0][0, 0, :k].T * 0.5) @ (raw[0][:, :k] * scale).T
             expected[row, 12:] += (x[row] @ a[1][0, 0, :k].T * 0.5) @ (raw[1][:, :k] * scale).T
         elif slot == 1:
@@ -159,9 +170,13 @@ def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora,
     wrapper = wrapper_with_slots([slot for slot, _ in tokens])
     for slot in (0, 1):
         lora_cpu.slots_changed(wrapper, slot, 8)
-    ids = tuple(0 if slot < 0 else slot + 1 + (2 * rank + rslora) * (rank > 0) * lora_slots.RANK_STRIDE for slot, rank in tokens)
+    ids = tuple(
+        0 if slot < 0 else slot + 1 + (2 * rank + rslora) * (rank > 0) * lora_slots.RANK_STRIDE for slot, rank in tokens
+    )
     lora_cpu.update_metadata(wrapper, LoRAMapping(ids, ids, is_prefill=False), [1, 2, None, None], 4, 256)
-    assert [slot for slot, *_ in wrapper.kdlora_token_groups] == sorted({slot for slot, _ in tokens if slot >= 0})  # one group per slot
+    assert [slot for slot, *_ in wrapper.kdlora_token_groups] == sorted(
+        {slot for slot, _ in tokens if slot >= 0}
+    )  # one group per slot
     a, b, y = tuple(t.to(dtype) for t in a), tuple(t.to(dtype) for t in b), y.to(dtype)
     lora_cpu.add_lora_linear(wrapper, y, x.to(dtype), a, b, 0.5, (12, 4))
     tolerance = 1e-5 if dtype == torch.float32 else 0.05 * float(expected.abs().max())
@@ -181,7 +196,9 @@ def test_a_rank_never_asked_for_reads_a_prefix_of_the_slots_layout_and_builds_no
         lora_cpu.update_metadata(wrapper, LoRAMapping(ids, ids, is_prefill=False), [1, None, None, None], 4, 256)
         lora_cpu.add_lora_linear(wrapper, torch.zeros(2, 16), torch.randn(2, 16), a, b, 0.5, (12, 4))
         built.append(len(wrapper.kdlora_weights))
-    assert built[0] >= 1 and built == built[:1] * 3  # the slot's layouts (one per plan the shape uses); ranks 3, 5 add none
+    assert (
+        built[0] >= 1 and built == built[:1] * 3
+    )  # the slot's layouts (one per plan the shape uses); ranks 3, 5 add none
 
 
 def test_the_start_up_measurement_picks_a_fitting_plan_for_every_rank_and_token_count(monkeypatch):
@@ -189,13 +206,21 @@ def test_the_start_up_measurement_picks_a_fitting_plan_for_every_rank_and_token_
     shape (fp32 only where the output dtype is not fp32; no fused expand where a slice's B is narrower than its output)."""
     monkeypatch.setattr(lora_cpu, "_PLANS", {})
     monkeypatch.setattr(lora_cpu, "LAYERS", 2)
-    layer = SimpleNamespace(lora_a_stacked=tuple(torch.zeros(2, 1, 8, 16, dtype=torch.bfloat16) for _ in range(2)),
-                            lora_b_stacked=tuple(torch.zeros(2, 1, 8, 8, dtype=torch.bfloat16) for _ in range(2)), output_slices=(8, 8))
-    narrow = SimpleNamespace(lora_a_stacked=(torch.zeros(2, 1, 8, 16),), lora_b_stacked=(torch.zeros(2, 1, 6, 8),), output_slices=(8,))
+    layer = SimpleNamespace(
+        lora_a_stacked=tuple(torch.zeros(2, 1, 8, 16, dtype=torch.bfloat16) for _ in range(2)),
+        lora_b_stacked=tuple(torch.zeros(2, 1, 8, 8, dtype=torch.bfloat16) for _ in range(2)),
+        output_slices=(8, 8),
+    )
+    narrow = SimpleNamespace(
+        lora_a_stacked=(torch.zeros(2, 1, 8, 16),), lora_b_stacked=(torch.zeros(2, 1, 6, 8),), output_slices=(8,)
+    )
     lora_cpu.prepare(None, [layer, narrow, SimpleNamespace()])
     plans = {key[0]: set(chosen.values()) for key, chosen in lora_cpu._PLANS.items()}
     assert plans[torch.bfloat16] <= {"torch-split", "torch-fused", "fp32"} and plans[torch.float32] == {"torch-split"}
-    assert all(len(chosen) == len(lora_cpu.MEASURED_RANKS) * len(lora_cpu.MEASURED_TOKENS) for chosen in lora_cpu._PLANS.values())
+    assert all(
+        len(chosen) == len(lora_cpu.MEASURED_RANKS) * len(lora_cpu.MEASURED_TOKENS)
+        for chosen in lora_cpu._PLANS.values()
+    )
 
 
 def test_a_requests_rank_and_scaling_rule_come_from_its_lora_name_and_config(tmp_path):
@@ -207,6 +232,10 @@ def test_a_requests_rank_and_scaling_rule_come_from_its_lora_name_and_config(tmp
     (tmp_path / "rs" / "adapter_config.json").write_text('{"r": 16, "lora_alpha": 16, "use_rslora": true}')
     assert lora_slots.want_of(LoRARequest("org/a@r4", 1, str(tmp_path / "plain"))) == 8
     assert lora_slots.want_of(LoRARequest("org/a@r4", 1, str(tmp_path / "rs"))) == 9
-    assert lora_slots.want_of(LoRARequest("org/a", 1, str(tmp_path / "plain"))) == 0  # a LoRA not named by rank: all of it
+    assert (
+        lora_slots.want_of(LoRARequest("org/a", 1, str(tmp_path / "plain"))) == 0
+    )  # a LoRA not named by rank: all of it
     assert lora_slots.want_of(None) == 0
-    torch.testing.assert_close(lora_slots.scale_ratio(torch.tensor([0, 8, 9, 32]), 16), torch.tensor([1.0, 4.0, 2.0, 1.0]))
+    torch.testing.assert_close(
+        lora_slots.scale_ratio(torch.tensor([0, 8, 9, 32]), 16), torch.tensor([1.0, 4.0, 2.0, 1.0])
+    )

@@ -10,16 +10,31 @@ import torch
 
 pytest.importorskip("vllm")
 import vllm  # noqa: E402
+from conftest import REPO  # noqa: E402
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU  # noqa: E402
 
-from conftest import REPO  # noqa: E402
 from kdlora_serve import doctor, lora_triton  # noqa: E402
 
 
 @pytest.mark.triton_interpreter
 def test_triton_kernels_under_the_interpreter():
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--confcutdir", "tests/triton_interp",
-                             "tests/triton_interp"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--confcutdir",
+            "tests/triton_interp",
+            "tests/triton_interp",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     print(result.stdout.splitlines()[-1])
 
@@ -30,15 +45,26 @@ def test_not_installed_off_cuda():
 
 
 def test_doctor_says_which_lora_path_the_server_takes(monkeypatch):
-    assert doctor.check_lora_path() == "CPU: kdlora's grouped rank-aware path (base tokens exact, cost follows the rank)"
+    assert (
+        doctor.check_lora_path() == "CPU: kdlora's grouped rank-aware path (base tokens exact, cost follows the rank)"
+    )
     monkeypatch.setenv("KDLORA_RANK_AWARE", "0")
-    assert doctor.check_lora_path() == "CPU: vLLM's stock LoRA path, cost does not follow the rank (KDLORA_RANK_AWARE=0)"
+    assert (
+        doctor.check_lora_path() == "CPU: vLLM's stock LoRA path, cost does not follow the rank (KDLORA_RANK_AWARE=0)"
+    )
     monkeypatch.delenv("KDLORA_RANK_AWARE")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert doctor.check_lora_path() == "CUDA: vLLM's stock LoRA path, cost does not follow the rank (vLLM finds Triton unusable)"
+    assert (
+        doctor.check_lora_path()
+        == "CUDA: vLLM's stock LoRA path, cost does not follow the rank (vLLM finds Triton unusable)"
+    )
     monkeypatch.setattr(lora_triton, "HAS_TRITON", True)
-    assert doctor.check_lora_path() == ("CUDA: kdlora's rank-aware Triton kernels (correctness verified on CPU under Triton's "
-                                        "interpreter; no GPU run recorded)")
+    assert doctor.check_lora_path() == (
+        "CUDA: kdlora's rank-aware Triton kernels (correctness verified on CPU under Triton's "
+        "interpreter; no GPU run recorded)"
+    )
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
-    assert doctor.check_lora_path() == ("CUDA: vLLM's stock LoRA path, cost does not follow the rank (vLLM 0.99.0 is untested "
-                                        "with kdlora's kernels (tested: 0.32.0))")
+    assert doctor.check_lora_path() == (
+        "CUDA: vLLM's stock LoRA path, cost does not follow the rank (vLLM 0.99.0 is untested "
+        "with kdlora's kernels (tested: 0.32.0))"
+    )

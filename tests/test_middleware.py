@@ -4,12 +4,11 @@ The store behind it is real (a local adapter directory as alias)."""
 
 import asyncio
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import tiny_llama, write_nested_adapter
+
 from kdlora_serve import store as store_module
 from kdlora_serve.middleware import KdloraMiddleware
 from kdlora_serve.store import AdapterStore
@@ -21,16 +20,24 @@ class FakeVllm:
     """What the middleware sees of vLLM: app.state (parsed args, served models) and an app that answers 200."""
 
     def __init__(self, api_key=None):
-        models = SimpleNamespace(base_model_paths=[SimpleNamespace(name="base")], model_config=SimpleNamespace(model="tiny-llama"))
+        models = SimpleNamespace(
+            base_model_paths=[SimpleNamespace(name="base")], model_config=SimpleNamespace(model="tiny-llama")
+        )
         self.state = SimpleNamespace(args=SimpleNamespace(api_key=api_key), openai_serving_models=models)
         self.seen = []
 
     async def __call__(self, scope, receive, send):
         body = (await receive()).get("body", b"")
         self.seen.append((scope["method"], scope["path"], body))
-        answer = {"object": "list", "data": [{"id": "base", "object": "model"}]} if scope["path"] == "/v1/models" else {"ok": True}
+        answer = (
+            {"object": "list", "data": [{"id": "base", "object": "model"}]}
+            if scope["path"] == "/v1/models"
+            else {"ok": True}
+        )
         payload = json.dumps(answer).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(payload)).encode())]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(payload)).encode())]}
+        )
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -38,8 +45,14 @@ def call(vllm, method, path, body=None, headers=()):
     """One request through KdloraMiddleware(vllm): (status, parsed JSON body)."""
     middleware = KdloraMiddleware(vllm)
     raw = json.dumps(body).encode() if isinstance(body, dict) else (body or b"")
-    scope = {"type": "http", "method": method, "path": path, "root_path": "", "app": vllm,  # Starlette sets scope["app"]
-             "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]}
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "root_path": "",
+        "app": vllm,  # Starlette sets scope["app"]
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+    }
     sent = []
 
     async def receive():
@@ -72,11 +85,18 @@ def completion(model, **extra):
 
 def test_a_key_in_vllms_parsed_args_guards_every_route_before_anything_else(store):
     vllm = FakeVllm(api_key=["SECRET"])  # `--api-key=SECRET`: vLLM parsed it, VLLM_API_KEY is unset
-    for method, path, body in [("GET", "/v1/kdlora/adapters", None), ("POST", "/invocations", completion("base")),
-                               ("POST", "/v1/completions", completion("kd/some-adapter@r2")), ("GET", "/v1/models", None),
-                               ("POST", "/v1/completions", completion(ALIAS + "@r²"))]:
+    for method, path, body in [
+        ("GET", "/v1/kdlora/adapters", None),
+        ("POST", "/invocations", completion("base")),
+        ("POST", "/v1/completions", completion("kd/some-adapter@r2")),
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/completions", completion(ALIAS + "@r²")),
+    ]:
         status, answer = call(vllm, method, path, body)
-        assert (status, answer["error"]["message"]) == (401, "invalid or missing API key (send it as 'Authorization: Bearer KEY')")
+        assert (status, answer["error"]["message"]) == (
+            401,
+            "invalid or missing API key (send it as 'Authorization: Bearer KEY')",
+        )
     assert vllm.seen == [] and not store.root.exists()  # nothing reached vLLM, nothing was pulled
     for wrong in ["Bearer secret", "Bearer SECRET2", "Basic SECRET", "SECRET", "Bearer  SECRET"]:
         assert call(vllm, "GET", "/v1/kdlora/adapters", headers=[("Authorization", wrong)])[0] == 401
@@ -88,31 +108,55 @@ def test_a_key_in_vllms_parsed_args_guards_every_route_before_anything_else(stor
 def test_the_environment_key_counts_when_vllm_has_none_on_its_command_line(store, monkeypatch):
     monkeypatch.setenv("VLLM_API_KEY", "ENVKEY")
     assert call(FakeVllm(), "POST", "/invocations", completion("base"))[0] == 401
-    assert call(FakeVllm(), "POST", "/invocations", completion("base"), headers=[("authorization", "Bearer ENVKEY")])[0] == 200
+    assert (
+        call(FakeVllm(), "POST", "/invocations", completion("base"), headers=[("authorization", "Bearer ENVKEY")])[0]
+        == 200
+    )
 
 
-@pytest.mark.parametrize("method, path", [("POST", "/adapters"), ("DELETE", "/adapters/tiny@r8"), ("GET", "/adapters"),
-                                          ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("POST", "/adapters"),
+        ("DELETE", "/adapters/tiny@r8"),
+        ("GET", "/adapters"),
+        ("POST", "/v1/load_lora_adapter"),
+        ("POST", "/v1/unload_lora_adapter"),
+    ],
+)
 def test_runtime_adapter_routes_are_refused_even_without_a_key(store, method, path):
     vllm = FakeVllm()
     status, answer = call(vllm, method, path, {"name": "tiny@r8", "src": "/tmp/other"})
-    assert status == 403 and answer["error"]["message"].startswith("loading and unloading adapters at run time is disabled on a kdlora server")
+    assert status == 403 and answer["error"]["message"].startswith(
+        "loading and unloading adapters at run time is disabled on a kdlora server"
+    )
     assert vllm.seen == []
 
 
-@pytest.mark.parametrize("body, headers, message", [
-    (completion("x" * 20_000 + "@r8"), [], "is 20003 characters long; at most 512"),
-    (completion("x" * 300 + "/y"), [], None),  # not ours: passed on to vLLM, which answers (here: 200)
-    (completion(ALIAS + "@r²"), [], "the rank after '@r' must be a whole number in ASCII digits"),
-    (completion(ALIAS + "@r٨"), [], "the rank after '@r' must be a whole number in ASCII digits"),
-    (completion(ALIAS + "@r" + "9" * 5000), [], "at most 512"),
-    (completion(ALIAS, kdlora={"rank": True}), [], "budget field 'rank' (extra_body kdlora): Input should be a valid integer"),
-    (completion(ALIAS, kdlora=[8]), [], "'kdlora' must be an object"),
-    (completion(ALIAS), [("x-kdlora-rank", "\xff")], "budget field 'rank' (x-kdlora-rank header): Input should be a valid integer"),
-    (completion("base"), [("x-kdlora-rank", "8")], "'base' is the base model: kdlora budgets"),
-    (completion("base", kdlora={"max_rank": 2}), [], "'base' is the base model: kdlora budgets"),
-    (completion(ALIAS + "@r9"), [], "rank 9 is out of range: this adapter has ranks 1..8"),
-])
+@pytest.mark.parametrize(
+    "body, headers, message",
+    [
+        (completion("x" * 20_000 + "@r8"), [], "is 20003 characters long; at most 512"),
+        (completion("x" * 300 + "/y"), [], None),  # not ours: passed on to vLLM, which answers (here: 200)
+        (completion(ALIAS + "@r²"), [], "the rank after '@r' must be a whole number in ASCII digits"),
+        (completion(ALIAS + "@r٨"), [], "the rank after '@r' must be a whole number in ASCII digits"),
+        (completion(ALIAS + "@r" + "9" * 5000), [], "at most 512"),
+        (
+            completion(ALIAS, kdlora={"rank": True}),
+            [],
+            "budget field 'rank' (extra_body kdlora): Input should be a valid integer",
+        ),
+        (completion(ALIAS, kdlora=[8]), [], "'kdlora' must be an object"),
+        (
+            completion(ALIAS),
+            [("x-kdlora-rank", "\xff")],
+            "budget field 'rank' (x-kdlora-rank header): Input should be a valid integer",
+        ),
+        (completion("base"), [("x-kdlora-rank", "8")], "'base' is the base model: kdlora budgets"),
+        (completion("base", kdlora={"max_rank": 2}), [], "'base' is the base model: kdlora budgets"),
+        (completion(ALIAS + "@r9"), [], "rank 9 is out of range: this adapter has ranks 1..8"),
+    ],
+)
 def test_bad_input_is_a_4xx_naming_the_problem(store, body, headers, message):
     status, answer = call(FakeVllm(), "POST", "/v1/completions", body, headers)
     if message is None:
@@ -125,7 +169,7 @@ def test_an_adapter_request_reaches_vllm_as_its_rank(store):
     vllm = FakeVllm()
     assert call(vllm, "POST", "/v1/completions", completion(ALIAS, kdlora={"max_rank": 2}))[0] == 200
     assert json.loads(vllm.seen[-1][2])["model"] == f"{ALIAS}@r2" and "kdlora" not in json.loads(vllm.seen[-1][2])
-    assert (store.root.glob(f"*/r2/adapter_model.safetensors"))  # written before vLLM was asked to load it
+    assert store.root.glob("*/r2/adapter_model.safetensors")  # written before vLLM was asked to load it
 
 
 def test_models_lists_every_evaluated_rank_before_first_use(store):

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
-
 from conftest import tiny_checkpoint
+
 from training.nf4 import KERNELS_NOTE, keep_trainable, quiet_kernels_note
 
 
@@ -38,8 +38,10 @@ def test_a_trained_base_keeps_its_input_gradients_after_an_eval(packed_path_forc
         layers.append(layer)
     fresh, evaluated = layers
     assert keep_trainable(torch.nn.Sequential(evaluated)) == 1
-    assert capsys.readouterr().err == ("NF4: 1 4-bit layers use bitsandbytes' generic CPU path: its packed AVX512-BF16 path has no "
-                                       "backward, so gradients would stop at the frozen base\n")
+    assert capsys.readouterr().err == (
+        "NF4: 1 4-bit layers use bitsandbytes' generic CPU path: its packed AVX512-BF16 path has no "
+        "backward, so gradients would stop at the frozen base\n"
+    )
     evaluated.eval()
     with torch.no_grad():
         evaluated(x)
@@ -56,8 +58,17 @@ def test_nf4_distillation_is_the_same_on_every_cpu(packed_path_forced, tiny_pair
     from training.distill import DistillConfig, run_distill
 
     teacher, student = tiny_pair
-    settings = dict(student=str(student), teacher=str(teacher), max_rank=4, quantize="nf4", steps=3, batch_size=2, seq_len=32,
-                    eval_samples=2, data="builtin:pydoc")
+    settings = dict(
+        student=str(student),
+        teacher=str(teacher),
+        max_rank=4,
+        quantize="nf4",
+        steps=3,
+        batch_size=2,
+        seq_len=32,
+        eval_samples=2,
+        data="builtin:pydoc",
+    )
     run_distill(DistillConfig(out=tmp_path / "packed-cpu", **settings))
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
     run_distill(DistillConfig(out=tmp_path / "other-cpu", **settings))
@@ -65,15 +76,29 @@ def test_nf4_distillation_is_the_same_on_every_cpu(packed_path_forced, tiny_pair
     assert packed.keys() == other.keys() and all(torch.equal(packed[k], other[k]) for k in packed)
 
 
-def test_odd_width_student_distills_in_nf4_with_the_packed_path_forced(packed_path_forced, tiny_pair, real_tokenizer_dir, tmp_path):
+def test_odd_width_student_distills_in_nf4_with_the_packed_path_forced(
+    packed_path_forced, tiny_pair, real_tokenizer_dir, tmp_path
+):
     from hub.schema import load_metadata
     from training.distill import DistillConfig, run_distill
 
     teacher, _ = tiny_pair
     # hidden 40: no layer's widths fit the packed format (like SmolLM2 pruned to hidden 360)
     student = tiny_checkpoint(tmp_path / "student", real_tokenizer_dir, seed=2, hidden_size=40, intermediate_size=64)
-    run_distill(DistillConfig(student=str(student), teacher=str(teacher), out=tmp_path / "adapter", max_rank=4, quantize="nf4",
-                              steps=2, batch_size=2, seq_len=32, eval_samples=2, data="builtin:pydoc"))
+    run_distill(
+        DistillConfig(
+            student=str(student),
+            teacher=str(teacher),
+            out=tmp_path / "adapter",
+            max_rank=4,
+            quantize="nf4",
+            steps=2,
+            batch_size=2,
+            seq_len=32,
+            eval_samples=2,
+            data="builtin:pydoc",
+        )
+    )
     assert load_metadata(tmp_path / "adapter").ranks[-1].kl_to_teacher > 0
 
 
@@ -102,6 +127,8 @@ def test_the_optional_kernels_note_is_dropped_and_nothing_else(caplog):
     quiet_kernels_note()  # idempotent
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
-        logger.warning(KERNELS_NOTE + ": %s. Please make sure you already `pip install kernels`", "No module named 'kernels'")
+        logger.warning(
+            KERNELS_NOTE + ": %s. Please make sure you already `pip install kernels`", "No module named 'kernels'"
+        )
         logger.warning("a real bitsandbytes problem")
     assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem"]

@@ -3,9 +3,8 @@
 import json
 
 import pytest
-import torch
-
 from conftest import kdlora_cli, tiny_checkpoint
+
 from training.distill import DistillConfig
 from training.plan import GIB, Shapes, estimate, format_plan
 
@@ -25,10 +24,15 @@ def test_shapes_count_what_the_model_and_peft_hold(tiny_pair):
 def test_plan_says_what_would_make_it_fit(tiny_pair):
     cfg = DistillConfig(student=str(tiny_pair[1]), teacher=str(tiny_pair[0]), out=None, train="full", quantize="none")
     items = estimate(cfg, Shapes.of(tiny_pair[0]), Shapes.of(tiny_pair[1]), cuda=True)
-    assert dict(items)["runtime"] == 0.5 * GIB and dict(items)["optimizer (adamw)"] == 8 * Shapes.of(tiny_pair[1]).params
+    assert (
+        dict(items)["runtime"] == 0.5 * GIB and dict(items)["optimizer (adamw)"] == 8 * Shapes.of(tiny_pair[1]).params
+    )
     text = format_plan(cfg, items, 1, "ddp", device_bytes=0.1 * GIB, cuda=True)
     assert "fits in 0.10 GiB                                 NO" in text
-    assert "to fit, try: --teacher-cache DIR (kdlora teacher cache)" in text and "to fit, try: --optimizer adamw8bit" in text
+    assert (
+        "to fit, try: --teacher-cache DIR (kdlora teacher cache)" in text
+        and "to fit, try: --optimizer adamw8bit" in text
+    )
     fsdp = dict(estimate(cfg, Shapes.of(tiny_pair[0]), Shapes.of(tiny_pair[1]), devices=8, sharding="fsdp", cuda=True))
     assert fsdp["optimizer (adamw)"] == dict(items)["optimizer (adamw)"] / 8
 
@@ -37,14 +41,39 @@ def test_plan_says_what_would_make_it_fit(tiny_pair):
 def test_plan_is_within_15_percent_of_measured_training_peaks(real_tokenizer_dir, tmp_path):
     """Two runs whose peaks differ by what the plan models (fp32 AdamW and the whole batch's logits, vs an adapter
     with a cached teacher): each measured training peak (a fresh `kdlora distill` process) within 15% of its plan."""
-    teacher = tiny_checkpoint(tmp_path / "teacher", real_tokenizer_dir, seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=4)
-    student = tiny_checkpoint(tmp_path / "student", real_tokenizer_dir, seed=1, hidden_size=96, intermediate_size=192, num_hidden_layers=4)
-    common = ["--student", str(student), "--teacher", str(teacher), "--steps", "2", "--batch-size", "4", "--seq-len", "128",
-              "--eval-samples", "1", "--quantize", "none"]
+    teacher = tiny_checkpoint(
+        tmp_path / "teacher", real_tokenizer_dir, seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=4
+    )
+    student = tiny_checkpoint(
+        tmp_path / "student", real_tokenizer_dir, seed=1, hidden_size=96, intermediate_size=192, num_hidden_layers=4
+    )
+    common = [
+        "--student",
+        str(student),
+        "--teacher",
+        str(teacher),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "128",
+        "--eval-samples",
+        "1",
+        "--quantize",
+        "none",
+    ]
     cache = tmp_path / "cache"
-    assert kdlora_cli("teacher", "cache", "--teacher", str(teacher), "--out", str(cache), "--seq-len", "128", "--top-k", "8").returncode == 0
-    runs = {"full-dense": ["--train", "full", "--loss-chunk-tokens", "512"],
-            "lora-cached": ["--train", "lora", "--rank", "8", "--teacher-cache", str(cache)]}
+    assert (
+        kdlora_cli(
+            "teacher", "cache", "--teacher", str(teacher), "--out", str(cache), "--seq-len", "128", "--top-k", "8"
+        ).returncode
+        == 0
+    )
+    runs = {
+        "full-dense": ["--train", "full", "--loss-chunk-tokens", "512"],
+        "lora-cached": ["--train", "lora", "--rank", "8", "--teacher-cache", str(cache)],
+    }
     for name, flags in runs.items():
         result = kdlora_cli("distill", *common, *flags, "--out", str(tmp_path / name))
         assert result.returncode == 0, result.stderr[-2000:]
@@ -58,7 +87,9 @@ def test_plan_is_within_15_percent_of_measured_training_peaks(real_tokenizer_dir
 @pytest.mark.integration
 def test_prune_plan_is_within_15_percent_of_the_measured_peak(real_tokenizer_dir, tmp_path):
     """`kdlora prune --plan` against the peak a fresh `kdlora prune` process records in its report."""
-    teacher = tiny_checkpoint(tmp_path / "teacher", real_tokenizer_dir, seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+    teacher = tiny_checkpoint(
+        tmp_path / "teacher", real_tokenizer_dir, seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=4
+    )
     common = ["--teacher", str(teacher), "--target-params", "0.5", "--batch-size", "8", "--seq-len", "128"]
     result = kdlora_cli("prune", *common, "--calib-samples", "16", "--out", str(tmp_path / "student"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -69,4 +100,7 @@ def test_prune_plan_is_within_15_percent_of_the_measured_peak(real_tokenizer_dir
     print(f"prune: measured {measured:.0f} MB, planned {estimate_mb:.0f} MB")
     assert estimate_mb == pytest.approx(measured, rel=0.15), planned.stdout
     small = kdlora_cli("prune", "--plan", *common, "--device-gb", "0.5").stdout
-    assert "fits in 0.50 GiB                                 NO" in small and "to fit, try: a smaller --batch-size" in small
+    assert (
+        "fits in 0.50 GiB                                 NO" in small
+        and "to fit, try: a smaller --batch-size" in small
+    )

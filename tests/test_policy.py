@@ -5,8 +5,14 @@ import pytest
 from hub.schema import ModelRef, RankMetadata, RankResult
 from kdlora_serve.policy import Budget, CostTracker, RequestError, choose_rank, parse_budget, split_model_name
 
-META = RankMetadata(max_rank=16, default_rank=4, base_model=ModelRef(id="base"),
-                    ranks=[RankResult(rank=k, teacher_top1_agreement=min(1, 0.5 + k / 20), adapter_bytes=100 * k) for k in (1, 2, 4, 16)])
+META = RankMetadata(
+    max_rank=16,
+    default_rank=4,
+    base_model=ModelRef(id="base"),
+    ranks=[
+        RankResult(rank=k, teacher_top1_agreement=min(1, 0.5 + k / 20), adapter_bytes=100 * k) for k in (1, 2, 4, 16)
+    ],
+)
 
 
 def choose(costs=None, requested=None, **budget):
@@ -43,6 +49,7 @@ def test_measured_latency_decides():
 def test_the_cost_model_predicts_a_hand_made_trace_by_rank_and_load():
     """Requests whose decode cost is 20 + 0.5 r + (1 + 0.1 r) n ms per token (r rank, n requests in flight), each
     rank's first request cold (5 s per token): the model predicts unseen ranks and loads from the warm ones."""
+
     def cost(r, n):
         return 20 + 0.5 * r + (1 + 0.1 * r) * n
 
@@ -69,7 +76,9 @@ def test_cost_grows_with_rank_even_where_the_fit_would_not_say_so():
 
 
 def test_min_quality_can_name_a_task_metric():
-    meta = META.model_copy(update={"ranks": [r.model_copy(update={"task_metrics": {"greedy_token_f1": r.rank / 20}}) for r in META.ranks]})
+    meta = META.model_copy(
+        update={"ranks": [r.model_copy(update={"task_metrics": {"greedy_token_f1": r.rank / 20}}) for r in META.ranks]}
+    )
     pick = lambda **budget: choose_rank(meta, Budget(**budget), "a", CostTracker())  # noqa: E731
     assert pick(min_quality=0.15, quality_metric="greedy_token_f1").rank == 4  # F1 1/20, 2/20, 4/20, 16/20
     assert pick(min_quality=0.15, quality_metric="greedy_token_f1", max_rank=16).rank == 16
@@ -77,9 +86,14 @@ def test_min_quality_can_name_a_task_metric():
     assert pick(min_quality=0.75).rank == 16
     missed = pick(min_quality=0.9, quality_metric="greedy_token_f1", max_rank=4)
     assert (missed.rank, missed.met, missed.reason) == (1, False, "min_quality 0.9 (greedy_token_f1)")
-    with pytest.raises(RequestError, match=r"^quality_metric 'bbc_accuracy': adapter 'a' records greedy_token_f1, teacher_top1_agreement$"):
+    with pytest.raises(
+        RequestError,
+        match=r"^quality_metric 'bbc_accuracy': adapter 'a' records greedy_token_f1, teacher_top1_agreement$",
+    ):
         pick(min_quality=0.5, quality_metric="bbc_accuracy")
-    assert parse_budget({}, {"quality_metric": "greedy_token_f1", "min_quality": "0.5"}) == Budget(quality_metric="greedy_token_f1", min_quality=0.5)
+    assert parse_budget({}, {"quality_metric": "greedy_token_f1", "min_quality": "0.5"}) == Budget(
+        quality_metric="greedy_token_f1", min_quality=0.5
+    )
 
 
 def test_nothing_fits_gives_the_cheapest_rank_and_says_so():
@@ -99,11 +113,17 @@ def test_explicit_rank_is_exact_and_checked():
 def test_names_and_budgets():
     assert split_model_name("org/a@r8") == ("org/a", 8)
     assert split_model_name("org/a") == ("org/a", None)
-    with pytest.raises(RequestError, match=r"'org/a@rX': the rank after '@r' must be a whole number in ASCII digits, e.g. org/a@r8"):
+    with pytest.raises(
+        RequestError, match=r"'org/a@rX': the rank after '@r' must be a whole number in ASCII digits, e.g. org/a@r8"
+    ):
         split_model_name("org/a@rX")
-    with pytest.raises(RequestError, match=r"budget field 'memory_mb' \(extra_body kdlora\): Input should be greater than 0"):
+    with pytest.raises(
+        RequestError, match=r"budget field 'memory_mb' \(extra_body kdlora\): Input should be greater than 0"
+    ):
         parse_budget({"memory_mb": -1}, {})
-    with pytest.raises(RequestError, match=r"budget field 'speed' \(extra_body kdlora\): Extra inputs are not permitted"):
+    with pytest.raises(
+        RequestError, match=r"budget field 'speed' \(extra_body kdlora\): Extra inputs are not permitted"
+    ):
         parse_budget({"speed": 1}, {})
     assert parse_budget({}, {"max_rank": "8"}).max_rank == 8  # header values arrive as strings
     assert parse_budget({}, {"latency_ms_per_token": "12.5"}).latency_ms_per_token == 12.5
@@ -122,14 +142,21 @@ def test_overlong_model_names_are_refused_before_any_lookup():
         split_model_name("x" * 20_000 + "@r8")
 
 
-@pytest.mark.parametrize("body, headers, message", [
-    ({"rank": True}, {}, "budget field 'rank' (extra_body kdlora): Input should be a valid integer"),
-    ({"max_rank": "8"}, {}, "budget field 'max_rank' (extra_body kdlora): Input should be a valid integer"),
-    ({"min_quality": False}, {}, "budget field 'min_quality' (extra_body kdlora): Input should be a valid number"),
-    ({}, {"rank": "\u00ff"}, "budget field 'rank' (x-kdlora-rank header): Input should be a valid integer"),
-    ({}, {"rank": "\u0668"}, "budget field 'rank' (x-kdlora-rank header): Input should be a valid integer"),
-    ({}, {"min_quality": "high"}, "budget field 'min_quality' (x-kdlora-min-quality header): Input should be a valid number"),
-])
+@pytest.mark.parametrize(
+    "body, headers, message",
+    [
+        ({"rank": True}, {}, "budget field 'rank' (extra_body kdlora): Input should be a valid integer"),
+        ({"max_rank": "8"}, {}, "budget field 'max_rank' (extra_body kdlora): Input should be a valid integer"),
+        ({"min_quality": False}, {}, "budget field 'min_quality' (extra_body kdlora): Input should be a valid number"),
+        ({}, {"rank": "\u00ff"}, "budget field 'rank' (x-kdlora-rank header): Input should be a valid integer"),
+        ({}, {"rank": "\u0668"}, "budget field 'rank' (x-kdlora-rank header): Input should be a valid integer"),
+        (
+            {},
+            {"min_quality": "high"},
+            "budget field 'min_quality' (x-kdlora-min-quality header): Input should be a valid number",
+        ),
+    ],
+)
 def test_budgets_take_strict_types(body, headers, message):
     with pytest.raises(RequestError) as caught:
         parse_budget(body, headers)

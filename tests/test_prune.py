@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import kdlora_cli, kdlora_launch, tiny_input, tiny_llama
+
 from hub.errors import KdloraError
 from training.importance import activation_importance
 from training.prune import Shape, build_student, choose_shape, count_params, parse_param_count, removed_units
@@ -30,7 +30,7 @@ def zeroed_teacher(teacher, selection):
                 mlp.down_proj.weight.zero_()
                 continue
             for h in set(range(model.config.num_attention_heads)) - set(selection.q_heads[i]):
-                attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
+                attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
             dead = torch.ones(model.config.intermediate_size, dtype=torch.bool)
             dead[selection.neurons[i]] = False
             mlp.down_proj.weight[:, dead] = 0
@@ -70,9 +70,11 @@ def test_unimportant_units_are_the_ones_removed():
         layers = teacher.model.layers
         layers[0].self_attn.o_proj.weight.mul_(1e-3)  # layer 0 barely changes the residual stream
         layers[0].mlp.down_proj.weight.mul_(1e-3)
-        layers[1].self_attn.v_proj.weight[d:2 * d] *= 1e-3  # KV group 1 of layer 1: tiny head outputs
+        layers[1].self_attn.v_proj.weight[d : 2 * d] *= 1e-3  # KV group 1 of layer 1: tiny head outputs
         layers[1].mlp.up_proj.weight[[3, 7, 11]] *= 1e-3  # three near-silent neurons
-        for norm in [teacher.model.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+        for norm in [teacher.model.norm] + [
+            n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+        ]:
             norm.weight[[5, 9]] = 1e-3  # two channels every norm mutes
     importance = activation_importance(teacher, CALIB)
     _, selection = build_student(teacher, importance, Shape(30, 2, 1, 61, 1))
@@ -100,17 +102,34 @@ def test_widths_prefer_hardware_friendly_multiples_and_say_why():
 
     # SmolLM2-135M's shape (built on the meta device only): 9 heads force a Llama hidden size to a multiple of 9,
     # so a multiple of 64 would be lcm(64, 9) = 576, the teacher's own width
-    smollm = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    smollm = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+    )
     shape, rounding = choose_shape(smollm, count_params(smollm) // 2)
     assert (shape.hidden_size, shape.intermediate_size) == (360, 960)
     assert rounding["intermediate_size"] == {"multiple": 64, "why": "the friendliest width that fits the target"}
     assert rounding["hidden_size"]["multiple"] == 72
-    assert rounding["hidden_size"]["why"].startswith("multiples of 576 (lcm with the 9 heads, which transformers requires): none below 576; "
-                                                     "multiples of 288: 57.3M params, more than 5% under the target")
+    assert rounding["hidden_size"]["why"].startswith(
+        "multiples of 576 (lcm with the 9 heads, which transformers requires): none below 576; "
+        "multiples of 288: 57.3M params, more than 5% under the target"
+    )
     # without that constraint both widths land on multiples of 64
-    mistral = MistralConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-                            num_key_value_heads=4, head_dim=64)
+    mistral = MistralConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
     shape, rounding = choose_shape(mistral, count_params(mistral) // 2)
     assert shape.hidden_size % 64 == 0 and shape.intermediate_size % 64 == 0 and shape.hidden_size < 1024
     assert {axis: r["multiple"] for axis, r in rounding.items()} == {"hidden_size": 64, "intermediate_size": 64}
@@ -127,16 +146,30 @@ def test_param_count_forms():
     assert parse_param_count("0.5", 1000) == 500
     assert parse_param_count("70M", 1) == 70_000_000
     assert parse_param_count("1.5B", 1) == 1_500_000_000
-    with pytest.raises(KdloraError, match="--target-params 'half' is not a number: use e.g. 70M, 1.5B or a fraction like 0.5"):
+    with pytest.raises(
+        KdloraError, match="--target-params 'half' is not a number: use e.g. 70M, 1.5B or a fraction like 0.5"
+    ):
         parse_param_count("half", 1)
 
 
-@pytest.mark.parametrize("dims, message", [
-    ({"num_attention_heads": 3, "num_key_value_heads": 2}, "--num-heads 3 must be a multiple of --num-kv-heads 2 (grouped-query attention); nearest valid --num-heads: 2 or 4"),
-    ({"hidden_size": 64}, "--hidden-size 64 must be between 1 and the teacher's 32"),
-    ({"hidden_size": 30}, "--hidden-size 30 must be a multiple of --num-heads 4 for Llama models (transformers requires it); nearest valid --hidden-size: 28 or 32"),
-    ({"num_attention_heads": 4, "num_key_value_heads": 1}, "needs 4 query heads per KV group but the teacher has 2; use --num-heads <= 2"),
-])
+@pytest.mark.parametrize(
+    "dims, message",
+    [
+        (
+            {"num_attention_heads": 3, "num_key_value_heads": 2},
+            "--num-heads 3 must be a multiple of --num-kv-heads 2 (grouped-query attention); nearest valid --num-heads: 2 or 4",
+        ),
+        ({"hidden_size": 64}, "--hidden-size 64 must be between 1 and the teacher's 32"),
+        (
+            {"hidden_size": 30},
+            "--hidden-size 30 must be a multiple of --num-heads 4 for Llama models (transformers requires it); nearest valid --hidden-size: 28 or 32",
+        ),
+        (
+            {"num_attention_heads": 4, "num_key_value_heads": 1},
+            "needs 4 query heads per KV group but the teacher has 2; use --num-heads <= 2",
+        ),
+    ],
+)
 def test_bad_shapes(dims, message):
     with pytest.raises(KdloraError, match=message.replace("(", r"\(").replace(")", r"\)")):
         choose_shape(tiny_llama().config, **dims)
@@ -151,10 +184,17 @@ def test_target_not_smaller_than_teacher():
 def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
-    result = kdlora_cli("prune", "--teacher", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out"), "--target-params", "0.5")
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(tmp_path / "gpt2")
+    result = kdlora_cli(
+        "prune", "--teacher", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out"), "--target-params", "0.5"
+    )
     assert result.returncode == 1
-    assert result.stderr == "kdlora: error: pruning gpt2 models is not supported yet; supported: llama, mistral, qwen2, qwen3 (Llama-family decoders)\n"
+    assert (
+        result.stderr
+        == "kdlora: error: pruning gpt2 models is not supported yet; supported: llama, mistral, qwen2, qwen3 (Llama-family decoders)\n"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -162,7 +202,10 @@ def test_prune_refuses_non_empty_out(tmp_path):
     (tmp_path / "keep").write_text("k")
     result = kdlora_cli("prune", "--out", str(tmp_path), "--target-params", "0.5")
     assert result.returncode == 1
-    assert result.stderr == f"kdlora: error: --out {tmp_path} exists and is not empty; choose a new directory or remove it first\n"
+    assert (
+        result.stderr
+        == f"kdlora: error: --out {tmp_path} exists and is not empty; choose a new directory or remove it first\n"
+    )
 
 
 def test_two_processes_share_the_calibration_and_prune_the_same_student(tiny_pair, tmp_path):
@@ -171,8 +214,21 @@ def test_two_processes_share_the_calibration_and_prune_the_same_student(tiny_pai
     from safetensors.torch import load_file
 
     teacher = tiny_pair[0]
-    prune = ("prune", "--teacher", str(teacher), "--intermediate-size", "96", "--num-heads", "2", "--calib-samples", "12",
-             "--seq-len", "32", "--batch-size", "2")
+    prune = (
+        "prune",
+        "--teacher",
+        str(teacher),
+        "--intermediate-size",
+        "96",
+        "--num-heads",
+        "2",
+        "--calib-samples",
+        "12",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+    )
     result = kdlora_launch("ddp.yaml", *prune, "--out", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split() == [str(tmp_path / "two")]  # printed once, by the main process

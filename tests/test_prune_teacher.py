@@ -22,7 +22,9 @@ def test_report_shows_params_and_perplexities(pruned_student):
     assert len(report["removed"]["hidden_channels"]) == 576 - report["student_shape"]["hidden_size"]
     ppl = report["heldout_perplexity"]
     assert 1 < ppl["teacher"] < 100 and ppl["student"] > ppl["teacher"]  # recovery is distillation's job
-    assert (pruned_student / "README.md").read_text().startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert (
+        (pruned_student / "README.md").read_text().startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    )
 
 
 def test_transformers_loads_the_student(pruned_student):
@@ -47,6 +49,8 @@ if __name__ == "__main__":
 
 
 def test_vllm_loads_and_generates_from_the_student(pruned_student):
-    result = subprocess.run([sys.executable, "-c", GENERATE, str(pruned_student)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", GENERATE, str(pruned_student)], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TOKENS 8" in result.stdout

@@ -9,7 +9,6 @@ import urllib.request
 
 import pytest
 import torch
-
 from conftest import write_nested_adapter
 
 pytestmark = pytest.mark.integration
@@ -25,7 +24,9 @@ def client(vllm_server):
 
 
 def complete(client, model, prompt=PROMPT, tokens=8, **kwargs):
-    return client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0.0, **kwargs)
+    return client.completions.with_raw_response.create(
+        model=model, prompt=prompt, max_tokens=tokens, temperature=0.0, **kwargs
+    )
 
 
 def text(client, model, prompt=PROMPT):
@@ -44,7 +45,7 @@ def peft_greedy(teacher_dir, adapter, rank, tmp_path) -> str:
     model = PeftModel.from_pretrained(base, truncate_adapter(adapter, rank, tmp_path / f"r{rank}")).eval()
     ids = tokenizer(PROMPT, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 @pytest.mark.parametrize("rank", [1, 4, 16])
@@ -61,7 +62,9 @@ def test_rslora_ranks_equal_peft_alone_and_batched(client, session_hub, teacher_
 
     _, hub = session_hub
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    adapter = write_nested_adapter(tmp_path / "rs", base, rank=8, seed=11, base_model_id=str(teacher_dir), init_scale=0.3, use_rslora=True)
+    adapter = write_nested_adapter(
+        tmp_path / "rs", base, rank=8, seed=11, base_model_id=str(teacher_dir), init_scale=0.3, use_rslora=True
+    )
     _push_raw(hub, "kd/rs", adapter)
     expected = {rank: peft_greedy(teacher_dir, adapter, rank, tmp_path) for rank in (2, 8)}
     assert expected[2] != expected[8]  # the check can tell the ranks apart
@@ -91,34 +94,54 @@ def test_budget_from_extra_body_and_headers(client):
     assert (raw.headers["x-kdlora-rank"], raw.headers["x-kdlora-budget-met"]) == ("1", "false")
     assert raw.headers["x-kdlora-budget-miss"] == "min_quality 0.99"
     # greedy_token_f1 k/10: 0.1, 0.2, 0.4, 1.0 (agreement 0.55 .. 1.0 would meet both floors below at rank 4)
-    raw = complete(client, ALIAS, extra_headers={"x-kdlora-min-quality": "0.3", "x-kdlora-quality-metric": "greedy_token_f1",
-                                                 "x-kdlora-max-rank": "8"})
+    raw = complete(
+        client,
+        ALIAS,
+        extra_headers={
+            "x-kdlora-min-quality": "0.3",
+            "x-kdlora-quality-metric": "greedy_token_f1",
+            "x-kdlora-max-rank": "8",
+        },
+    )
     assert raw.headers["x-kdlora-rank"] == "4" and raw.headers["x-kdlora-budget-met"] == "true"
-    raw = complete(client, ALIAS, extra_body={"kdlora": {"min_quality": 0.5, "quality_metric": "greedy_token_f1", "max_rank": 8}})
-    assert (raw.headers["x-kdlora-rank"], raw.headers["x-kdlora-budget-miss"]) == ("1", "min_quality 0.5 (greedy_token_f1)")
+    raw = complete(
+        client, ALIAS, extra_body={"kdlora": {"min_quality": 0.5, "quality_metric": "greedy_token_f1", "max_rank": 8}}
+    )
+    assert (raw.headers["x-kdlora-rank"], raw.headers["x-kdlora-budget-miss"]) == (
+        "1",
+        "min_quality 0.5 (greedy_token_f1)",
+    )
 
 
 def test_streaming_chat(client):
-    stream = client.chat.completions.create(model=f"{ALIAS}@r2", messages=[{"role": "user", "content": "Hi"}],
-                                            max_tokens=6, temperature=0.0, stream=True)
+    stream = client.chat.completions.create(
+        model=f"{ALIAS}@r2", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0.0, stream=True
+    )
     chunks = list(stream)
     assert chunks and all(chunk.model == f"{ALIAS}@r2" for chunk in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-@pytest.mark.parametrize("model, extra, status, message", [
-    (f"{ALIAS}@r0", {}, 400, "rank 0 is out of range: this adapter has ranks 1..16"),
-    (f"{ALIAS}@r17", {}, 400, "rank 17 is out of range: this adapter has ranks 1..16"),
-    (f"{ALIAS}@rfour", {}, 400, "the rank after '@r' must be a whole number"),
-    (ALIAS, {"kdlora": {"max_rank": -2}}, 400, "budget field 'max_rank'"),
-    (ALIAS, {"kdlora": {"latency_ms_per_token": "fast"}}, 400, "budget field 'latency_ms_per_token'"),
-    (ALIAS, {"kdlora": {"min_quality": 0.5, "quality_metric": "bleu"}}, 400,
-     f"quality_metric 'bleu': adapter '{ALIAS}' records greedy_token_f1, teacher_top1_agreement"),
-    ("other/adapter@r2", {}, 403, "adapter 'other/adapter' is not on this server's allow-list (kd/*)"),
-    ("kd/../etc@r2", {}, 400, "paths are not adapter names"),
-    ("/etc/passwd@r2", {}, 400, "paths are not adapter names"),
-    ("kd/missing@r2", {}, 404, "repo kd/missing not found"),
-])
+@pytest.mark.parametrize(
+    "model, extra, status, message",
+    [
+        (f"{ALIAS}@r0", {}, 400, "rank 0 is out of range: this adapter has ranks 1..16"),
+        (f"{ALIAS}@r17", {}, 400, "rank 17 is out of range: this adapter has ranks 1..16"),
+        (f"{ALIAS}@rfour", {}, 400, "the rank after '@r' must be a whole number"),
+        (ALIAS, {"kdlora": {"max_rank": -2}}, 400, "budget field 'max_rank'"),
+        (ALIAS, {"kdlora": {"latency_ms_per_token": "fast"}}, 400, "budget field 'latency_ms_per_token'"),
+        (
+            ALIAS,
+            {"kdlora": {"min_quality": 0.5, "quality_metric": "bleu"}},
+            400,
+            f"quality_metric 'bleu': adapter '{ALIAS}' records greedy_token_f1, teacher_top1_agreement",
+        ),
+        ("other/adapter@r2", {}, 403, "adapter 'other/adapter' is not on this server's allow-list (kd/*)"),
+        ("kd/../etc@r2", {}, 400, "paths are not adapter names"),
+        ("/etc/passwd@r2", {}, 400, "paths are not adapter names"),
+        ("kd/missing@r2", {}, 404, "repo kd/missing not found"),
+    ],
+)
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(client, model, extra, status, message):
     import openai
 
@@ -126,9 +149,17 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(client, mode
         complete(client, model, extra_body=extra)
     assert caught.value.status_code == status
     assert message in caught.value.message
-    assert "Paris" in client.chat.completions.create(
-        model="teacher", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0.0
-    ).choices[0].message.content
+    assert (
+        "Paris"
+        in client.chat.completions.create(
+            model="teacher",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0.0,
+        )
+        .choices[0]
+        .message.content
+    )
 
 
 def _push_raw(hub, repo, directory, **overrides):
@@ -145,7 +176,12 @@ def test_corrupt_and_foreign_adapters_on_the_hub_are_refused(client, session_hub
     _, hub = session_hub
     meta = json.loads((teacher_adapter / "kdlora.json").read_text())
     _push_raw(hub, "kd/corrupt", teacher_adapter, **{"kdlora.json": json.dumps({**meta, "max_rank": 32}).encode()})
-    _push_raw(hub, "kd/foreign", teacher_adapter, **{"kdlora.json": json.dumps({**meta, "base_model": {"id": "someone/other-model"}}).encode()})
+    _push_raw(
+        hub,
+        "kd/foreign",
+        teacher_adapter,
+        **{"kdlora.json": json.dumps({**meta, "base_model": {"id": "someone/other-model"}}).encode()},
+    )
     with pytest.raises(openai.BadRequestError, match="says max_rank 32 but the tensors have rank 16"):
         complete(client, "kd/corrupt@r2")
     with pytest.raises(openai.BadRequestError, match="was trained on base model 'someone/other-model'"):
@@ -157,7 +193,9 @@ def test_hot_swap_from_the_hub_after_start(client, session_hub, teacher_dir, tmp
 
     _, hub = session_hub
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    adapter = write_nested_adapter(tmp_path / "hot", base, rank=8, seed=7, base_model_id=str(teacher_dir), init_scale=0.05)
+    adapter = write_nested_adapter(
+        tmp_path / "hot", base, rank=8, seed=7, base_model_id=str(teacher_dir), init_scale=0.05
+    )
     _push_raw(hub, "kd/hot", adapter)
     started = time.perf_counter()
     cold = complete(client, "kd/hot@r2")
@@ -177,8 +215,21 @@ def test_32_concurrent_mixed_requests_equal_each_alone(client, session_hub, teac
     _, hub = session_hub
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     for seed in (1, 2, 3):
-        _push_raw(hub, f"kd/mix-{seed}", write_nested_adapter(tmp_path / str(seed), base, rank=4, seed=seed, base_model_id=str(teacher_dir)))
-    models = ["teacher", f"{ALIAS}@r1", f"{ALIAS}@r2", f"{ALIAS}@r4", f"{ALIAS}@r16", "kd/mix-1@r4", "kd/mix-2@r2", "kd/mix-3@r1"]
+        _push_raw(
+            hub,
+            f"kd/mix-{seed}",
+            write_nested_adapter(tmp_path / str(seed), base, rank=4, seed=seed, base_model_id=str(teacher_dir)),
+        )
+    models = [
+        "teacher",
+        f"{ALIAS}@r1",
+        f"{ALIAS}@r2",
+        f"{ALIAS}@r4",
+        f"{ALIAS}@r16",
+        "kd/mix-1@r4",
+        "kd/mix-2@r2",
+        "kd/mix-3@r1",
+    ]
     prompts = [PROMPT, "def fibonacci(n):", "A list in Python is", "The capital of Italy is"]
     cases = [(models[i % 8], prompts[(i // 8) % 4]) for i in range(32)]
     alone = {case: text(client, *case) for case in set(cases)}
@@ -194,7 +245,9 @@ def test_a_rank_switch_of_a_resident_adapter_loads_nothing(client, session_hub, 
 
     _, hub = session_hub
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    adapter = write_nested_adapter(tmp_path / "switch", base, rank=8, seed=5, base_model_id=str(teacher_dir), init_scale=0.6)
+    adapter = write_nested_adapter(
+        tmp_path / "switch", base, rank=8, seed=5, base_model_id=str(teacher_dir), init_scale=0.6
+    )
     _push_raw(hub, "kd/switch", adapter)
     expected = {rank: peft_greedy(teacher_dir, adapter, rank, tmp_path) for rank in (1, 3, 8)}
     assert len(set(expected.values())) == 3  # the check can tell the ranks apart
@@ -202,7 +255,9 @@ def test_a_rank_switch_of_a_resident_adapter_loads_nothing(client, session_hub, 
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
         together = list(pool.map(lambda rank: text(client, f"kd/switch@r{rank}"), [1, 3, 8] * 2))
     assert together == [expected[1], expected[3], expected[8]] * 2
-    loads = [line for line in (vllm_root / "server.log").read_text().splitlines() if "vLLM loads LoRA kd/switch@" in line]
+    loads = [
+        line for line in (vllm_root / "server.log").read_text().splitlines() if "vLLM loads LoRA kd/switch@" in line
+    ]
     assert len(loads) == 1 and loads[0].rstrip().endswith("/full"), loads  # the full adapter, once, for three ranks
 
 
@@ -214,7 +269,9 @@ def test_discovery_and_metrics(client, vllm_server):
     entry = next(row for row in listing if row["id"] == ALIAS)
     assert entry["max_rank"] == 16 and entry["default_rank"] == 4 and 2 in entry["warm_ranks"]
     assert [r["rank"] for r in entry["ranks"]] == [1, 2, 4, 16]
-    assert entry["ranks"][1]["measured_ms_per_token"] > 0 and entry["ranks"][1]["task_metrics"] == {"greedy_token_f1": 0.2}
+    assert entry["ranks"][1]["measured_ms_per_token"] > 0 and entry["ranks"][1]["task_metrics"] == {
+        "greedy_token_f1": 0.2
+    }
     with urllib.request.urlopen(vllm_server + "/metrics") as response:
         metrics = response.read().decode()
     assert f'kdlora_requests_total{{adapter="{ALIAS}",rank="2"}}' in metrics

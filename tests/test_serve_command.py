@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import tiny_llama, write_nested_adapter
+
 from hub.errors import KdloraError
 from kdlora_serve.serve import serve_command
 
@@ -12,12 +12,21 @@ from kdlora_serve.serve import serve_command
 @pytest.fixture
 def adapters(tmp_path):
     model = tiny_llama()
-    return (write_nested_adapter(tmp_path / "a", model, rank=8, base_model_id="org/student"),
-            write_nested_adapter(tmp_path / "b", model, rank=24, base_model_id="org/student"))
+    return (
+        write_nested_adapter(tmp_path / "a", model, rank=8, base_model_id="org/student"),
+        write_nested_adapter(tmp_path / "b", model, rank=24, base_model_id="org/student"),
+    )
 
 
 def test_flags_come_from_the_metadata(adapters):
-    argv, env = serve_command([str(a) for a in adapters], "0.0.0.0", 9000, 2, ["myorg/*"], ["--tensor-parallel-size", "2", "--dtype", "bfloat16"])
+    argv, env = serve_command(
+        [str(a) for a in adapters],
+        "0.0.0.0",
+        9000,
+        2,
+        ["myorg/*"],
+        ["--tensor-parallel-size", "2", "--dtype", "bfloat16"],
+    )
     joined = " ".join(argv)
     assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "org/student"]
     assert "--enable-lora --max-lora-rank 32 --max-loras 2" in joined  # smallest vLLM rank >= 24
@@ -48,7 +57,9 @@ def test_api_key_goes_to_the_environment_not_the_command_line(adapters, spelling
 
 def test_several_api_keys_stay_a_list_for_vllm(adapters, monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    argv, env = serve_command([str(adapters[0])], "127.0.0.1", 8000, 4, [], ["--api-key", "k1", "k2", "--dtype", "float32"])
+    argv, env = serve_command(
+        [str(adapters[0])], "127.0.0.1", 8000, 4, [], ["--api-key", "k1", "k2", "--dtype", "float32"]
+    )
     assert " ".join(argv).endswith("--dtype float32 --api-key k1 k2") and "VLLM_API_KEY" not in env
 
 
@@ -59,5 +70,7 @@ def test_the_endpoint_reaches_the_server(adapters):
 
 def test_adapters_for_different_bases_are_refused(tmp_path, adapters):
     other = write_nested_adapter(tmp_path / "c", tiny_llama(), rank=4, base_model_id="org/other")
-    with pytest.raises(KdloraError, match=r"trained on different base models \(org/other, org/student\); one server serves one base"):
+    with pytest.raises(
+        KdloraError, match=r"trained on different base models \(org/other, org/student\); one server serves one base"
+    ):
         serve_command([str(adapters[0]), str(other)], "127.0.0.1", 8000, 4, [], [])

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
-
 from conftest import write_nested_adapter
 
 pytestmark = pytest.mark.integration
@@ -35,15 +34,38 @@ def fire(teacher_adapter, teacher_dir, session_hub, tmp_path_factory):
     root = tmp_path_factory.mktemp("fire")
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     for seed, name in enumerate(("second", "third", "fourth"), start=11):
-        adapter = write_nested_adapter(root / name, base, rank=8, seed=seed, base_model_id=str(teacher_dir), init_scale=0.3)
+        adapter = write_nested_adapter(
+            root / name, base, rank=8, seed=seed, base_model_id=str(teacher_dir), init_scale=0.3
+        )
         hub.create_repo(f"kd/{name}")
         hub.commit(f"kd/{name}", {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()})
-    env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(root / "hf"), "KDLORA_CACHE": str(root / "cache"),
-           "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(root / "hf"),
+        "KDLORA_CACHE": str(root / "cache"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_LOGGING_LEVEL": "INFO",
+    }
     env.pop("HF_TOKEN", None)
     env.pop("VLLM_API_KEY", None)
-    args = ["--adapter", str(teacher_adapter), "--allow", "kd/*", "--max-loras", "2",
-            "--", "--served-model-name", "teacher", "--dtype", "float32", "--max-model-len", "512", f"--api-key={KEY}"]
+    args = [
+        "--adapter",
+        str(teacher_adapter),
+        "--allow",
+        "kd/*",
+        "--max-loras",
+        "2",
+        "--",
+        "--served-model-name",
+        "teacher",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        f"--api-key={KEY}",
+    ]
     proc, base_url = start_background(args, root / "server.log", env=env)
     server = SimpleNamespace(url=base_url, proc=proc, root=root, hub=hub)
     try:
@@ -65,17 +87,25 @@ def client(fire, key=KEY, connections=8):
     import httpx
     from openai import OpenAI
 
-    pool = httpx.Client(limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections), timeout=600)
+    pool = httpx.Client(
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections), timeout=600
+    )
     return OpenAI(base_url=fire.url + "/v1", api_key=key, max_retries=0, http_client=pool)
 
 
 def text(fire, model, prompt=PROMPTS[0], tokens=8):
-    return client(fire).completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0.0).choices[0].text
+    return (
+        client(fire).completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0.0).choices[0].text
+    )
 
 
 def raw(fire, method, path, body=None, key=None):
-    request = urllib.request.Request(fire.url + path, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})})
+    request = urllib.request.Request(
+        fire.url + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -84,9 +114,19 @@ def raw(fire, method, path, body=None, key=None):
 
 
 def alive(fire) -> bool:
-    return fire.proc.poll() is None and "Paris" in client(fire).chat.completions.create(
-        model="teacher", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0.0
-    ).choices[0].message.content
+    return (
+        fire.proc.poll() is None
+        and "Paris"
+        in client(fire)
+        .chat.completions.create(
+            model="teacher",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0.0,
+        )
+        .choices[0]
+        .message.content
+    )
 
 
 def test_the_key_guards_every_route_that_runs_the_model_or_reveals_adapters(fire):
@@ -106,7 +146,12 @@ def test_nobody_can_swap_the_weights_behind_a_served_rank(fire, tmp_path):
         assert raw(fire, "DELETE", f"/adapters/{ALIAS}@r8", key=key)[0] == 403
         assert raw(fire, "POST", "/adapters", {"name": f"{ALIAS}@r8", "src": str(tmp_path)}, key=key)[0] == 403
         assert raw(fire, "POST", "/v1/unload_lora_adapter", {"lora_name": f"{ALIAS}@r8"}, key=key)[0] == 403
-        assert raw(fire, "POST", "/v1/load_lora_adapter", {"lora_name": f"{ALIAS}@r8", "lora_path": str(tmp_path)}, key=key)[0] == 403
+        assert (
+            raw(
+                fire, "POST", "/v1/load_lora_adapter", {"lora_name": f"{ALIAS}@r8", "lora_path": str(tmp_path)}, key=key
+            )[0]
+            == 403
+        )
     assert text(fire, f"{ALIAS}@r8") == before
 
 
@@ -139,14 +184,23 @@ def test_a_damaged_cached_adapter_is_remade_not_fatal(fire):
     weights = cached / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated on disk while served
     (cached / "adapter_config.json").write_text("{not json")
-    for model in ("kd/third@r1", "kd/fourth@r2"):  # evict the adapter from both slots: its next use loads it from disk again
+    for model in (
+        "kd/third@r1",
+        "kd/fourth@r2",
+    ):  # evict the adapter from both slots: its next use loads it from disk again
         text(fire, model)
     assert text(fire, f"{ALIAS}@r4") == before
     assert alive(fire)
 
 
 def test_soak_200_concurrent_requests_over_more_ranks_and_adapters_than_slots(fire):
-    models = ["teacher", *(f"{ALIAS}@r{k}" for k in (1, 2, 3, 4, 6, 8, 16)), "kd/second@r2", "kd/second@r8", "kd/third@r4"]
+    models = [
+        "teacher",
+        *(f"{ALIAS}@r{k}" for k in (1, 2, 3, 4, 6, 8, 16)),
+        "kd/second@r2",
+        "kd/second@r8",
+        "kd/third@r4",
+    ]
     cases = [(model, prompt) for model in models for prompt in PROMPTS]
     solo = {case: text(fire, *case) for case in cases}
     rng = random.Random(0)

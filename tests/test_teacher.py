@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
+from conftest import kdlora_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import kdlora_cli
 from training import teacher as teacher_mod
 
 pytestmark = pytest.mark.integration
@@ -15,7 +15,14 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 def test_export_is_a_normal_checkpoint(teacher_dir):
     names = {p.name for p in teacher_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    } <= names
     assert not any(name.endswith((".bin", ".pt", ".gguf")) for name in names)
 
 
@@ -25,7 +32,7 @@ def test_transformers_greedy_answer_contains_paris(teacher_dir):
     assert model.num_parameters() == 134_515_008
     inputs = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
 

@@ -16,14 +16,20 @@ from training.losses import ChunkedKDLoss, TeacherLogits, forward_kl
 from training.teacher_cache import TeacherCache, TopKTargets, build_cache, sampled
 
 VOCAB = 49152  # the real tokenizer's, which tiny_pair shares
-TEXT = ("The teacher's targets are computed once and reused by every run. A nested adapter serves every rank. "
-        "Distillation compares next-token distributions position by position, so both models share one vocabulary. ") * 3
+TEXT = (
+    "The teacher's targets are computed once and reused by every run. A nested adapter serves every rank. "
+    "Distillation compares next-token distributions position by position, so both models share one vocabulary. "
+) * 3
 
 
 def test_top_k_targets_covering_the_vocabulary_equal_the_online_teacher():
     g = torch.Generator().manual_seed(0)
     head, teacher_head = torch.nn.Linear(8, 11, bias=False), torch.nn.Linear(8, 11, bias=False).requires_grad_(False)
-    hidden, teacher_hidden, labels = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.randint(0, 11, (6,), generator=g)
+    hidden, teacher_hidden, labels = (
+        torch.randn(6, 8, generator=g),
+        torch.randn(6, 8, generator=g),
+        torch.randint(0, 11, (6,), generator=g),
+    )
     online_hidden, cached_hidden = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     loss = ChunkedKDLoss(1.0, 2.0, chunk_tokens=4)
     online, _ = loss(online_hidden, head, labels, TeacherLogits(teacher_hidden, teacher_head))
@@ -74,11 +80,15 @@ def test_rs_kd_targets_are_unbiased_where_top_k_is_not():
 
 
 def test_distilling_from_an_rs_kd_cache(tiny_pair, text_data, tmp_path):
-    cache = build_cache(str(text_data), tmp_path / "cache", teacher=str(tiny_pair[0]), seq_len=16, top_k=8, sampling="rs-kd")
+    cache = build_cache(
+        str(text_data), tmp_path / "cache", teacher=str(tiny_pair[0]), seq_len=16, top_k=8, sampling="rs-kd"
+    )
     settings = json.loads((cache / "cache.json").read_text())
     assert (settings["sampling"], settings["seed"], settings["top_k"]) == ("rs-kd", 0, 8)
     shard = load_file(cache / "rows-00000.safetensors")
-    torch.testing.assert_close(shard["logp"].exp().sum(-1), torch.ones(len(shard["logp"])))  # each token's shares of 8 draws
+    torch.testing.assert_close(
+        shard["logp"].exp().sum(-1), torch.ones(len(shard["logp"]))
+    )  # each token's shares of 8 draws
     assert ((shard["logp"].exp() * 8).round() - shard["logp"].exp() * 8).abs().max() < 1e-5
     report = run_distill(config(tiny_pair, tmp_path / "out", text_data, teacher_cache=cache))
     assert all(math.isfinite(step["kl"]) and step["kl"] >= 0 for step in report["history"])
@@ -93,17 +103,41 @@ def text_data(tmp_path_factory) -> Path:
 
 def config(tiny_pair, out: Path, data: Path, **overrides) -> DistillConfig:
     teacher, student = tiny_pair
-    settings = dict(student=str(student), teacher=str(teacher), out=out, data=str(data), steps=3, batch_size=2, seq_len=16, max_rank=4,
-                    eval_ranks=(1, 4), eval_samples=2, quantize="none", lr=1e-2, loss_chunk_tokens=8)
+    settings = dict(
+        student=str(student),
+        teacher=str(teacher),
+        out=out,
+        data=str(data),
+        steps=3,
+        batch_size=2,
+        seq_len=16,
+        max_rank=4,
+        eval_ranks=(1, 4),
+        eval_samples=2,
+        quantize="none",
+        lr=1e-2,
+        loss_chunk_tokens=8,
+    )
     return DistillConfig(**{**settings, **overrides})
 
 
 def test_distilling_from_a_full_vocabulary_cache_equals_online_distillation(tiny_pair, text_data, tmp_path):
-    cache = build_cache(str(text_data), tmp_path / "cache", teacher=str(tiny_pair[0]), seq_len=16, top_k=VOCAB, temperature=2.0,
-                        batch_size=3, rows_per_shard=4)
+    cache = build_cache(
+        str(text_data),
+        tmp_path / "cache",
+        teacher=str(tiny_pair[0]),
+        seq_len=16,
+        top_k=VOCAB,
+        temperature=2.0,
+        batch_size=3,
+        rows_per_shard=4,
+    )
     settings = json.loads((cache / "cache.json").read_text())
-    assert settings["top_k"] == VOCAB and settings["teacher"] == str(tiny_pair[0]) and sorted(p.name for p in cache.iterdir())[:2] == [
-        "cache.json", "rows-00000.safetensors"]
+    assert (
+        settings["top_k"] == VOCAB
+        and settings["teacher"] == str(tiny_pair[0])
+        and sorted(p.name for p in cache.iterdir())[:2] == ["cache.json", "rows-00000.safetensors"]
+    )
     online = run_distill(config(tiny_pair, tmp_path / "online", text_data))
     cached = run_distill(config(tiny_pair, tmp_path / "cached", text_data, teacher_cache=cache))
     for a, b in zip(online["history"], cached["history"]):
@@ -111,14 +145,26 @@ def test_distilling_from_a_full_vocabulary_cache_equals_online_distillation(tiny
     cached_weights = load_file(tmp_path / "cached" / "adapter_model.safetensors")
     for name, tensor in load_file(tmp_path / "online" / "adapter_model.safetensors").items():
         torch.testing.assert_close(cached_weights[name], tensor, rtol=1e-4, atol=2e-5)  # Adam after 3 steps of 1e-2
-    assert cached["after"]["4"]["kl_to_teacher"] == pytest.approx(online["after"]["4"]["kl_to_teacher"], rel=1e-4)  # evaluated by the teacher
+    assert cached["after"]["4"]["kl_to_teacher"] == pytest.approx(
+        online["after"]["4"]["kl_to_teacher"], rel=1e-4
+    )  # evaluated by the teacher
 
 
 @pytest.mark.parametrize("sampling", ["top-k", "rs-kd"])
-def test_an_interrupted_cache_resumes_to_the_same_files_and_refuses_other_settings(tiny_pair, text_data, tmp_path, monkeypatch, sampling):
+def test_an_interrupted_cache_resumes_to_the_same_files_and_refuses_other_settings(
+    tiny_pair, text_data, tmp_path, monkeypatch, sampling
+):
     """Also for RS-KD's random draws: seeded per shard, a resumed cache holds the same bytes."""
-    whole = build_cache(str(text_data), tmp_path / "whole", teacher=str(tiny_pair[0]), seq_len=16, top_k=5, batch_size=2, rows_per_shard=2,
-                        sampling=sampling)
+    whole = build_cache(
+        str(text_data),
+        tmp_path / "whole",
+        teacher=str(tiny_pair[0]),
+        seq_len=16,
+        top_k=5,
+        batch_size=2,
+        rows_per_shard=2,
+        sampling=sampling,
+    )
     calls, real = [], cache_mod._targets
 
     def crash_in_the_second_shard(*args, **kwargs):
@@ -130,12 +176,41 @@ def test_an_interrupted_cache_resumes_to_the_same_files_and_refuses_other_settin
     monkeypatch.setattr(cache_mod, "_targets", crash_in_the_second_shard)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        build_cache(str(text_data), out, teacher=str(tiny_pair[0]), seq_len=16, top_k=5, batch_size=2, rows_per_shard=2, sampling=sampling)
+        build_cache(
+            str(text_data),
+            out,
+            teacher=str(tiny_pair[0]),
+            seq_len=16,
+            top_k=5,
+            batch_size=2,
+            rows_per_shard=2,
+            sampling=sampling,
+        )
     assert not out.exists() and (tmp_path / "resumed.partial" / "rows-00000.safetensors").exists()
-    with pytest.raises(KdloraError, match=r"resumed.partial holds a cache made with other settings \(top_k\); rerun with the original"):
-        build_cache(str(text_data), out, teacher=str(tiny_pair[0]), seq_len=16, top_k=6, batch_size=2, rows_per_shard=2, sampling=sampling)
+    with pytest.raises(
+        KdloraError, match=r"resumed.partial holds a cache made with other settings \(top_k\); rerun with the original"
+    ):
+        build_cache(
+            str(text_data),
+            out,
+            teacher=str(tiny_pair[0]),
+            seq_len=16,
+            top_k=6,
+            batch_size=2,
+            rows_per_shard=2,
+            sampling=sampling,
+        )
     monkeypatch.setattr(cache_mod, "_targets", real)
-    build_cache(str(text_data), out, teacher=str(tiny_pair[0]), seq_len=16, top_k=5, batch_size=2, rows_per_shard=2, sampling=sampling)
+    build_cache(
+        str(text_data),
+        out,
+        teacher=str(tiny_pair[0]),
+        seq_len=16,
+        top_k=5,
+        batch_size=2,
+        rows_per_shard=2,
+        sampling=sampling,
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
     for shard in whole.glob("rows-*.safetensors"):
         for name, tensor in load_file(shard).items():
@@ -144,9 +219,14 @@ def test_an_interrupted_cache_resumes_to_the_same_files_and_refuses_other_settin
 
 def test_a_cache_made_for_another_run_is_refused(tiny_pair, text_data, tmp_path):
     cache = build_cache(str(text_data), tmp_path / "cache", teacher=str(tiny_pair[0]), seq_len=16, top_k=5)
-    with pytest.raises(KdloraError, match=r"was made for other training rows \(data .*notes.txt, --seq-len 16\); give distill the same --data"):
+    with pytest.raises(
+        KdloraError,
+        match=r"was made for other training rows \(data .*notes.txt, --seq-len 16\); give distill the same --data",
+    ):
         run_distill(config(tiny_pair, tmp_path / "a", text_data, seq_len=12, teacher_cache=cache))
-    with pytest.raises(KdloraError, match=r"holds log-probs at temperature 2.0, the run asks --kd-temperature 1.0; use 2.0 or rebuild"):
+    with pytest.raises(
+        KdloraError, match=r"holds log-probs at temperature 2.0, the run asks --kd-temperature 1.0; use 2.0 or rebuild"
+    ):
         run_distill(config(tiny_pair, tmp_path / "b", text_data, kd_temperature=1.0, teacher_cache=cache))
     with pytest.raises(KdloraError, match=r"is not a teacher cache \(no cache.json\)"):
         run_distill(config(tiny_pair, tmp_path / "c", text_data, teacher_cache=tmp_path))
@@ -159,13 +239,17 @@ def test_reading_targets_of_rows_across_shards(tiny_pair, text_data, tmp_path):
     from training.data import load_token_data
     from training.teacher import load_causal_lm
 
-    path = build_cache(str(text_data), tmp_path / "cache", teacher=str(tiny_pair[0]), seq_len=16, top_k=3, rows_per_shard=2)
+    path = build_cache(
+        str(text_data), tmp_path / "cache", teacher=str(tiny_pair[0]), seq_len=16, top_k=3, rows_per_shard=2
+    )
     model, tokenizer, _ = load_causal_lm(str(tiny_pair[0]))
     data = load_token_data(str(text_data), tokenizer, 16)
     rows = [3, 0, 2]
     targets = TeacherCache(path, data, 2.0, VOCAB).targets(rows)
     with torch.no_grad():
-        logp = torch.log_softmax(model(data.train[rows]).logits[:, :-1].float() / 2.0, dim=-1)[data.train_mask[rows][:, 1:]]
+        logp = torch.log_softmax(model(data.train[rows]).logits[:, :-1].float() / 2.0, dim=-1)[
+            data.train_mask[rows][:, 1:]
+        ]
     top = logp.topk(3)
     torch.testing.assert_close(targets.logp, top.values, rtol=1e-5, atol=1e-5)
     assert torch.equal(targets.ids, top.indices)

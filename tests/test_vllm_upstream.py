@@ -9,7 +9,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -23,9 +22,28 @@ def test_vllms_lora_manager_tests_pass_with_the_kdlora_path():
     if not (root / "tests" / "lora" / "test_lora_manager.py").is_file():
         pytest.fail(f"vLLM's tests are not in {root}: run scripts/setup (it fetches them from vLLM's sdist)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(root)]), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "vllm_upstream_plugin", "-p", "no:cacheprovider", "-q",
-                             "--confcutdir", "tests/lora", "tests/lora/test_lora_manager.py", "-k", NEEDS_HUB],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "vllm_upstream_plugin",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--confcutdir",
+            "tests/lora",
+            "tests/lora/test_lora_manager.py",
+            "-k",
+            NEEDS_HUB,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     assert " passed" in result.stdout.splitlines()[-1] and "failed" not in result.stdout.splitlines()[-1]
     print(result.stdout.splitlines()[-1])

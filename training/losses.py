@@ -14,7 +14,9 @@ from torch.utils.checkpoint import checkpoint
 from hub.errors import KdloraError
 
 
-def forward_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperature: float, buckets=None) -> torch.Tensor:
+def forward_kl(
+    student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperature: float, buckets=None
+) -> torch.Tensor:
     """Per-token KL(teacher || student) at temperature T (without the T^2). `buckets`: maps the student's log-probs
     over the vocabulary onto the teacher's entries when the teacher has fewer (a top-k cache); None: one to one."""
     student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -95,12 +97,16 @@ class ChunkedKDLoss(nn.Module):
         check_alpha(alpha)
         self.alpha, self.temperature, self.chunk_tokens = alpha, temperature, chunk_tokens
 
-    def forward(self, hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, teacher=None) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, teacher=None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """hidden [tokens, d] at the learned positions, labels [tokens]; `teacher` None when alpha is 0."""
         kl_sum = ce_sum = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], self.chunk_tokens):
             end = min(start + self.chunk_tokens, hidden.shape[0])
-            kl, ce = checkpoint(self._chunk_sums, hidden[start:end], head, labels[start:end], teacher, start, end, use_reentrant=False)
+            kl, ce = checkpoint(
+                self._chunk_sums, hidden[start:end], head, labels[start:end], teacher, start, end, use_reentrant=False
+            )
             kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
         ce = ce_sum / hidden.shape[0]
         if self.alpha == 0:
@@ -137,5 +143,7 @@ def check_head_split(model, input_ids: torch.Tensor) -> None:
         with final_hidden_states(model) as head:
             split = head(model(input_ids).logits)
     if not torch.allclose(split.float(), logits.float(), rtol=1e-4, atol=1e-4):
-        raise KdloraError(f"{type(model).__name__}'s logits are not its LM head applied to its final hidden states (the "
-                          "model post-processes them); kdlora's chunked distillation loss does not support it")
+        raise KdloraError(
+            f"{type(model).__name__}'s logits are not its LM head applied to its final hidden states (the "
+            "model post-processes them); kdlora's chunked distillation loss does not support it"
+        )

@@ -29,12 +29,20 @@ def keep_trainable(model) -> int:
     On CPUs without AVX512-BF16 (flag already off) and on GPUs nothing changes."""
     import bitsandbytes as bnb
 
-    packed = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)]
+    packed = [
+        m
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False)
+    ]
     for layer in packed:
         layer.support_avx512bf16_for_cpu = False
     if packed:
-        print(f"NF4: {len(packed)} 4-bit layers use bitsandbytes' generic CPU path: its packed AVX512-BF16 path "
-              "has no backward, so gradients would stop at the frozen base", file=sys.stderr, flush=True)
+        print(
+            f"NF4: {len(packed)} 4-bit layers use bitsandbytes' generic CPU path: its packed AVX512-BF16 path "
+            "has no backward, so gradients would stop at the frozen base",
+            file=sys.stderr,
+            flush=True,
+        )
     return len(packed)
 
 

@@ -48,17 +48,28 @@ class Shapes:
     def of(cls, path_or_config) -> "Shapes":
         from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-        config = path_or_config if isinstance(path_or_config, PretrainedConfig) else AutoConfig.from_pretrained(path_or_config)
+        config = (
+            path_or_config
+            if isinstance(path_or_config, PretrainedConfig)
+            else AutoConfig.from_pretrained(path_or_config)
+        )
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         head = model.get_output_embeddings()
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv = config.num_key_value_heads * head_dim
-        return cls(params=sum(p.numel() for p in model.parameters()), linear_params=sum(m.weight.numel() for m in linears),
-                   lora_params_per_rank=sum(m.in_features + m.out_features for m in linears),
-                   largest_linear=max(m.weight.numel() for m in linears), layers=config.num_hidden_layers, hidden=config.hidden_size,
-                   intermediate=config.intermediate_size, kv=kv, vocab=config.vocab_size)
+        return cls(
+            params=sum(p.numel() for p in model.parameters()),
+            linear_params=sum(m.weight.numel() for m in linears),
+            lora_params_per_rank=sum(m.in_features + m.out_features for m in linears),
+            largest_linear=max(m.weight.numel() for m in linears),
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            kv=kv,
+            vocab=config.vocab_size,
+        )
 
 
 def planned_dtype(cfg, cuda: bool) -> torch.dtype:
@@ -81,7 +92,9 @@ def runtime_bytes(cuda: bool) -> float:
     return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
 
 
-def estimate(cfg, teacher: Shapes | None, student: Shapes, devices: int = 1, sharding: str = "ddp", cuda: bool | None = None) -> list[tuple[str, float]]:
+def estimate(
+    cfg, teacher: Shapes | None, student: Shapes, devices: int = 1, sharding: str = "ddp", cuda: bool | None = None
+) -> list[tuple[str, float]]:
     """[(what, bytes per device)] for DistillConfig `cfg` over `devices` (sharding: ddp | fsdp); teacher None = cached."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     compute = planned_dtype(cfg, cuda)
@@ -92,7 +105,11 @@ def estimate(cfg, teacher: Shapes | None, student: Shapes, devices: int = 1, sha
     items = [("runtime", runtime_bytes(cuda))]
     if teacher is not None:
         quant = {"nf4": NF4_BYTES, "int8": 1}.get(cfg.teacher_quantize)
-        weights = teacher.params * width if quant is None else teacher.linear_params * quant + (teacher.params - teacher.linear_params) * width
+        weights = (
+            teacher.params * width
+            if quant is None
+            else teacher.linear_params * quant + (teacher.params - teacher.linear_params) * width
+        )
         items.append(("teacher weights", weights))
     if full:
         trainable, base = student.params, 0
@@ -103,12 +120,22 @@ def estimate(cfg, teacher: Shapes | None, student: Shapes, devices: int = 1, sha
         base = student.linear_params * base_linear + (student.params - student.linear_params) * width
         items += [("student base (frozen)", base), (f"LoRA at rank {rank} (fp32)", trainable * 4)]
     shard = devices if sharding == "fsdp" else 1
-    items.append(("gradients (fp32)", trainable * 4 / shard * (2 if sharding == "ddp" and devices > 1 else 1)))  # DDP: + buckets
+    items.append(
+        ("gradients (fp32)", trainable * 4 / shard * (2 if sharding == "ddp" and devices > 1 else 1))
+    )  # DDP: + buckets
     items.append((f"optimizer ({cfg.optimizer})", trainable * ADAMW_BYTES[cfg.optimizer] / shard))
-    per_layer = student.hidden if cfg.gradient_checkpointing else 10 * student.hidden + 2 * student.kv + 4 * student.intermediate
+    per_layer = (
+        student.hidden
+        if cfg.gradient_checkpointing
+        else 10 * student.hidden + 2 * student.kv + 4 * student.intermediate
+    )
     one_layer = (10 * student.hidden + 2 * student.kv + 4 * student.intermediate) if cfg.gradient_checkpointing else 0
-    items.append(("activations" + (" (checkpointed)" if cfg.gradient_checkpointing else ""),
-                  tokens * (student.layers * per_layer + one_layer) * width))
+    items.append(
+        (
+            "activations" + (" (checkpointed)" if cfg.gradient_checkpointing else ""),
+            tokens * (student.layers * per_layer + one_layer) * width,
+        )
+    )
     if not full and cfg.quantize == "nf4":
         items.append(("NF4 dequantized weight (transient)", student.largest_linear * width * 2))
     items.append(("KD loss chunk", LOSS_COPIES * min(cfg.loss_chunk_tokens, tokens) * student.vocab * 4))
@@ -125,7 +152,9 @@ def suggestions(cfg, items: list[tuple[str, float]], device_bytes: float, comput
     size = dict(items)
     options = []
     if cfg.teacher_cache is None and "teacher weights" in size:
-        options.append(f"--teacher-cache DIR (kdlora teacher cache): -{_gib(size['teacher weights'] + size['teacher forward (no grad)'])}")
+        options.append(
+            f"--teacher-cache DIR (kdlora teacher cache): -{_gib(size['teacher weights'] + size['teacher forward (no grad)'])}"
+        )
     if cfg.optimizer == "adamw" and cfg.train == "full":
         options.append(f"--optimizer adamw8bit: -{_gib(size['optimizer (adamw)'] * 3 / 4)}")
     if not cfg.gradient_checkpointing:
@@ -133,7 +162,9 @@ def suggestions(cfg, items: list[tuple[str, float]], device_bytes: float, comput
     if compute == torch.float32:
         options.append("--dtype bf16 (on GPUs with bf16): halves teacher, base and activations")
     if cfg.train == "full":
-        options.append("FSDP over more GPUs divides weights, gradients and optimizer (--devices N --sharding fsdp; launch with configs/fsdp.yaml)")
+        options.append(
+            "FSDP over more GPUs divides weights, gradients and optimizer (--devices N --sharding fsdp; launch with configs/fsdp.yaml)"
+        )
     options.append("a smaller --batch-size or --seq-len: activations and the loss chunk shrink with tokens")
     return options
 
@@ -144,8 +175,10 @@ def _gib(value: float) -> str:
 
 def format_plan(cfg, items, devices: int, sharding: str, device_bytes: float | None, cuda: bool) -> str:
     compute = planned_dtype(cfg, cuda)
-    title = (f"kdlora distill --plan: {cfg.train}, {devices} {'GPU' if cuda else 'CPU process'}(s), {sharding}, compute "
-             f"{str(compute).removeprefix('torch.')}, batch {cfg.batch_size} x {cfg.seq_len} tokens per step")
+    title = (
+        f"kdlora distill --plan: {cfg.train}, {devices} {'GPU' if cuda else 'CPU process'}(s), {sharding}, compute "
+        f"{str(compute).removeprefix('torch.')}, batch {cfg.batch_size} x {cfg.seq_len} tokens per step"
+    )
     return _table(title, items, device_bytes, lambda: suggestions(cfg, items, device_bytes, compute))
 
 
@@ -173,23 +206,43 @@ def plan(cfg, devices: int = 1, sharding: str = "ddp", device_gb: float | None =
 PERPLEXITY_COPIES = 3  # the held-out logits, their flattened copy and cross-entropy's log-softmax
 
 
-def estimate_prune(teacher: Shapes, student: Shapes, batch_size: int, seq_len: int, cuda: bool) -> list[tuple[str, float]]:
+def estimate_prune(
+    teacher: Shapes, student: Shapes, batch_size: int, seq_len: int, cuda: bool
+) -> list[tuple[str, float]]:
     """[(what, bytes per process)] at the peak of `kdlora prune`: the held-out perplexity after the student is built
     (the calibration forward before it holds no logits and one layer's activations, less on any real model).
     Every process of a launch holds the whole teacher (the calibration blocks are what is divided)."""
-    return [("runtime", runtime_bytes(cuda)), ("teacher weights (fp32)", teacher.params * 4),
-            ("student weights (fp32)", student.params * 4),
-            ("held-out perplexity logits (fp32)", PERPLEXITY_COPIES * batch_size * seq_len * max(teacher.vocab, student.vocab) * 4)]
+    return [
+        ("runtime", runtime_bytes(cuda)),
+        ("teacher weights (fp32)", teacher.params * 4),
+        ("student weights (fp32)", student.params * 4),
+        (
+            "held-out perplexity logits (fp32)",
+            PERPLEXITY_COPIES * batch_size * seq_len * max(teacher.vocab, student.vocab) * 4,
+        ),
+    ]
 
 
-def prune_plan(teacher_config, student_config, batch_size: int, seq_len: int, device_gb: float | None = None, cuda: bool | None = None) -> str:
+def prune_plan(
+    teacher_config,
+    student_config,
+    batch_size: int,
+    seq_len: int,
+    device_gb: float | None = None,
+    cuda: bool | None = None,
+) -> str:
     cuda = torch.cuda.is_available() if cuda is None else cuda
     teacher, student = Shapes.of(teacher_config), Shapes.of(student_config)
     items = estimate_prune(teacher, student, batch_size, seq_len, cuda)
-    title = (f"kdlora prune --plan: {teacher.params / 1e6:.1f}M -> {student.params / 1e6:.1f}M params, per "
-             f"{'GPU' if cuda else 'CPU process'}, batch {batch_size} x {seq_len} tokens")
+    title = (
+        f"kdlora prune --plan: {teacher.params / 1e6:.1f}M -> {student.params / 1e6:.1f}M params, per "
+        f"{'GPU' if cuda else 'CPU process'}, batch {batch_size} x {seq_len} tokens"
+    )
 
     def options() -> list[str]:
-        return [f"a smaller --batch-size: the perplexity logits are {_gib(items[-1][1])}",
-                "more memory per process: each holds the whole fp32 teacher (processes divide the calibration, not the model)"]
+        return [
+            f"a smaller --batch-size: the perplexity logits are {_gib(items[-1][1])}",
+            "more memory per process: each holds the whole fp32 teacher (processes divide the calibration, not the model)",
+        ]
+
     return _table(title, items, device_gb * GIB if device_gb else None, options)

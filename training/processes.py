@@ -26,14 +26,21 @@ def make_accelerator():
     # kdlora's --batch-size is the global batch, divided over the processes, so the learning-rate schedule takes one
     # step per optimizer step (accelerate's default takes one per process, for per-process batches)
     accelerator = Accelerator(cpu=_cpu_processes(), step_scheduler_with_optimizer=False)
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or accelerator.distributed_type != DistributedType.MULTI_CPU:
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+        or accelerator.distributed_type != DistributedType.MULTI_CPU
+    ):
         return accelerator
     if not accelerate.__version__.startswith(FSDP_ON_CPU_ACCELERATE):
-        raise KdloraError(f"FSDP on CPU processes is checked with accelerate {', '.join(v + 'x' for v in FSDP_ON_CPU_ACCELERATE)}, "
-                          f"this is {accelerate.__version__}; launch without the FSDP config (DDP) or install a checked version")
+        raise KdloraError(
+            f"FSDP on CPU processes is checked with accelerate {', '.join(v + 'x' for v in FSDP_ON_CPU_ACCELERATE)}, "
+            f"this is {accelerate.__version__}; launch without the FSDP config (DDP) or install a checked version"
+        )
     plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
     if plugin.fsdp_version != 2:
-        raise KdloraError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 needs an accelerator)")
+        raise KdloraError(
+            "FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 needs an accelerator)"
+        )
     accelerator.state.fsdp_plugin = plugin
     # as accelerate does where it picks FSDP itself: both states say FSDP (AcceleratorState re-reads PartialState's)
     accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP

@@ -26,8 +26,13 @@ from training.memory import peak_memory_mb
 from training.processes import process_state
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-FLAGS = {"hidden_size": "--hidden-size", "num_attention_heads": "--num-heads", "num_key_value_heads": "--num-kv-heads",
-         "intermediate_size": "--intermediate-size", "num_hidden_layers": "--num-layers"}
+FLAGS = {
+    "hidden_size": "--hidden-size",
+    "num_attention_heads": "--num-heads",
+    "num_key_value_heads": "--num-kv-heads",
+    "intermediate_size": "--intermediate-size",
+    "num_hidden_layers": "--num-layers",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +48,17 @@ class Shape:
         return cls(*(getattr(config, f.name) for f in dataclasses.fields(cls)))
 
     def __str__(self) -> str:
-        return (f"hidden {self.hidden_size}, heads {self.num_attention_heads} (kv {self.num_key_value_heads}), "
-                f"mlp {self.intermediate_size}, layers {self.num_hidden_layers}")
+        return (
+            f"hidden {self.hidden_size}, heads {self.num_attention_heads} (kv {self.num_key_value_heads}), "
+            f"mlp {self.intermediate_size}, layers {self.num_hidden_layers}"
+        )
 
 
 def check_supported(config) -> None:
     if config.model_type not in SUPPORTED:
-        raise KdloraError(f"pruning {config.model_type} models is not supported yet; supported: {', '.join(SUPPORTED)} (Llama-family decoders)")
+        raise KdloraError(
+            f"pruning {config.model_type} models is not supported yet; supported: {', '.join(SUPPORTED)} (Llama-family decoders)"
+        )
 
 
 def head_dim(config) -> int:
@@ -113,7 +122,9 @@ def choose_shape(teacher_config, target_params: int | None = None, **explicit) -
         return shape, {}
     total = count_params(teacher_config)
     if target_params >= total:
-        raise KdloraError(f"--target-params {target_params:,} is not below the teacher's {total:,} parameters; give a smaller target")
+        raise KdloraError(
+            f"--target-params {target_params:,} is not below the teacher's {total:,} parameters; give a smaller target"
+        )
     base = dataclasses.replace(teacher, **explicit)
     validate_shape(teacher_config, base)
     width_axes = [a for a in ("hidden_size", "intermediate_size") if a not in explicit]
@@ -127,8 +138,10 @@ def choose_shape(teacher_config, target_params: int | None = None, **explicit) -
     if params(base) <= target_params:
         return base, {}
     if not width_axes:
-        raise KdloraError(f"--target-params {target_params:,} is below the student these dims give ({params(base):,}); "
-                          "raise the target or shrink other axes (--num-layers, --num-heads)")
+        raise KdloraError(
+            f"--target-params {target_params:,} is below the student these dims give ({params(base):,}); "
+            "raise the target or shrink other axes (--num-layers, --num-heads)"
+        )
     notes = {a: [] for a in width_axes}
     multiples = {a: _width_multiples(teacher_config, base, a, notes[a]) for a in width_axes}
     choice = {a: 0 for a in width_axes}  # index into multiples[a]
@@ -139,13 +152,22 @@ def choose_shape(teacher_config, target_params: int | None = None, **explicit) -
         if shape is not None and (params(shape) >= (1 - TARGET_SLACK) * target_params or not coarser):
             break
         if not coarser:
-            raise KdloraError(f"--target-params {target_params:,} is below the smallest student these dims allow "
-                              f"({params(dataclasses.replace(base, **steps)):,}); raise the target or shrink other axes (--num-layers, --num-heads)")
+            raise KdloraError(
+                f"--target-params {target_params:,} is below the smallest student these dims allow "
+                f"({params(dataclasses.replace(base, **steps)):,}); raise the target or shrink other axes (--num-layers, --num-heads)"
+            )
         axis = max(coarser, key=lambda a: steps[a])  # give up the coarsest rounding first
-        got = "no width fits" if shape is None else f"{params(shape) / 1e6:.1f}M params, more than {TARGET_SLACK:.0%} under the target"
+        got = (
+            "no width fits"
+            if shape is None
+            else f"{params(shape) / 1e6:.1f}M params, more than {TARGET_SLACK:.0%} under the target"
+        )
         notes[axis].append(f"multiples of {steps[axis]}: {got}")
         choice[axis] += 1
-    rounding = {a: {"multiple": steps[a], "why": "; ".join(notes[a]) or "the friendliest width that fits the target"} for a in width_axes}
+    rounding = {
+        a: {"multiple": steps[a], "why": "; ".join(notes[a]) or "the friendliest width that fits the target"}
+        for a in width_axes
+    }
     return shape, rounding
 
 
@@ -163,8 +185,11 @@ def _width_multiples(teacher_config, base: Shape, axis: str, notes: list) -> lis
 
 def _fit_width(base: Shape, steps: dict, target_params: int, params) -> Shape | None:
     """The widest `base` scaled by one factor s (each width rounded to its step) within `target_params`."""
+
     def scaled(s: float) -> Shape:
-        return dataclasses.replace(base, **{a: min(getattr(base, a), _round_to(getattr(base, a) * s, step)) for a, step in steps.items()})
+        return dataclasses.replace(
+            base, **{a: min(getattr(base, a), _round_to(getattr(base, a) * s, step)) for a, step in steps.items()}
+        )
 
     if params(scaled(0.0)) > target_params:
         return None
@@ -184,15 +209,21 @@ def validate_shape(teacher_config, shape: Shape) -> None:
             raise KdloraError(f"{flag} {value} must be between 1 and the teacher's {limit}")
     heads, kv = shape.num_attention_heads, shape.num_key_value_heads
     if heads % kv:
-        raise KdloraError(f"--num-heads {heads} must be a multiple of --num-kv-heads {kv} (grouped-query attention); "
-                          f"nearest valid --num-heads: {_nearest_multiples(heads, kv, teacher.num_attention_heads)}")
+        raise KdloraError(
+            f"--num-heads {heads} must be a multiple of --num-kv-heads {kv} (grouped-query attention); "
+            f"nearest valid --num-heads: {_nearest_multiples(heads, kv, teacher.num_attention_heads)}"
+        )
     teacher_group = teacher.num_attention_heads // teacher.num_key_value_heads
     if heads // kv > teacher_group:
-        raise KdloraError(f"--num-heads {heads} with --num-kv-heads {kv} needs {heads // kv} query heads per KV group but the teacher has "
-                          f"{teacher_group}; use --num-heads <= {kv * teacher_group} or more --num-kv-heads")
+        raise KdloraError(
+            f"--num-heads {heads} with --num-kv-heads {kv} needs {heads // kv} query heads per KV group but the teacher has "
+            f"{teacher_group}; use --num-heads <= {kv * teacher_group} or more --num-kv-heads"
+        )
     if teacher_config.model_type == "llama" and shape.hidden_size % heads:
-        raise KdloraError(f"--hidden-size {shape.hidden_size} must be a multiple of --num-heads {heads} for Llama models "
-                          f"(transformers requires it); nearest valid --hidden-size: {_nearest_multiples(shape.hidden_size, heads, teacher.hidden_size)}")
+        raise KdloraError(
+            f"--hidden-size {shape.hidden_size} must be a multiple of --num-heads {heads} for Llama models "
+            f"(transformers requires it); nearest valid --hidden-size: {_nearest_multiples(shape.hidden_size, heads, teacher.hidden_size)}"
+        )
 
 
 def _nearest_multiples(value: int, step: int, limit: int) -> str:
@@ -238,13 +269,19 @@ def prune_state_dict(teacher, selection: Selection) -> dict[str, torch.Tensor]:
         return torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
 
     state = teacher.state_dict()
-    out = {"model.embed_tokens.weight": state["model.embed_tokens.weight"][:, hidden],
-           "model.norm.weight": state["model.norm.weight"][hidden] * norm_scale}
+    out = {
+        "model.embed_tokens.weight": state["model.embed_tokens.weight"][:, hidden],
+        "model.norm.weight": state["model.norm.weight"][hidden] * norm_scale,
+    }
     if "lm_head.weight" in state and not config.tie_word_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"][:, hidden]
     for new, old in enumerate(selection.layers):
         src, dst = f"model.layers.{old}.", f"model.layers.{new}."
-        q_rows, kv_rows, neurons = rows_of(selection.q_heads[old]), rows_of(selection.kv_groups[old]), selection.neurons[old]
+        q_rows, kv_rows, neurons = (
+            rows_of(selection.q_heads[old]),
+            rows_of(selection.kv_groups[old]),
+            selection.neurons[old],
+        )
         sliced = {
             "self_attn.q_proj.weight": state[src + "self_attn.q_proj.weight"][q_rows][:, hidden],
             "self_attn.k_proj.weight": state[src + "self_attn.k_proj.weight"][kv_rows][:, hidden],
@@ -293,14 +330,29 @@ def removed_units(teacher_config, selection: Selection) -> dict:
     return {
         "layers": [i for i in all_layers if i not in selection.layers],
         "hidden_channels": sorted(set(range(teacher_config.hidden_size)) - set(selection.channels.tolist())),
-        "kv_heads": {str(i): sorted(set(range(teacher_config.num_key_value_heads)) - set(selection.kv_groups[i])) for i in selection.layers},
-        "query_heads": {str(i): sorted(set(range(teacher_config.num_attention_heads)) - set(selection.q_heads[i])) for i in selection.layers},
-        "mlp_neurons_removed_per_layer": {str(i): teacher_config.intermediate_size - len(selection.neurons[i]) for i in selection.layers},
+        "kv_heads": {
+            str(i): sorted(set(range(teacher_config.num_key_value_heads)) - set(selection.kv_groups[i]))
+            for i in selection.layers
+        },
+        "query_heads": {
+            str(i): sorted(set(range(teacher_config.num_attention_heads)) - set(selection.q_heads[i]))
+            for i in selection.layers
+        },
+        "mlp_neurons_removed_per_layer": {
+            str(i): teacher_config.intermediate_size - len(selection.neurons[i]) for i in selection.layers
+        },
     }
 
 
-def plan_prune(teacher: str | None = None, target_params: str | None = None, batch_size: int = 8, seq_len: int = 256,
-               device_gb: float | None = None, cuda: bool | None = None, **dims) -> str:
+def plan_prune(
+    teacher: str | None = None,
+    target_params: str | None = None,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    device_gb: float | None = None,
+    cuda: bool | None = None,
+    **dims,
+) -> str:
     """`kdlora prune --plan`: peak memory per process from the teacher's config alone (no weights are read)."""
     from transformers import AutoConfig
 
@@ -314,8 +366,16 @@ def plan_prune(teacher: str | None = None, target_params: str | None = None, bat
     return prune_plan(config, student_config(config, shape), batch_size, seq_len, device_gb, cuda)
 
 
-def run_prune(out: Path, teacher: str | None = None, target_params: str | None = None, calib_data: str = "builtin:pydoc",
-              calib_samples: int = 1024, seq_len: int = 256, batch_size: int = 8, **dims) -> dict | None:
+def run_prune(
+    out: Path,
+    teacher: str | None = None,
+    target_params: str | None = None,
+    calib_data: str = "builtin:pydoc",
+    calib_samples: int = 1024,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    **dims,
+) -> dict | None:
     """`kdlora prune`: read top to bottom. Returns the pruning report (None on the other processes of a launch)."""
     from training.data import load_token_data
     from training.evaluate import perplexity
@@ -341,8 +401,10 @@ def run_prune(out: Path, teacher: str | None = None, target_params: str | None =
     data = load_token_data(calib_data, tokenizer, seq_len)
     calib = data.train[:calib_samples]
     if len(calib) < calib_samples:
-        _say(f"calibration: {calib_data} has {len(calib)} training blocks of {seq_len} tokens; using all of them (asked for {calib_samples})")
-    mine = calib[processes.process_index::processes.num_processes]
+        _say(
+            f"calibration: {calib_data} has {len(calib)} training blocks of {seq_len} tokens; using all of them (asked for {calib_samples})"
+        )
+    mine = calib[processes.process_index :: processes.num_processes]
     importance = gathered(activation_importance(model, mine, batch_size))
     if not processes.is_main_process:
         return None  # the main process builds, measures and writes the student
@@ -371,7 +433,9 @@ def run_prune(out: Path, teacher: str | None = None, target_params: str | None =
         (tmp / PRUNING_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         student_card(out.name, teacher_id, report).save(tmp / "README.md")
     ppl = report["heldout_perplexity"]
-    _say(f"held-out perplexity: teacher {ppl['teacher']:.2f}, student {ppl['student']:.2f} (distillation recovers this)")
+    _say(
+        f"held-out perplexity: teacher {ppl['teacher']:.2f}, student {ppl['student']:.2f} (distillation recovers this)"
+    )
     return report
 
 

@@ -124,9 +124,16 @@ def load_causal_lm(spec: str | Path | None, dtype=None, device=None, check_confi
             check_config(config)
         tokenizer = AutoTokenizer.from_pretrained(path)
         quantization = quantization_config(quantize, dtype or torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True, quantization_config=quantization,
-                                                     device_map={"": device or "cpu"} if quantization else None)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype or torch.float32,
+            use_safetensors=True,
+            quantization_config=quantization,
+            device_map={"": device or "cpu"} if quantization else None,
+        )
     except (OSError, ValueError) as err:
-        raise KdloraError(f"cannot load model '{model_id}' ({str(err).splitlines()[0]}); give a transformers checkpoint "
-                          "directory with safetensors weights and a tokenizer, or a Hub id") from err
+        raise KdloraError(
+            f"cannot load model '{model_id}' ({str(err).splitlines()[0]}); give a transformers checkpoint "
+            "directory with safetensors weights and a tokenizer, or a Hub id"
+        ) from err
     return (model if quantization else model.to(device or "cpu")).eval(), tokenizer, model_id

@@ -33,8 +33,18 @@ ROWS_PER_SHARD = 256
 SAMPLINGS = ("top-k", "rs-kd")
 
 
-def build_cache(spec: str, out: Path, teacher: str | None = None, seq_len: int = 256, top_k: int = 64, temperature: float = 2.0,
-                batch_size: int = 8, rows_per_shard: int = ROWS_PER_SHARD, sampling: str = "top-k", seed: int = 0) -> Path:
+def build_cache(
+    spec: str,
+    out: Path,
+    teacher: str | None = None,
+    seq_len: int = 256,
+    top_k: int = 64,
+    temperature: float = 2.0,
+    batch_size: int = 8,
+    rows_per_shard: int = ROWS_PER_SHARD,
+    sampling: str = "top-k",
+    seed: int = 0,
+) -> Path:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -45,7 +55,9 @@ def build_cache(spec: str, out: Path, teacher: str | None = None, seq_len: int =
     if out.exists():
         raise KdloraError(f"{out} already exists; a cache is written once; delete it or choose another --out")
     if top_k < 1 or temperature <= 0 or batch_size < 1 or rows_per_shard < 1:
-        raise KdloraError(f"--top-k and --batch-size must be at least 1 and --temperature above 0 (got {top_k}, {batch_size}, {temperature})")
+        raise KdloraError(
+            f"--top-k and --batch-size must be at least 1 and --temperature above 0 (got {top_k}, {batch_size}, {temperature})"
+        )
     if sampling not in SAMPLINGS:
         raise KdloraError(f"--sampling {sampling}: use {' or '.join(SAMPLINGS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,9 +66,20 @@ def build_cache(spec: str, out: Path, teacher: str | None = None, seq_len: int =
     vocab_size = model.get_output_embeddings().weight.shape[0]
     data = load_token_data(spec, tokenizer, seq_len)
     check_head_split(model, data.train[:1, :8].to(device))
-    settings = {"format": FORMAT, "data": spec, "seq_len": seq_len, "data_fingerprint": data.fingerprint, "teacher": teacher_id,
-                "top_k": min(top_k, vocab_size), "temperature": temperature, "vocab_size": vocab_size, "rows": len(data.train),
-                "rows_per_shard": rows_per_shard, "sampling": sampling, **({"seed": seed} if sampling == "rs-kd" else {})}
+    settings = {
+        "format": FORMAT,
+        "data": spec,
+        "seq_len": seq_len,
+        "data_fingerprint": data.fingerprint,
+        "teacher": teacher_id,
+        "top_k": min(top_k, vocab_size),
+        "temperature": temperature,
+        "vocab_size": vocab_size,
+        "rows": len(data.train),
+        "rows_per_shard": rows_per_shard,
+        "sampling": sampling,
+        **({"seed": seed} if sampling == "rs-kd" else {}),
+    }
     partial = Path(f"{out}.partial")
     done = _resume(partial, settings)
     shards = range(0, len(data.train), rows_per_shard)
@@ -67,22 +90,42 @@ def build_cache(spec: str, out: Path, teacher: str | None = None, seq_len: int =
                 bar.update(len(rows))
                 continue
             logp, ids, counts = [], [], []
-            draws = torch.Generator(device).manual_seed(seed * 1_000_003 + number)  # per shard: a resumed cache is the same bytes
+            draws = torch.Generator(device).manual_seed(
+                seed * 1_000_003 + number
+            )  # per shard: a resumed cache is the same bytes
             for start in range(rows.start, rows.stop, batch_size):
-                batch_logp, batch_ids, batch_counts = _targets(model, data.train[start:min(start + batch_size, rows.stop)],
-                                                               data.train_mask[start:min(start + batch_size, rows.stop)],
-                                                               settings["top_k"], temperature, device, draws if sampling == "rs-kd" else None)
+                batch_logp, batch_ids, batch_counts = _targets(
+                    model,
+                    data.train[start : min(start + batch_size, rows.stop)],
+                    data.train_mask[start : min(start + batch_size, rows.stop)],
+                    settings["top_k"],
+                    temperature,
+                    device,
+                    draws if sampling == "rs-kd" else None,
+                )
                 logp.append(batch_logp), ids.append(batch_ids), counts.append(batch_counts)
                 bar.update(len(batch_counts))
             offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cat(counts).cumsum(0)])
             temporary = partial / f".rows-{number:05d}.tmp"
-            save_file({"logp": torch.cat(logp).contiguous(), "ids": torch.cat(ids).contiguous(), "offsets": offsets}, temporary)
+            save_file(
+                {"logp": torch.cat(logp).contiguous(), "ids": torch.cat(ids).contiguous(), "offsets": offsets},
+                temporary,
+            )
             os.replace(temporary, partial / _shard_name(number))
     os.replace(partial, out)
     return out
 
 
-def _targets(model, rows: torch.Tensor, masks: torch.Tensor, k: int, temperature: float, device, draws=None, chunk_tokens: int = 256):
+def _targets(
+    model,
+    rows: torch.Tensor,
+    masks: torch.Tensor,
+    k: int,
+    temperature: float,
+    device,
+    draws=None,
+    chunk_tokens: int = 256,
+):
     """(log-probs [tokens, k] fp32, ids [tokens, k] int32, learned tokens per row) of one batch of rows: the top k, or
     with a generator `draws` the RS-KD sample; made chunk by chunk of tokens so that the full-vocabulary logits of the
     batch never exist at once."""
@@ -105,7 +148,9 @@ def sampled(logp: torch.Tensor, k: int, draws: torch.Generator) -> torch.Tensor:
     """RS-KD's target: k ids drawn with replacement from exp(logp) [tokens, vocab], as log-probs over the vocabulary
     (log of each id's share of the draws, -inf where it was not drawn)."""
     picks = torch.multinomial(logp.float().exp(), k, replacement=True, generator=draws)
-    shares = torch.zeros_like(logp, dtype=torch.float32).scatter_add_(-1, picks, torch.full(picks.shape, 1 / k, device=logp.device))
+    shares = torch.zeros_like(logp, dtype=torch.float32).scatter_add_(
+        -1, picks, torch.full(picks.shape, 1 / k, device=logp.device)
+    )
     return shares.log()
 
 
@@ -164,21 +209,35 @@ class TeacherCache:
         settings_file = path / "cache.json"
         if not settings_file.is_file():
             partial = Path(f"{path}.partial")
-            hint = f"; {partial} is an unfinished one: rerun kdlora teacher cache to complete it" if partial.exists() else ""
+            hint = (
+                f"; {partial} is an unfinished one: rerun kdlora teacher cache to complete it"
+                if partial.exists()
+                else ""
+            )
             raise KdloraError(f"--teacher-cache {path} is not a teacher cache (no cache.json){hint}")
         self.settings = json.loads(settings_file.read_text())
         if self.settings.get("format") != FORMAT:
-            raise KdloraError(f"--teacher-cache {path} has format {self.settings.get('format')}; this kdlora reads format {FORMAT}: rebuild it")
+            raise KdloraError(
+                f"--teacher-cache {path} has format {self.settings.get('format')}; this kdlora reads format {FORMAT}: rebuild it"
+            )
         if self.settings["data_fingerprint"] != data.fingerprint:
-            raise KdloraError(f"--teacher-cache {path} was made for other training rows (data {self.settings['data']}, --seq-len "
-                              f"{self.settings['seq_len']}); give distill the same --data and --seq-len, or rebuild the cache")
+            raise KdloraError(
+                f"--teacher-cache {path} was made for other training rows (data {self.settings['data']}, --seq-len "
+                f"{self.settings['seq_len']}); give distill the same --data and --seq-len, or rebuild the cache"
+            )
         if self.settings["temperature"] != temperature:
-            raise KdloraError(f"--teacher-cache {path} holds log-probs at temperature {self.settings['temperature']}, the run asks "
-                              f"--kd-temperature {temperature}; use {self.settings['temperature']} or rebuild the cache")
+            raise KdloraError(
+                f"--teacher-cache {path} holds log-probs at temperature {self.settings['temperature']}, the run asks "
+                f"--kd-temperature {temperature}; use {self.settings['temperature']} or rebuild the cache"
+            )
         if self.settings["vocab_size"] != vocab_size:
-            raise KdloraError(f"--teacher-cache {path} is over a vocabulary of {self.settings['vocab_size']}, the student has {vocab_size}")
-        self.shards = [safe_open(str(path / _shard_name(n)), framework="pt")
-                       for n in range(-(-self.settings["rows"] // self.settings["rows_per_shard"]))]
+            raise KdloraError(
+                f"--teacher-cache {path} is over a vocabulary of {self.settings['vocab_size']}, the student has {vocab_size}"
+            )
+        self.shards = [
+            safe_open(str(path / _shard_name(n)), framework="pt")
+            for n in range(-(-self.settings["rows"] // self.settings["rows_per_shard"]))
+        ]
         self.offsets = [shard.get_tensor("offsets") for shard in self.shards]
 
     @property
@@ -192,5 +251,9 @@ class TeacherCache:
             start, end = self.offsets[number][local].item(), self.offsets[number][local + 1].item()
             logp.append(self.shards[number].get_slice("logp")[start:end])
             ids.append(self.shards[number].get_slice("ids")[start:end])
-        return TopKTargets(torch.cat(logp).to(device), torch.cat(ids).to(device), self.settings["vocab_size"],
-                           sampled=self.settings.get("sampling") == "rs-kd")
+        return TopKTargets(
+            torch.cat(logp).to(device),
+            torch.cat(ids).to(device),
+            self.settings["vocab_size"],
+            sampled=self.settings.get("sampling") == "rs-kd",
+        )

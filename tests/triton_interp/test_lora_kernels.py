@@ -24,7 +24,9 @@ pytestmark = pytest.mark.triton_interpreter
 HIDDEN, VOCAB, MAX_RANK = 64, 256, 32
 SLOT_RANKS = {0: 16, 1: 4, 2: 8, 3: 32}  # slot 1: what stock vLLM loads for rank 4 of slot 0's adapter (its own copy)
 TOKEN_SLOTS = [-1, 0, 1, 2, 3, 1, -1, 0, 2, 1]  # -1: base model
-RANK_4_OF_SLOT_0 = 1 + (2 * 4 + 1) * lora_slots.RANK_STRIDE  # kdlora: slot 0's id (1), rank 4, rsLoRA (lora_slots.want_of)
+RANK_4_OF_SLOT_0 = (
+    1 + (2 * 4 + 1) * lora_slots.RANK_STRIDE
+)  # kdlora: slot 0's id (1), rank 4, rsLoRA (lora_slots.want_of)
 LAYERS = {"qkv": (64, 32, 32), "gate_up": (96, 96), "down": (64,), "lm_head": (VOCAB,)}
 CONFIG = SimpleNamespace(max_loras=4, max_lora_rank=MAX_RANK, specialize_active_lora=False, fully_sharded_loras=False)
 
@@ -48,8 +50,10 @@ def adapter_weights(widths: tuple[int, ...], seed: int) -> tuple[tuple, tuple]:
 
 WEIGHTS = {name: adapter_weights(widths, seed) for seed, (name, widths) in enumerate(LAYERS.items())}
 X = torch.randn(len(TOKEN_SLOTS), HIDDEN, generator=torch.Generator().manual_seed(7)).half()
-Y0 = {name: torch.randn(len(TOKEN_SLOTS), sum(widths), generator=torch.Generator().manual_seed(8)).half()
-      for name, widths in LAYERS.items()}
+Y0 = {
+    name: torch.randn(len(TOKEN_SLOTS), sum(widths), generator=torch.Generator().manual_seed(8)).half()
+    for name, widths in LAYERS.items()
+}
 
 
 def reference(name: str) -> torch.Tensor:
@@ -58,7 +62,9 @@ def reference(name: str) -> torch.Tensor:
     lora_a, lora_b = WEIGHTS[name]
     for token, slot in enumerate(TOKEN_SLOTS):
         if slot >= 0:
-            y[token] += torch.cat([(X[token].float() @ a[slot, 0].float().t()) @ b[slot, 0].float().t() for a, b in zip(lora_a, lora_b)])
+            y[token] += torch.cat(
+                [(X[token].float() @ a[slot, 0].float().t()) @ b[slot, 0].float().t() for a, b in zip(lora_a, lora_b)]
+            )
     return y
 
 
@@ -67,7 +73,9 @@ def wrapper(config=CONFIG) -> PunicaWrapperGPU:
     kdlora (installed) it is slot 0's adapter with the rank in the mapping, as lora_slots.set_active_loras writes it."""
     punica = PunicaWrapperGPU(64, 8, "cpu", lora_config=config)
     lora_ids = tuple(slot + 1 for slot in TOKEN_SLOTS)  # id 0 = no LoRA; slot s holds id s + 1
-    if hasattr(punica, "kdlora_slots_changed") and not config.fully_sharded_loras:  # there kdlora serves ranks as stock does
+    if (
+        hasattr(punica, "kdlora_slots_changed") and not config.fully_sharded_loras
+    ):  # there kdlora serves ranks as stock does
         for slot, rank in SLOT_RANKS.items():
             punica.kdlora_slots_changed(slot, rank)
         lora_ids = tuple(RANK_4_OF_SLOT_0 if slot == 1 else slot + 1 for slot in TOKEN_SLOTS)
@@ -130,7 +138,12 @@ def test_a_rank_of_a_resident_adapter_reads_its_slot_not_a_copy(kdlora):
     for t in lora_a + lora_b:
         t[1].zero_()
     assert_close(apply(punica, "qkv", (lora_a, lora_b)), reference("qkv"))
-    assert punica.kdlora_table.tokens.meta.active_lora_ids.tolist()[:4] == [-1, 0, 2, 3]  # three groups read weights, not four
+    assert punica.kdlora_table.tokens.meta.active_lora_ids.tolist()[:4] == [
+        -1,
+        0,
+        2,
+        3,
+    ]  # three groups read weights, not four
 
 
 @pytest.mark.parametrize("slot, wrong_rank", [(1, 16), (3, 31), (0, 8)])
@@ -148,7 +161,9 @@ def test_a_wrong_rank_mask_fails_the_comparison(kdlora, slot, wrong_rank):
 def test_fully_sharded_loras_keep_vllms_kernels(stock, kdlora, monkeypatch):
     """With the rank itself split over GPUs (fully_sharded_loras), kdlora's rank table does not apply: vLLM's path."""
     sharded = wrapper(SimpleNamespace(**{**vars(CONFIG), "fully_sharded_loras": True}))
-    monkeypatch.setattr(lora_triton, "lora_shrink", lambda *args: pytest.fail("kdlora's kernel ran on fully sharded LoRAs"))
+    monkeypatch.setattr(
+        lora_triton, "lora_shrink", lambda *args: pytest.fail("kdlora's kernel ran on fully sharded LoRAs")
+    )
     for name in ("down", "lm_head"):
         assert torch.equal(apply(sharded, name), stock[name])
 
@@ -179,27 +194,29 @@ def test_vllm_signatures_are_the_ones_kdlora_was_written_against():
     from vllm.lora.ops.triton_ops.lora_expand_op import _lora_expand
     from vllm.lora.ops.triton_ops.lora_shrink_op import _lora_shrink
 
-    signatures = {f.__qualname__: str(inspect.signature(f)) for f in (
-        PunicaWrapperGPU.update_metadata, PunicaWrapperGPU.add_shrink, PunicaWrapperGPU.add_expand,
-        PunicaWrapperGPU.add_lora_linear, PunicaWrapperGPU.add_lora_logits, _lora_shrink, _lora_expand)}
+    signatures = {
+        f.__qualname__: str(inspect.signature(f))
+        for f in (
+            PunicaWrapperGPU.update_metadata,
+            PunicaWrapperGPU.add_shrink,
+            PunicaWrapperGPU.add_expand,
+            PunicaWrapperGPU.add_lora_linear,
+            PunicaWrapperGPU.add_lora_logits,
+            _lora_shrink,
+            _lora_expand,
+        )
+    }
     assert signatures == RECORDED_SIGNATURES
 
 
 RECORDED_SIGNATURES = {  # vLLM 0.32.0
-    'PunicaWrapperGPU.add_expand':
-        '(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: tuple[torch.Tensor, ...], output_slices: tuple[int, ...], offset_start: int = 0, add_inputs=True, **kwargs: Any) -> None',
-    'PunicaWrapperGPU.add_lora_linear':
-        '(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...], *, buffer: torch.Tensor | None = None, **kwargs: Any) -> None',
-    'PunicaWrapperGPU.add_lora_logits':
-        '(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor, lora_b_stacked: torch.Tensor, scale, *, buffer: torch.Tensor | None = None, **kwargs: Any) -> None',
-    'PunicaWrapperGPU.add_shrink':
-        '(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...], scale: float, **kwargs: Any)',
-    'PunicaWrapperGPU.update_metadata':
-        '(self, mapping: vllm.lora.layers.utils.LoRAMapping, lora_index_to_id: list[int | None], max_loras: int, vocab_size: int, **kwargs)',
-    '_lora_expand':
-        '(inputs: torch.Tensor, lora_b_weights: list[torch.Tensor], output_tensor: torch.Tensor, token_lora_mapping: torch.Tensor, token_indices_sorted_by_lora_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start_loc: torch.Tensor, lora_ids: torch.Tensor, no_lora_flag_cpu: torch.Tensor, num_active_loras: torch.Tensor, offset_start: int = 0, add_inputs: bool = False) -> None',
-    '_lora_shrink':
-        '(inputs: torch.Tensor, lora_a_weights: list[torch.Tensor], output_tensor: torch.Tensor, token_lora_mapping: torch.Tensor, token_indices_sorted_by_lora_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start_loc: torch.Tensor, lora_ids: torch.Tensor, no_lora_flag_cpu: torch.Tensor, num_active_loras: torch.Tensor, scaling: float) -> None',
+    "PunicaWrapperGPU.add_expand": "(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: tuple[torch.Tensor, ...], output_slices: tuple[int, ...], offset_start: int = 0, add_inputs=True, **kwargs: Any) -> None",
+    "PunicaWrapperGPU.add_lora_linear": "(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...], *, buffer: torch.Tensor | None = None, **kwargs: Any) -> None",
+    "PunicaWrapperGPU.add_lora_logits": "(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor, lora_b_stacked: torch.Tensor, scale, *, buffer: torch.Tensor | None = None, **kwargs: Any) -> None",
+    "PunicaWrapperGPU.add_shrink": "(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...], scale: float, **kwargs: Any)",
+    "PunicaWrapperGPU.update_metadata": "(self, mapping: vllm.lora.layers.utils.LoRAMapping, lora_index_to_id: list[int | None], max_loras: int, vocab_size: int, **kwargs)",
+    "_lora_expand": "(inputs: torch.Tensor, lora_b_weights: list[torch.Tensor], output_tensor: torch.Tensor, token_lora_mapping: torch.Tensor, token_indices_sorted_by_lora_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start_loc: torch.Tensor, lora_ids: torch.Tensor, no_lora_flag_cpu: torch.Tensor, num_active_loras: torch.Tensor, offset_start: int = 0, add_inputs: bool = False) -> None",
+    "_lora_shrink": "(inputs: torch.Tensor, lora_a_weights: list[torch.Tensor], output_tensor: torch.Tensor, token_lora_mapping: torch.Tensor, token_indices_sorted_by_lora_ids: torch.Tensor, num_tokens_per_lora: torch.Tensor, lora_token_start_loc: torch.Tensor, lora_ids: torch.Tensor, no_lora_flag_cpu: torch.Tensor, num_active_loras: torch.Tensor, scaling: float) -> None",
 }
 
 
