@@ -112,7 +112,7 @@ def check_lora_path() -> str:
     import torch
     import vllm
 
-    from kdlora_serve import lora_cpu, lora_triton
+    from kdlora_serve.worker import lora_cpu, lora_triton
 
     if torch.cuda.is_available():
         reason = lora_triton.unsupported_reason(vllm.__version__)

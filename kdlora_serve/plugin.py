@@ -24,7 +24,8 @@ def register() -> None:
     _registered = True
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from kdlora_serve import lora_cpu, lora_triton, resolver
+    from kdlora_serve.api import resolver
+    from kdlora_serve.worker import lora_cpu, lora_triton
 
     _end_with_parent()
     if "kdlora" not in LoRAResolverRegistry.get_supported_resolvers():

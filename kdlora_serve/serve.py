@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hub.errors import KdloraError
 from hub.remote import parse_repo, read_remote_metadata
-from kdlora_serve.store import ENV_ADAPTERS, ENV_ALLOW, ENV_BASE_ID
+from kdlora_serve.api.store import ENV_ADAPTERS, ENV_ALLOW, ENV_BASE_ID
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
 
@@ -61,7 +61,7 @@ def serve_command(
         "--max-loras",
         str(max_loras),
         "--middleware",
-        "kdlora_serve.middleware.KdloraMiddleware",
+        "kdlora_serve.api.middleware.KdloraMiddleware",
         "--host",
         host,
         "--port",

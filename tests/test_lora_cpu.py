@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("vllm")
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
-from kdlora_serve import lora_cpu, lora_slots  # noqa: E402
+from kdlora_serve.worker import lora_cpu, lora_slots  # noqa: E402
 
 STOCK_ADD_LORA_LINEAR = PunicaWrapperCPU.add_lora_linear  # captured before any patch in this process
 STOCK = {name: getattr(PunicaWrapperCPU, name) for name in ("add_lora_linear", "add_lora_logits", "update_metadata")}
@@ -62,7 +62,7 @@ def test_only_the_slots_true_rank_is_used():
 
 
 def test_stock_vllm_path_still_has_the_bug():
-    """If this fails, vLLM fixed slot -1 on CPU: drop the patch for that version (kdlora_serve/lora_cpu.py)."""
+    """If this fails, vLLM fixed slot -1 on CPU: drop the patch for that version (kdlora_serve/worker/lora_cpu.py)."""
     slots = [-1, 0, 1]
     x, y = torch.randn(3, 16), torch.zeros(3, 16)
     a, b = stacked()

@@ -1,4 +1,4 @@
-"""kdlora's CUDA LoRA path (kdlora_serve/lora_triton.py). Its kernels are checked in tests/triton_interp, in a
+"""kdlora's CUDA LoRA path (kdlora_serve/worker/lora_triton.py). Its kernels are checked in tests/triton_interp, in a
 pytest process of its own: Triton's interpreter must be set up before vLLM decides whether Triton is usable,
 which this process (vLLM's CPU build) must keep deciding as it does."""
 
@@ -13,7 +13,8 @@ import vllm  # noqa: E402
 from conftest import REPO  # noqa: E402
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU  # noqa: E402
 
-from kdlora_serve import doctor, lora_triton  # noqa: E402
+from kdlora_serve import doctor  # noqa: E402
+from kdlora_serve.worker import lora_triton  # noqa: E402
 
 
 @pytest.mark.triton_interpreter

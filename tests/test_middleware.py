@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import tiny_llama, write_nested_adapter
 
-from kdlora_serve import store as store_module
-from kdlora_serve.middleware import KdloraMiddleware
-from kdlora_serve.store import AdapterStore
+from kdlora_serve.api import store as store_module
+from kdlora_serve.api.middleware import KdloraMiddleware
+from kdlora_serve.api.store import AdapterStore
 
 ALIAS = "tiny"
 
@@ -212,8 +212,8 @@ def test_with_one_lora_per_adapter_every_rank_is_the_checked_full_adapter_and_no
 
 
 def test_a_foreign_adapter_leaves_nothing_behind_and_says_the_same_twice(store, adapter, tmp_path):
-    from kdlora_serve import metrics
-    from kdlora_serve.policy import RequestError
+    from kdlora_serve.api import metrics
+    from kdlora_serve.api.policy import RequestError
 
     foreign = write_nested_adapter(tmp_path / "foreign", tiny_llama(), rank=4, base_model_id="someone/else")
     store.aliases["foreign"] = str(foreign)
@@ -233,7 +233,7 @@ def test_copies_are_removed_when_the_server_stops(store):
 
 def test_missing_repos_are_404_by_type_not_by_text(store, monkeypatch):
     from hub.errors import NotFoundError
-    from kdlora_serve.policy import RequestError
+    from kdlora_serve.api.policy import RequestError
 
     def missing(*args, **kwargs):
         raise NotFoundError("nothing here")  # no "not found" in the text

@@ -3,7 +3,7 @@
 import pytest
 
 from hub.schema import ModelRef, RankMetadata, RankResult
-from kdlora_serve.policy import Budget, CostTracker, RequestError, choose_rank, parse_budget, split_model_name
+from kdlora_serve.api.policy import Budget, CostTracker, RequestError, choose_rank, parse_budget, split_model_name
 
 META = RankMetadata(
     max_rank=16,

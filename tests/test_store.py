@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from kdlora_serve.store import ENV_ADAPTERS, AdapterStore
+from kdlora_serve.api.store import ENV_ADAPTERS, AdapterStore
 
 
 def test_adapter_copies_of_dead_servers_are_removed_at_start(tmp_path, monkeypatch):
@@ -29,7 +29,7 @@ def test_a_server_that_exits_removes_its_adapter_copies(tmp_path):
     adapter = write_nested_adapter(tmp_path / "adapter", tiny_llama(), rank=4)
     probe = (
         "from pathlib import Path\n"
-        "from kdlora_serve.store import AdapterStore\n"
+        "from kdlora_serve.api.store import AdapterStore\n"
         f"store = AdapterStore({{'a': {str(adapter)!r}}}, [], [], Path({str(tmp_path / 'served')!r}))\n"
         "print(store.lora_dir('a', 2))\n"
     )

@@ -12,7 +12,7 @@ import types
 import pytest
 
 if os.environ.get("KDLORA_RANK_AWARE", "1") != "0":
-    from kdlora_serve import lora_cpu
+    from kdlora_serve.worker import lora_cpu
 
     assert lora_cpu.install(), "kdlora's CPU LoRA path did not install"
 sys.modules.setdefault("ray", types.SimpleNamespace(shutdown=lambda: None))

@@ -1,4 +1,4 @@
-"""kdlora's Triton LoRA kernels (kdlora_serve/lora_triton.py) == a torch reference == vLLM's stock kernels on the
+"""kdlora's Triton LoRA kernels (kdlora_serve/worker/lora_triton.py) == a torch reference == vLLM's stock kernels on the
 padded weights, through vLLM's own PunicaWrapperGPU on CPU tensors under Triton's interpreter (fp16: numpy has
 no bf16). One mixed batch: base tokens, three adapters at ranks 16 / 8 / 32 (padded to 32), and requests for
 rank 4 of the rank-16 adapter (rsLoRA scaling), in the layer shapes vLLM calls: q/k/v slices (GQA widths), gate/up, a row-parallel
@@ -17,7 +17,7 @@ from vllm.platforms import current_platform
 from vllm.triton_utils import HAS_TRITON
 from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
-from kdlora_serve import lora_slots, lora_triton
+from kdlora_serve.worker import lora_slots, lora_triton
 
 pytestmark = pytest.mark.triton_interpreter
 

@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from kdlora_serve import lora_slots
-from kdlora_serve.lora_slots import log
+from kdlora_serve.worker import lora_slots
+from kdlora_serve.worker.lora_slots import log
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 

@@ -27,8 +27,8 @@ from hub.cache import cache_dir
 from hub.errors import KdloraError, NotFoundError
 from hub.remote import parse_repo, pull_adapter, read_remote_metadata
 from hub.schema import RankMetadata
-from kdlora_serve import metrics
-from kdlora_serve.policy import CostTracker, RequestError
+from kdlora_serve.api import metrics
+from kdlora_serve.api.policy import CostTracker, RequestError
 
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 

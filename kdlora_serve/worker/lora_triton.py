@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from vllm.triton_utils import HAS_TRITON, tl, triton  # placeholders where Triton is unusable (vLLM's CPU build)
 
-from kdlora_serve import lora_slots
-from kdlora_serve.lora_slots import log
+from kdlora_serve.worker import lora_slots
+from kdlora_serve.worker.lora_slots import log
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N = 16, 16, 64, 64  # tokens, ranks, hidden (shrink), outputs (expand); untuned

@@ -19,9 +19,9 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from hub.errors import KdloraError
-from kdlora_serve import lora_slots
-from kdlora_serve.policy import split_model_name
-from kdlora_serve.store import get_store
+from kdlora_serve.api.policy import split_model_name
+from kdlora_serve.api.store import get_store
+from kdlora_serve.worker import lora_slots
 
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 TESTED_VLLM_VERSIONS = ("0.32.0",)

@@ -1,7 +1,7 @@
 """One vLLM LoRA slot per adapter, every rank of it served from that slot: the rank travels with the request.
 
 kdlora registers all ranks of an adapter (`org/adapter@r8`, `@r2`, ...) under ONE vLLM LoRA id with the
-full-rank weights (kdlora_serve.resolver), so vLLM's scheduler, CPU cache and slots count adapters, not ranks,
+full-rank weights (kdlora_serve.api.resolver), so vLLM's scheduler, CPU cache and slots count adapters, not ranks,
 and a rank never requested before needs no load. What vLLM does not carry is the rank; this module adds it:
 
 - `set_active_loras` (patched into vLLM's LoRA model-runner mixin, in the workers) writes into vLLM's per-token
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from hub.errors import KdloraError
-from kdlora_serve.policy import split_model_name
+from kdlora_serve.api.policy import split_model_name
 
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 _STOCK: dict = {}

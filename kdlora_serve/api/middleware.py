@@ -1,0 +1,332 @@
+"""ASGI middleware (`vllm serve --middleware kdlora_serve.api.middleware.KdloraMiddleware`): per-request rank.
+
+It is the outermost layer of vLLM's app, so it also guards the whole server:
+- with an API key set (`--api-key`, in any spelling vLLM accepts, or VLLM_API_KEY), EVERY route but the
+  probes in PUBLIC_PATHS needs it, checked first and in constant time (vLLM itself guards /v1 only,
+  leaving e.g. /invocations open);
+- vLLM's runtime adapter routes (/v1/load_lora_adapter, /v1/unload_lora_adapter, /adapters) are refused:
+  kdlora turns them on only because vLLM consults LoRA resolvers only then, and they would let a
+  client swap the weights behind a served name past kdlora's allow-list and checks.
+
+For generation requests whose `model` is a kdlora adapter it reads the budget (`extra_body={"kdlora":
+{...}}` or `x-kdlora-*` headers), picks the rank (policy), makes sure the files vLLM loads for it are intact
+(store), rewrites `model` to `<adapter>@r<k>` before vLLM sees it (vLLM then echoes that name and the
+resolver registers the rank), adds `x-kdlora-rank` / `x-kdlora-budget-met` to the response, and measures
+ms per generated token per rank for the policy. Bad requests get OpenAI-shaped JSON errors; nothing
+here can take the server down. Also serves discovery: GET /v1/kdlora/adapters, and lists every
+adapter's evaluated ranks in GET /v1/models before they are first requested.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+
+from hub.errors import KdloraError
+from kdlora_serve.api import metrics
+from kdlora_serve.api.policy import RequestError, choose_rank, parse_budget, split_model_name
+from kdlora_serve.api.store import get_store
+
+log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
+LISTING_PATH = "/v1/kdlora/adapters"
+MODELS_PATH = "/v1/models"
+PUBLIC_PATHS = ("/health", "/ping", "/version", "/metrics")  # liveness probes and scrapers: no key, no model run
+ADAPTER_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
+HEADER_PREFIX = "x-kdlora-"
+
+
+class KdloraMiddleware:
+    def __init__(self, app):
+        self.app = app
+        self.in_flight = 0  # generation requests being served (any model): the load the cost model is asked at
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if scope["type"] == "websocket":
+            if not _authorized(scope):
+                return await send({"type": "websocket.close", "code": 1008})  # policy violation: refused before accept
+            return await self.app(scope, receive, send)
+        if path in ADAPTER_ADMIN_PATHS or path.startswith("/adapters/"):
+            return await _send_json(
+                send,
+                403,
+                _error(
+                    "loading and unloading adapters at run time is disabled on a kdlora server: name an adapter in `model` "
+                    "(e.g. org/adapter@r8) and kdlora pulls, checks and loads it",
+                    403,
+                ),
+            )
+        if scope["method"] != "OPTIONS" and path not in PUBLIC_PATHS and not _authorized(scope):
+            return await _send_json(
+                send, 401, _error("invalid or missing API key (send it as 'Authorization: Bearer KEY')", 401)
+            )
+        if scope["method"] == "GET" and path == LISTING_PATH:
+            return await _send_json(send, 200, {"object": "list", "data": get_store().listing()})
+        if scope["method"] == "GET" and path == MODELS_PATH:
+            return await self.app(scope, receive, _ModelsWithRanks(send, scope))
+        if scope["method"] != "POST" or path not in GENERATION_PATHS:
+            return await self.app(scope, receive, send)
+        self.in_flight += 1  # one event loop: no lock needed
+        try:
+            return await self._generate(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _generate(self, scope, receive, send):
+        body = await _read_body(receive)
+        try:
+            routed = await self._route(scope, body)
+        except RequestError as err:
+            return await _send_json(send, err.status, _error(str(err), err.status, err.param))
+        except Exception as err:  # a bug here must cost one request, never the server
+            log.exception("kdlora: routing failed")
+            return await _send_json(
+                send, 500, _error(f"kdlora could not route this request: {type(err).__name__}: {err}", 500)
+            )
+        if routed is None:
+            return await self.app(scope, _replay(body, receive), send)
+        new_body, adapter, choice = routed
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        scope = dict(scope, headers=headers + [(b"content-length", str(len(new_body)).encode())])
+        return await self.app(scope, _replay(new_body, receive), _Measured(send, adapter, choice, self.in_flight))
+
+    async def _route(self, scope, body: bytes):
+        """None: not ours, pass through unchanged. Else (rewritten body, adapter, Choice)."""
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None  # vLLM answers malformed JSON itself
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(model, str):
+            return None
+        from_body, from_headers = payload.pop("kdlora", None), _budget_headers(scope["headers"])
+        if model in _served_names(scope):
+            if from_body is not None or from_headers:
+                raise RequestError(
+                    f"'{model}' is the base model: kdlora budgets (extra_body 'kdlora', x-kdlora-* headers) "
+                    "apply to adapters only; drop them, or name an adapter",
+                    param="model",
+                )
+            return None
+        store = get_store()
+        adapter, rank = split_model_name(model)
+        if rank is None and not store.is_adapter_name(adapter):
+            return None  # an unknown model: vLLM's own 404
+        if from_body is not None and not isinstance(from_body, dict):
+            raise RequestError("'kdlora' must be an object, e.g. {\"max_rank\": 8}", param="kdlora")
+        budget = parse_budget(from_body or {}, from_headers)
+        served = _served_model(scope)
+        try:
+            loaded = await asyncio.to_thread(store.load, adapter, served)
+            choice = choose_rank(loaded.metadata, budget, adapter, store.costs, rank, self.in_flight)
+            await asyncio.to_thread(store.lora_dir, adapter, choice.rank, served)  # intact before vLLM may load it
+        except RequestError:
+            raise
+        except KdloraError as err:
+            raise RequestError(str(err), 400, "model") from err
+        if not choice.met:
+            metrics.BUDGET_MISSES.labels(adapter=adapter).inc()
+        payload["model"] = f"{adapter}@r{choice.rank}"
+        return json.dumps(payload).encode(), adapter, choice
+
+
+def _budget_headers(headers) -> dict[str, str]:
+    """{field: text} of the x-kdlora-* headers; latin-1, as HTTP headers are (any byte decodes)."""
+    found = {}
+    for key, value in headers:
+        name = key.decode("latin-1").lower()
+        if name.startswith(HEADER_PREFIX):
+            found.setdefault(name.removeprefix(HEADER_PREFIX).replace("-", "_"), value.decode("latin-1"))
+    return found
+
+
+class _Measured:
+    """Wraps `send`: adds the rank headers, then records the request's decode ms per generated token for the policy:
+    streamed, from the first token's event to the last one's (prefill and queueing before it excluded); otherwise
+    the whole request over its usage's completion tokens (prefill included: no first-token time to split at)."""
+
+    def __init__(self, send, adapter: str, choice, in_flight: int):
+        self.send, self.adapter, self.choice, self.in_flight = send, adapter, choice, in_flight
+        self.started = time.perf_counter()
+        self.status = 200
+        self.chunks: list[bytes] = []
+        self.stream_tokens = 0
+        self.first_token = self.last_token = None
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            extra = [
+                (b"x-kdlora-rank", str(self.choice.rank).encode()),
+                (b"x-kdlora-budget-met", b"true" if self.choice.met else b"false"),
+            ]
+            if not self.choice.met:
+                extra.append((b"x-kdlora-budget-miss", self.choice.reason.encode()))
+            message = dict(message, headers=list(message.get("headers", [])) + extra)
+        elif message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if body.startswith(b"data:") or b"\ndata:" in body:  # streaming: about one token per event
+                events = body.count(b"data: {")
+                if events:
+                    self.last_token = time.perf_counter()
+                    self.first_token = self.first_token or self.last_token
+                    self.stream_tokens += events
+            elif len(self.chunks) < 1024:
+                self.chunks.append(body)
+            if not message.get("more_body", False):
+                self._record()
+        await self.send(message)
+
+    def _record(self) -> None:
+        if self.status != 200:
+            return
+        tokens = self.stream_tokens
+        if tokens:
+            seconds, per = (
+                (self.last_token - self.first_token, tokens - 1) if tokens > 1 else (self.last_token - self.started, 1)
+            )
+        else:
+            try:
+                tokens = json.loads(b"".join(self.chunks))["usage"]["completion_tokens"]
+            except (ValueError, KeyError, TypeError):
+                return
+            seconds, per = time.perf_counter() - self.started, tokens
+        store, rank = get_store(), self.choice.rank
+        if per > 0:
+            store.costs.record(self.adapter, rank, 1000 * seconds / per, self.in_flight)
+        metrics.REQUESTS.labels(adapter=self.adapter, rank=str(rank)).inc()
+        metrics.TOKENS.labels(adapter=self.adapter, rank=str(rank)).inc(tokens)
+
+
+class _ModelsWithRanks:
+    """Wraps `send` for GET /v1/models: appends each configured or loaded adapter and its evaluated ranks
+    (`<adapter>@r<k>`) that vLLM does not list yet, so routers can discover them before first use."""
+
+    def __init__(self, send, scope):
+        self.send, self.scope = send, scope
+        self.start, self.chunks = None, []
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.start = message
+            return
+        self.chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(self.chunks)
+        if self.start["status"] == 200:
+            try:
+                body = json.dumps(await asyncio.to_thread(_with_ranks, json.loads(body), self.scope)).encode()
+            except Exception:  # a listing problem must not hide vLLM's own answer
+                log.warning("kdlora: could not add adapter ranks to /v1/models", exc_info=True)
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+        await self.send(dict(self.start, headers=headers + [(b"content-length", str(len(body)).encode())]))
+        await self.send({"type": "http.response.body", "body": body})
+
+
+def _with_ranks(listing: dict, scope) -> dict:
+    store = get_store()
+    listed = {card["id"] for card in listing["data"]}
+    parent = next(iter(_served_names(scope)), None)
+    for row in store.listing():
+        meta = store.describe(row["id"])
+        if meta is None:
+            continue
+        ranks = sorted({r.rank for r in meta.ranks} | {meta.max_rank})
+        for name in [row["id"], *(f"{row['id']}@r{k}" for k in ranks)]:
+            if name not in listed:
+                listing["data"].append(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "kdlora",
+                        "root": row["source"],
+                        "parent": parent,
+                        "permission": [],
+                    }
+                )
+    return listing
+
+
+def _serving_models(scope):
+    """vLLM's OpenAIServingModels from the app state (None outside a vLLM app)."""
+    return getattr(_app_state(scope), "openai_serving_models", None)
+
+
+def _app_state(scope):
+    return getattr(scope.get("app"), "state", None)
+
+
+def _served_names(scope) -> set[str]:
+    return {path.name for path in getattr(_serving_models(scope), "base_model_paths", [])}
+
+
+def _served_model(scope) -> str | None:
+    return getattr(getattr(_serving_models(scope), "model_config", None), "model", None)
+
+
+def _api_keys(scope) -> list[str]:
+    """The keys vLLM itself enforces: `--api-key` (any spelling, from its parsed args), else VLLM_API_KEY."""
+    args = getattr(_app_state(scope), "args", None)
+    return [key for key in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if key]
+
+
+def _authorized(scope) -> bool:
+    """vLLM's own rule (scheme case-insensitive, Bearer token), compared in constant time, on every route."""
+    keys = _api_keys(scope)
+    if not keys:
+        return True
+    header = next((value for name, value in scope["headers"] if name.lower() == b"authorization"), b"")
+    scheme, _, token = header.partition(b" ")
+    presented = hashlib.sha256(token).digest()
+    matches = [hmac.compare_digest(presented, hashlib.sha256(key.encode()).digest()) for key in keys]  # no early exit
+    return scheme.lower() == b"bearer" and any(matches)
+
+
+def _error(message: str, status: int, param: str | None = None) -> dict:
+    kinds = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError"}
+    return {
+        "error": {"message": message, "type": kinds.get(status, "InternalServerError"), "param": param, "code": status}
+    }
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands over `body` once, then the client's own messages (e.g. disconnect)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
