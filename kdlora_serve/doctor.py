@@ -110,20 +110,35 @@ def check_plugin() -> str:
 def check_lora_path() -> str:
     """Which LoRA compute `kdlora serve` will run here: kdlora's rank-aware path, or vLLM's stock one and why."""
     import torch
+
+    from kdlora_serve.vllm_patches import unsupported_reason
+
+    cuda = torch.cuda.is_available()
+    reason = unsupported_reason("cuda" if cuda else "cpu")
+    if reason is not None:
+        return f"{'CUDA' if cuda else 'CPU'}: vLLM's stock LoRA path, cost does not follow the rank ({reason})"
+    if cuda:
+        return (
+            "CUDA: kdlora's rank-aware Triton kernels (correctness verified on CPU under Triton's interpreter; "
+            "no GPU run recorded)"
+        )
+    return "CPU: kdlora's grouped rank-aware path (base tokens exact, cost follows the rank)"
+
+
+def check_vllm_patches() -> str:
+    """What kdlora changes in vLLM and why (kdlora_serve.vllm_patches), for the vLLM versions it was tested with."""
     import vllm
 
-    from kdlora_serve.worker import lora_cpu, lora_triton
+    from kdlora_serve.vllm_patches import TESTED_VLLM_VERSIONS, describe
 
-    if torch.cuda.is_available():
-        reason = lora_triton.unsupported_reason(vllm.__version__)
-        ours = "CUDA: kdlora's rank-aware Triton kernels (correctness verified on CPU under Triton's interpreter; no GPU run recorded)"
-    else:
-        reason = lora_cpu.unsupported_reason(vllm.__version__)
-        ours = "CPU: kdlora's grouped rank-aware path (base tokens exact, cost follows the rank)"
+    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
+        return (
+            f"none: vLLM {vllm.__version__} is untested (tested: {', '.join(TESTED_VLLM_VERSIONS)}); stock vLLM serves"
+        )
+    rows = describe()
     return (
-        ours
-        if reason is None
-        else f"{'CUDA' if torch.cuda.is_available() else 'CPU'}: vLLM's stock LoRA path, cost does not follow the rank ({reason})"
+        f"{len(rows)} vLLM methods replaced (rank-aware / cpu / cuda rows only where that path serves):\n"
+        + "\n".join(f"       {row}" for row in rows)
     )
 
 
@@ -182,6 +197,7 @@ CHECKS: list[tuple[str, Callable[[], str]]] = [
     ("teacher weights", check_teacher),
     ("vllm plugin", check_plugin),
     ("lora path", check_lora_path),
+    ("vllm patches", check_vllm_patches),
     ("memory", check_memory),
 ]
 

@@ -1,11 +1,11 @@
 """vLLM general plugin (`vllm.general_plugins: kdlora`), loaded in every vLLM process; idempotent.
 
-- API server: registers the kdlora LoRA resolver (`<adapter>@r<k>` -> a rank-k LoRA) and, with a rank-aware
-  backend, serves every rank of an adapter as one vLLM LoRA (resolver); loads the configured adapters at start.
-- Workers: installs kdlora's rank-aware LoRA compute: on CPU the grouped path that also keeps base-model tokens
-  exact (lora_cpu), on CUDA the Triton kernels (lora_triton).
-- vLLM's child processes (engine core, workers) end when their parent does, so a killed API server
-  leaves no engine behind holding memory and ports.
+- registers the kdlora LoRA resolver (`<adapter>@r<k>` -> a rank-k LoRA; vLLM's resolver seam, API server);
+- applies kdlora's replacements of vLLM methods (kdlora_serve.vllm_patches: one table, one version gate), which in
+  the workers include kdlora's rank-aware punica wrapper (CPU: grouped path that also keeps base tokens exact;
+  CUDA: Triton kernels);
+- makes vLLM's child processes (engine core, workers) end when their parent does, so a killed API server leaves no
+  engine behind holding memory and ports.
 """
 
 import multiprocessing
@@ -24,15 +24,13 @@ def register() -> None:
     _registered = True
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from kdlora_serve.api import resolver
-    from kdlora_serve.worker import lora_cpu, lora_triton
+    from kdlora_serve import vllm_patches
+    from kdlora_serve.api.resolver import KdloraResolver
 
     _end_with_parent()
     if "kdlora" not in LoRAResolverRegistry.get_supported_resolvers():
-        LoRAResolverRegistry.register_resolver("kdlora", resolver.KdloraResolver())
-    lora_cpu.install()
-    lora_triton.install()
-    resolver.install()
+        LoRAResolverRegistry.register_resolver("kdlora", KdloraResolver())
+    vllm_patches.install()
 
 
 def _end_with_parent() -> None:

@@ -8,14 +8,15 @@ import torch
 pytest.importorskip("vllm")
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
+from kdlora_serve import rank as rank_protocol  # noqa: E402
+from kdlora_serve import vllm_patches  # noqa: E402
 from kdlora_serve.worker import lora_cpu, lora_slots  # noqa: E402
 
-STOCK_ADD_LORA_LINEAR = PunicaWrapperCPU.add_lora_linear  # captured before any patch in this process
-STOCK = {name: getattr(PunicaWrapperCPU, name) for name in ("add_lora_linear", "add_lora_logits", "update_metadata")}
+STOCK_ADD_LORA_LINEAR = PunicaWrapperCPU.add_lora_linear  # kdlora subclasses vLLM's wrapper, never changes it
 
 
-def wrapper_with_slots(slots: list[int]) -> PunicaWrapperCPU:
-    wrapper = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+def wrapper_with_slots(slots: list[int], wrapper_class=lora_cpu.RankAwarePunicaCPU) -> PunicaWrapperCPU:
+    wrapper = wrapper_class(max_num_batched_tokens=64, max_batches=8, device="cpu")
     wrapper._token_lora_indices[: len(slots)] = torch.tensor(slots)
     wrapper.indices_len = [len(slots)] * 4
     wrapper.is_prefill, wrapper.no_lora = False, False
@@ -40,7 +41,7 @@ def test_grouped_path_skips_base_tokens_and_applies_each_slot(rank):
         if slot >= 0:
             expected[row, :12] += (x[row] @ a[0][slot, 0].T * 0.5) @ b[0][slot, 0].T
             expected[row, 12:] += (x[row] @ a[1][slot, 0].T * 0.5) @ b[1][slot, 0].T
-    lora_cpu.add_lora_linear(wrapper_with_slots(slots), y, x, a, b, 0.5, (12, 4))
+    wrapper_with_slots(slots).add_lora_linear(y, x, a, b, 0.5, (12, 4))
     torch.testing.assert_close(y, expected)
 
 
@@ -49,51 +50,73 @@ def test_only_the_slots_true_rank_is_used():
     slots = [0, 0, -1]
     x, a, b = torch.randn(3, 16), *stacked()
     wrapper = wrapper_with_slots(slots)
-    wrapper.kdlora_slot_ranks = {0: 3}
+    wrapper.slot_ranks = {0: 3}
     y = torch.zeros(3, 16)
-    lora_cpu.add_lora_linear(wrapper, y, x, a, b, 1.0, (12, 4))
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (12, 4))
     padded = tuple(t.clone() for t in a), tuple(t.clone() for t in b)
     for t in padded[0]:
         t[:, :, 3:] = 0  # what vLLM stores for a rank-3 adapter: zero padding beyond its rank
     y_padded = torch.zeros(3, 16)
-    STOCK_ADD_LORA_LINEAR(wrapper_with_slots([0, 0, 0]), y_padded, x, *padded, 1.0, (12, 4))
+    STOCK_ADD_LORA_LINEAR(wrapper_with_slots([0, 0, 0], PunicaWrapperCPU), y_padded, x, *padded, 1.0, (12, 4))
     torch.testing.assert_close(y[:2], y_padded[:2], rtol=1e-5, atol=1e-5)
     assert y[2].abs().sum() == 0
 
 
 def test_stock_vllm_path_still_has_the_bug():
-    """If this fails, vLLM fixed slot -1 on CPU: drop the patch for that version (kdlora_serve/worker/lora_cpu.py)."""
+    """If this fails, vLLM fixed slot -1 on CPU: kdlora's wrapper is no longer needed for that (worker/lora_cpu.py)."""
     slots = [-1, 0, 1]
     x, y = torch.randn(3, 16), torch.zeros(3, 16)
     a, b = stacked()
-    STOCK_ADD_LORA_LINEAR(wrapper_with_slots(slots), y, x, a, b, 1.0, (12, 4))
+    STOCK_ADD_LORA_LINEAR(wrapper_with_slots(slots, PunicaWrapperCPU), y, x, a, b, 1.0, (12, 4))
     assert y[0].abs().sum() > 0  # the base token received the LAST slot's LoRA
 
 
-def test_install_is_version_guarded(monkeypatch):
+def test_install_is_version_guarded_and_undone_by_uninstall(monkeypatch):
+    """One gate for every patch: an untested vLLM or KDLORA_RANK_AWARE=0 leaves vLLM's punica wrapper (and, untested,
+    every method) as it is; installed, vLLM's platform builds kdlora's subclass; uninstall restores vLLM's own."""
     import vllm
     from vllm.lora.model_manager import LoRAModelManager
-    from vllm.lora.worker_manager import WorkerLoRAManager
-    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
+    from vllm.lora.punica_wrapper.punica_selector import get_punica_wrapper
 
-    for name, method in STOCK.items():
-        monkeypatch.setattr(PunicaWrapperCPU, name, method)
-    monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
-    monkeypatch.setattr(LoRAModelRunnerMixin, "set_active_loras", LoRAModelRunnerMixin.set_active_loras)
-    monkeypatch.setattr(LoRAModelManager, "__init__", LoRAModelManager.__init__)
-    monkeypatch.setattr(WorkerLoRAManager, "_load_adapter", WorkerLoRAManager._load_adapter)
-    monkeypatch.setattr(lora_slots, "_installed", [])
-    monkeypatch.setattr(vllm, "__version__", "0.99.0")
-    assert lora_cpu.install() is False and PunicaWrapperCPU.add_lora_linear is STOCK_ADD_LORA_LINEAR
-    monkeypatch.setattr(vllm, "__version__", "0.32.0")
-    monkeypatch.setenv("KDLORA_RANK_AWARE", "0")
-    assert lora_cpu.install() is False
-    monkeypatch.delenv("KDLORA_RANK_AWARE")
-    assert lora_cpu.install() is True and PunicaWrapperCPU.add_lora_linear is lora_cpu.add_lora_linear
-    assert lora_cpu.install() is True and lora_cpu._STOCK["add_lora_linear"] is STOCK_ADD_LORA_LINEAR  # idempotent
-    assert lora_slots.rank_aware(
-        SimpleNamespace(fully_sharded_loras=True)
-    )  # the CPU path takes fully sharded LoRAs too
+    def built() -> type:
+        return type(get_punica_wrapper(64, 8, "cpu", lora_config=SimpleNamespace(max_loras=2)))
+
+    stock_activate = LoRAModelManager.activate_adapter
+    vllm_patches.uninstall()
+    try:
+        monkeypatch.setattr(vllm, "__version__", "0.99.0")
+        assert vllm_patches.install() is None and built() is PunicaWrapperCPU
+        assert LoRAModelManager.activate_adapter is stock_activate and not vllm_patches._ORIGINALS
+        monkeypatch.setattr(vllm, "__version__", "0.32.0")
+        monkeypatch.setenv("KDLORA_RANK_AWARE", "0")
+        assert vllm_patches.install() is None and built() is PunicaWrapperCPU
+        assert LoRAModelManager.activate_adapter is stock_activate  # the API-side rows only
+        monkeypatch.delenv("KDLORA_RANK_AWARE")
+        vllm_patches.uninstall()
+        assert vllm_patches.install() == "cpu" and built() is lora_cpu.RankAwarePunicaCPU
+        assert LoRAModelManager.activate_adapter is lora_slots.activate_adapter
+        assert (
+            vllm_patches.install() == "cpu"
+            and vllm_patches.original(  # idempotent: the original kept is vLLM's
+                "vllm.lora.model_manager.LoRAModelManager.activate_adapter"
+            )
+            is stock_activate
+        )
+        assert vllm_patches.rank_aware(SimpleNamespace(fully_sharded_loras=True))  # the CPU path takes those too
+    finally:
+        vllm_patches.uninstall()
+    assert built() is PunicaWrapperCPU and LoRAModelManager.activate_adapter is stock_activate
+
+
+def test_every_patch_target_and_replacement_exists():
+    """The table names real vLLM methods and real kdlora functions (a renamed method fails here, not in a server)."""
+    for rows in vllm_patches.PATCHES.values():
+        for patch in rows:
+            if ".cuda." in patch.target:
+                continue  # vllm.platforms.cuda imports CUDA-only pieces: checked on the CUDA tier
+            owner, name = vllm_patches._resolve(patch.target)
+            holder, function = vllm_patches._resolve(patch.replacement)
+            assert hasattr(owner, name) and callable(getattr(holder, function)), patch
 
 
 def test_slot_weights_are_cached_until_an_adapter_is_activated():
@@ -101,16 +124,16 @@ def test_slot_weights_are_cached_until_an_adapter_is_activated():
     x, (a, b) = torch.randn(1, 16), stacked()
     wrapper = wrapper_with_slots(slots)
     first = torch.zeros(1, 16)
-    lora_cpu.add_lora_linear(wrapper, first, x, a, b, 1.0, (12, 4))
+    wrapper.add_lora_linear(first, x, a, b, 1.0, (12, 4))
     for t in a:
         t[0] *= 2  # vLLM writes another adapter into slot 0 ...
-    lora_cpu.slots_changed(wrapper, 1, 8)  # another slot's activation keeps slot 0's layout (a stale one: still 1x)
+    wrapper.slots_changed(1, 8)  # another slot's activation keeps slot 0's layout (a stale one: still 1x)
     kept = torch.zeros(1, 16)
-    lora_cpu.add_lora_linear(wrapper, kept, x, a, b, 1.0, (12, 4))
+    wrapper.add_lora_linear(kept, x, a, b, 1.0, (12, 4))
     torch.testing.assert_close(kept, first)
-    lora_cpu.slots_changed(wrapper, 0, 8)  # ... and activate_adapter says so
+    wrapper.slots_changed(0, 8)  # ... and activate_adapter says so
     second = torch.zeros(1, 16)
-    lora_cpu.add_lora_linear(wrapper, second, x, a, b, 1.0, (12, 4))
+    wrapper.add_lora_linear(second, x, a, b, 1.0, (12, 4))
     torch.testing.assert_close(second, 2 * first)
 
 
@@ -153,7 +176,6 @@ def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora,
     update_metadata) == each token with the adapter truncated to its rank: A[:k], B[:, :k] scaled by alpha/k."""
     from vllm.lora.layers import LoRAMapping
 
-    monkeypatch.setitem(lora_cpu._STOCK, "update_metadata", STOCK["update_metadata"])
     monkeypatch.setattr(lora_cpu, "_plan", lambda *args: plan)
     alpha, a, b, raw = 8.0, *adapter_stacks(rslora=rslora)
     x, y = torch.randn(len(tokens), 16), torch.randn(len(tokens), 16)
@@ -169,33 +191,30 @@ def test_every_rank_of_a_resident_adapter_equals_that_rank_alone(tokens, rslora,
             expected[row, 12:] += (x[row] @ a[1][1, 0].T * 0.5) @ b[1][1, 0].T
     wrapper = wrapper_with_slots([slot for slot, _ in tokens])
     for slot in (0, 1):
-        lora_cpu.slots_changed(wrapper, slot, 8)
-    ids = tuple(
-        0 if slot < 0 else slot + 1 + (2 * rank + rslora) * (rank > 0) * lora_slots.RANK_STRIDE for slot, rank in tokens
-    )
-    lora_cpu.update_metadata(wrapper, LoRAMapping(ids, ids, is_prefill=False), [1, 2, None, None], 4, 256)
-    assert [slot for slot, *_ in wrapper.kdlora_token_groups] == sorted(
+        wrapper.slots_changed(slot, 8)
+    ids = tuple(0 if s < 0 else rank_protocol.pack(s + 1, rank_protocol.want(k or None, rslora)) for s, k in tokens)
+    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=False), [1, 2, None, None], 4, 256)
+    assert [slot for slot, *_ in wrapper.token_groups] == sorted(
         {slot for slot, _ in tokens if slot >= 0}
     )  # one group per slot
     a, b, y = tuple(t.to(dtype) for t in a), tuple(t.to(dtype) for t in b), y.to(dtype)
-    lora_cpu.add_lora_linear(wrapper, y, x.to(dtype), a, b, 0.5, (12, 4))
+    wrapper.add_lora_linear(y, x.to(dtype), a, b, 0.5, (12, 4))
     tolerance = 1e-5 if dtype == torch.float32 else 0.05 * float(expected.abs().max())
     torch.testing.assert_close(y.float(), expected, rtol=1e-5 if dtype == torch.float32 else 0.02, atol=tolerance)
 
 
 def test_a_rank_never_asked_for_reads_a_prefix_of_the_slots_layout_and_builds_nothing(monkeypatch):
-    monkeypatch.setitem(lora_cpu._STOCK, "update_metadata", STOCK["update_metadata"])
     from vllm.lora.layers import LoRAMapping
 
     a, b, _ = adapter_stacks()
     wrapper = wrapper_with_slots([0, 0])
-    lora_cpu.slots_changed(wrapper, 0, 8)
+    wrapper.slots_changed(0, 8)
     built = []
-    for rank in (8, 3, 5):
-        ids = (1 + 2 * rank * lora_slots.RANK_STRIDE,) * 2
-        lora_cpu.update_metadata(wrapper, LoRAMapping(ids, ids, is_prefill=False), [1, None, None, None], 4, 256)
-        lora_cpu.add_lora_linear(wrapper, torch.zeros(2, 16), torch.randn(2, 16), a, b, 0.5, (12, 4))
-        built.append(len(wrapper.kdlora_weights))
+    for k in (8, 3, 5):
+        ids = (rank_protocol.pack(1, rank_protocol.want(k, False)),) * 2
+        wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=False), [1, None, None, None], 4, 256)
+        wrapper.add_lora_linear(torch.zeros(2, 16), torch.randn(2, 16), a, b, 0.5, (12, 4))
+        built.append(len(wrapper.layouts))
     assert (
         built[0] >= 1 and built == built[:1] * 3
     )  # the slot's layouts (one per plan the shape uses); ranks 3, 5 add none
@@ -214,7 +233,7 @@ def test_the_start_up_measurement_picks_a_fitting_plan_for_every_rank_and_token_
     narrow = SimpleNamespace(
         lora_a_stacked=(torch.zeros(2, 1, 8, 16),), lora_b_stacked=(torch.zeros(2, 1, 6, 8),), output_slices=(8,)
     )
-    lora_cpu.prepare(None, [layer, narrow, SimpleNamespace()])
+    lora_cpu.measure_plans([layer, narrow, SimpleNamespace()])
     plans = {key[0]: set(chosen.values()) for key, chosen in lora_cpu._PLANS.items()}
     assert plans[torch.bfloat16] <= {"torch-split", "torch-fused", "fp32"} and plans[torch.float32] == {"torch-split"}
     assert all(
@@ -237,5 +256,5 @@ def test_a_requests_rank_and_scaling_rule_come_from_its_lora_name_and_config(tmp
     )  # a LoRA not named by rank: all of it
     assert lora_slots.want_of(None) == 0
     torch.testing.assert_close(
-        lora_slots.scale_ratio(torch.tensor([0, 8, 9, 32]), 16), torch.tensor([1.0, 4.0, 2.0, 1.0])
+        rank_protocol.scale_ratio(torch.tensor([0, 8, 9, 32]), 16), torch.tensor([1.0, 4.0, 2.0, 1.0])
     )

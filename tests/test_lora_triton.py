@@ -11,10 +11,9 @@ import torch
 pytest.importorskip("vllm")
 import vllm  # noqa: E402
 from conftest import REPO  # noqa: E402
-from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU  # noqa: E402
+from vllm import triton_utils  # noqa: E402
 
-from kdlora_serve import doctor  # noqa: E402
-from kdlora_serve.worker import lora_triton  # noqa: E402
+from kdlora_serve import doctor, vllm_patches  # noqa: E402
 
 
 @pytest.mark.triton_interpreter
@@ -41,8 +40,7 @@ def test_triton_kernels_under_the_interpreter():
 
 
 def test_not_installed_off_cuda():
-    stock = PunicaWrapperGPU.add_shrink
-    assert lora_triton.install() is False and PunicaWrapperGPU.add_shrink is stock
+    assert vllm_patches.lora_backend() == "cpu"  # this process's platform: the CUDA rows never apply here
 
 
 def test_doctor_says_which_lora_path_the_server_takes(monkeypatch):
@@ -59,7 +57,7 @@ def test_doctor_says_which_lora_path_the_server_takes(monkeypatch):
         doctor.check_lora_path()
         == "CUDA: vLLM's stock LoRA path, cost does not follow the rank (vLLM finds Triton unusable)"
     )
-    monkeypatch.setattr(lora_triton, "HAS_TRITON", True)
+    monkeypatch.setattr(triton_utils, "HAS_TRITON", True)
     assert doctor.check_lora_path() == (
         "CUDA: kdlora's rank-aware Triton kernels (correctness verified on CPU under Triton's "
         "interpreter; no GPU run recorded)"
@@ -69,3 +67,4 @@ def test_doctor_says_which_lora_path_the_server_takes(monkeypatch):
         "CUDA: vLLM's stock LoRA path, cost does not follow the rank (vLLM 0.99.0 is untested "
         "with kdlora's kernels (tested: 0.32.0))"
     )
+    assert doctor.check_vllm_patches() == "none: vLLM 0.99.0 is untested (tested: 0.32.0); stock vLLM serves"

@@ -3,7 +3,9 @@
 import pytest
 
 from hub.schema import ModelRef, RankMetadata, RankResult
-from kdlora_serve.api.policy import Budget, CostTracker, RequestError, choose_rank, parse_budget, split_model_name
+from kdlora_serve.api.policy import Budget, CostTracker, choose_rank, parse_budget
+from kdlora_serve.errors import RequestError
+from kdlora_serve.rank import split_model_name
 
 META = RankMetadata(
     max_rank=16,

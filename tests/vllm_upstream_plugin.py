@@ -1,6 +1,6 @@
 """pytest plugin for running vLLM's own tests/lora against kdlora (loaded with -p by test_vllm_upstream.py).
 
-It installs kdlora's CPU LoRA path before vLLM's tests import anything, and supplies the two things vLLM's
+It installs kdlora's vLLM patches (with its CPU LoRA path) before vLLM's tests import anything, and supplies the two things vLLM's
 top-level tests/conftest.py would (it is not loaded: it needs vLLM's whole test toolchain): the
 `default_vllm_config` fixture, and a stand-in for Ray, whose shutdown vLLM's cleanup calls.
 """
@@ -12,9 +12,9 @@ import types
 import pytest
 
 if os.environ.get("KDLORA_RANK_AWARE", "1") != "0":
-    from kdlora_serve.worker import lora_cpu
+    from kdlora_serve import vllm_patches
 
-    assert lora_cpu.install(), "kdlora's CPU LoRA path did not install"
+    assert vllm_patches.install() == "cpu", "kdlora's CPU LoRA path did not install"
 sys.modules.setdefault("ray", types.SimpleNamespace(shutdown=lambda: None))
 
 

@@ -27,8 +27,10 @@ import time
 
 from hub.errors import KdloraError
 from kdlora_serve.api import metrics
-from kdlora_serve.api.policy import RequestError, choose_rank, parse_budget, split_model_name
+from kdlora_serve.api.policy import choose_rank, parse_budget
 from kdlora_serve.api.store import get_store
+from kdlora_serve.errors import RequestError
+from kdlora_serve.rank import model_name, split_model_name
 
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
@@ -132,7 +134,7 @@ class KdloraMiddleware:
             raise RequestError(str(err), 400, "model") from err
         if not choice.met:
             metrics.BUDGET_MISSES.labels(adapter=adapter).inc()
-        payload["model"] = f"{adapter}@r{choice.rank}"
+        payload["model"] = model_name(adapter, choice.rank)
         return json.dumps(payload).encode(), adapter, choice
 
 
@@ -239,7 +241,7 @@ def _with_ranks(listing: dict, scope) -> dict:
         if meta is None:
             continue
         ranks = sorted({r.rank for r in meta.ranks} | {meta.max_rank})
-        for name in [row["id"], *(f"{row['id']}@r{k}" for k in ranks)]:
+        for name in [row["id"], *(model_name(row["id"], k) for k in ranks)]:
             if name not in listed:
                 listing["data"].append(
                     {

@@ -6,7 +6,6 @@ decode cost per rank and load (`CostTracker`, fed by the middleware from finishe
 number of requests in flight now: measured, not assumed). No budget: the adapter's default rank. Nothing fits: the cheapest rank, flagged as a miss.
 """
 
-import re
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -16,19 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hub.errors import KdloraError
 from hub.schema import RankMetadata
-
-_NAME = re.compile(r"^(?P<adapter>.+?)@r(?P<rank>[^@]*)$")
-_RANK = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() and int() also take '²' and '٨'
-MAX_MODEL_CHARS = 512  # far above any repo id or alias; longer names are refused before any lookup
-
-
-class RequestError(KdloraError):
-    """A bad request: becomes an OpenAI-style JSON error with this HTTP status."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
+from kdlora_serve.errors import RequestError
+from kdlora_serve.rank import is_rank_digits, model_name
 
 DEFAULT_QUALITY_METRIC = "teacher_top1_agreement"
 
@@ -78,30 +66,13 @@ def _header_value(name: str, text: str):
     if field is None:
         return text
     if field.annotation == int | None:
-        return int(text) if _RANK.fullmatch(text) else text
+        return int(text) if is_rank_digits(text) else text
     if field.annotation == str | None:
         return text
     try:
         return float(text) if text.isascii() else text
     except ValueError:
         return text
-
-
-def split_model_name(model: str) -> tuple[str, int | None]:
-    """`org/name@r8` -> ("org/name", 8); `org/name` -> ("org/name", None)."""
-    if len(model) > MAX_MODEL_CHARS:
-        raise RequestError(
-            f"model name '{model[:40]}...' is {len(model)} characters long; at most {MAX_MODEL_CHARS}", param="model"
-        )
-    match = _NAME.match(model)
-    if not match:
-        return model, None
-    if not _RANK.fullmatch(match["rank"]):
-        raise RequestError(
-            f"'{model}': the rank after '@r' must be a whole number in ASCII digits, e.g. {match['adapter']}@r8",
-            param="model",
-        )
-    return match["adapter"], int(match["rank"])
 
 
 @dataclass
@@ -196,7 +167,7 @@ def choose_rank(
         try:
             meta.check_rank(rank)
         except KdloraError as err:
-            raise RequestError(f"'{adapter}@r{rank}': {err}", param="model") from err
+            raise RequestError(f"'{model_name(adapter, rank)}': {err}", param="model") from err
         failed = _failed(meta, budget, adapter, costs, rank, in_flight)
         return Choice(rank, not failed, failed or "rank requested")
     if not budget.constrained():

@@ -3,7 +3,7 @@
 - `KdloraResolver`, a vLLM LoRA resolver: vLLM calls it (API-server process, with
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=1) for a request whose model is neither the base nor a known LoRA; by then the
   middleware has validated the name and rewritten budgets to an explicit rank, so anything else is not ours (None).
-- `resolve_lora`, patched over vLLM's OpenAIServingModels.resolve_lora: with a rank-aware backend (lora_slots),
+- `resolve_lora`, replacing vLLM's OpenAIServingModels.resolve_lora (kdlora_serve.vllm_patches): with a rank-aware path,
   every rank of an adapter is ONE vLLM LoRA: the first rank requested loads the full-rank adapter; any other rank
   is registered under the same id and path, with nothing to load (vLLM would give each name its own id).
   With vLLM's stock LoRA ops each rank stays its own LoRA, the truncation.
@@ -19,19 +19,18 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from hub.errors import KdloraError
-from kdlora_serve.api.policy import split_model_name
+from kdlora_serve import vllm_patches
 from kdlora_serve.api.store import get_store
-from kdlora_serve.worker import lora_slots
+from kdlora_serve.rank import kdlora_name, model_name
 
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
-TESTED_VLLM_VERSIONS = ("0.32.0",)
-_STOCK: dict = {}
+SERVING_MODELS = "vllm.entrypoints.openai.models.serving.OpenAIServingModels"
 
 
 class KdloraResolver(LoRAResolver):
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         store = get_store()
-        adapter, rank = _kdlora_name(lora_name)
+        adapter, rank = kdlora_name(lora_name)
         if rank is None or not store.is_adapter_name(adapter):
             return None
         try:
@@ -43,23 +42,16 @@ class KdloraResolver(LoRAResolver):
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
 
 
-def _kdlora_name(name: str) -> tuple[str | None, int | None]:
-    try:
-        return split_model_name(name)
-    except KdloraError:
-        return None, None
-
-
 async def resolve_lora(self, lora_name: str):
-    adapter, rank = _kdlora_name(lora_name)
+    adapter, rank = kdlora_name(lora_name)
     if rank is None or not get_store().one_lora_per_adapter:
-        return await _STOCK["resolve_lora"](self, lora_name)
+        return await vllm_patches.original(f"{SERVING_MODELS}.resolve_lora")(self, lora_name)
     async with self.lora_resolver_lock[f"kdlora:{adapter}"]:  # one load per adapter, however many ranks race to it
         if lora_name in self.lora_requests:
             return self.lora_requests[lora_name]
-        loaded = next((r for name, r in list(self.lora_requests.items()) if _kdlora_name(name)[0] == adapter), None)
+        loaded = next((r for name, r in list(self.lora_requests.items()) if kdlora_name(name)[0] == adapter), None)
         if loaded is None:
-            return await _STOCK["resolve_lora"](self, lora_name)
+            return await vllm_patches.original(f"{SERVING_MODELS}.resolve_lora")(self, lora_name)
         alias = LoRARequest(
             lora_name=lora_name,
             lora_int_id=loaded.lora_int_id,
@@ -74,14 +66,14 @@ async def resolve_lora(self, lora_name: str):
 
 
 async def init_static_loras(self):
-    await _STOCK["init_static_loras"](self)
+    await vllm_patches.original(f"{SERVING_MODELS}.init_static_loras")(self)
     store = get_store()
     lora_config = self.engine_client.vllm_config.lora_config
-    store.one_lora_per_adapter = lora_slots.rank_aware(lora_config)
+    store.one_lora_per_adapter = vllm_patches.rank_aware(lora_config)
     for number, adapter in enumerate(store.aliases):
         try:
             loaded = await asyncio.to_thread(store.load, adapter, self.model_config.model)
-            lora_request = await self.resolve_lora(f"{adapter}@r{loaded.metadata.default_rank}")
+            lora_request = await self.resolve_lora(model_name(adapter, loaded.metadata.default_rank))
             if isinstance(lora_request, LoRARequest) and number < lora_config.max_loras:
                 await _generate_one_token(self.engine_client, lora_request)
         except Exception as err:  # the server still starts; the adapter's first request says what is wrong
@@ -100,15 +92,3 @@ async def _generate_one_token(engine_client, lora_request: LoRARequest) -> None:
         lora_request=lora_request,
     ):
         pass
-
-
-def install() -> None:
-    """Patch vLLM's OpenAI model registry (idempotent; tested vLLM versions only: elsewhere each rank is its own LoRA)."""
-    import vllm
-    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-
-    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
-        return
-    for name, method in {"resolve_lora": resolve_lora, "init_static_loras": init_static_loras}.items():
-        _STOCK.setdefault(name, getattr(OpenAIServingModels, name))
-        setattr(OpenAIServingModels, name, method)

@@ -28,7 +28,8 @@ from hub.errors import KdloraError, NotFoundError
 from hub.remote import parse_repo, pull_adapter, read_remote_metadata
 from hub.schema import RankMetadata
 from kdlora_serve.api import metrics
-from kdlora_serve.api.policy import CostTracker, RequestError
+from kdlora_serve.api.policy import CostTracker
+from kdlora_serve.errors import RequestError
 
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 

@@ -1,4 +1,4 @@
-"""Rank-aware, base-exact LoRA compute for vLLM's CPU backend, installed from the plugin.
+"""Rank-aware, base-exact LoRA compute for vLLM's CPU backend: `RankAwarePunicaCPU`, a subclass of vLLM's wrapper.
 
 Stock vLLM-cpu pads every adapter slot to `--max-lora-rank` and, per token, gathers a copy of its
 slot's [max_rank, hidden] weights (`vllm/lora/ops/torch_ops/lora_ops.py`), so a rank-8 adapter costs
@@ -6,7 +6,7 @@ what a rank-64 one does. Worse, tokens without an adapter carry slot -1, which t
 but the CPU ops read as `weights[-1]`, the LAST slot: base requests batched with adapter requests
 change their output (reproduced with vllm-cpu 0.32.0).
 
-This path groups tokens by slot once per step (`update_metadata`), skips slot -1, and multiplies each
+This path groups tokens by slot once per step (`group`, after vLLM's metadata step), skips slot -1, and multiplies each
 group by its slot's `A[:k]` / `B[:, :k]` only, k being the largest rank a token of the group asks for
 (lora_slots: every rank of an adapter is served from one slot holding its full rank R, the rank travels
 with the request). Tokens of the group that ask for less are masked to their rank; each is scaled by its
@@ -17,8 +17,8 @@ block-diagonal matrix or one per slice; in the output dtype, or in fp32 where to
 are slow) is a plan measured at start for each layer shape, rank and token count on this CPU (`_measure`).
 Layouts are cached per (layer, slot, plan) until the next activation.
 
-Only on the CPU platform and for the vLLM versions it was tested with; `KDLORA_RANK_AWARE=0` keeps
-vLLM's stock path (for A/B runs). The CUDA counterpart is lora_triton.
+vLLM builds it where kdlora_serve.vllm_patches installs it: the CPU platform, vLLM versions it was tested with;
+`KDLORA_RANK_AWARE=0` keeps vLLM's stock path (for A/B runs). The CUDA counterpart is lora_triton.
 """
 
 import bisect
@@ -26,11 +26,10 @@ import math
 import time
 
 import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from kdlora_serve.worker import lora_slots
-from kdlora_serve.worker.lora_slots import log
-
-TESTED_VLLM_VERSIONS = ("0.32.0",)
+from kdlora_serve import rank as rank_protocol
+from kdlora_serve.worker.lora_slots import RankAwarePunica, log
 
 
 def _groups(slots: torch.Tensor, wants: torch.Tensor | None, slot_ranks: dict[int, int]) -> list[tuple]:
@@ -47,8 +46,8 @@ def _groups(slots: torch.Tensor, wants: torch.Tensor | None, slot_ranks: dict[in
         slot_rank, rank, ratio, column_scale = slot_ranks.get(slot), None, 1.0, None
         if wants is not None and slot_rank is not None:
             row_wants = wants[rows]
-            ranks = torch.where(row_wants == 0, slot_rank, row_wants // 2).clamp(max=slot_rank)
-            rank, ratios = int(ranks.max()), lora_slots.scale_ratio(row_wants, slot_rank)
+            ranks = rank_protocol.token_ranks(row_wants, slot_rank)
+            rank, ratios = int(ranks.max()), rank_protocol.scale_ratio(row_wants, slot_rank)
             if torch.all(ranks == rank):  # the common case: the ratio rides on the expand's alpha, no extra call
                 ratio = float(ratios[0])
             else:
@@ -109,15 +108,15 @@ def _slot_weights(
     (vLLM zeroes a slot for layers the adapter does not touch, e.g. lm_head). Every rank k <= R reads a prefix of
     the same layout: a rank never asked for before builds nothing."""
     tokens = _measured_tokens(tokens)
-    lookup = owner.__dict__.setdefault("kdlora_lookup", {})  # per call: one dict probe, no planning (~6 us saved)
+    lookup = owner.lookup  # per call: one dict probe, no planning (~6 us saved)
     fast_key = (id(lora_a_stacked[0]), slot, dtype, scale, rank, tokens)
     if fast_key in lookup:
         return lookup[fast_key]
-    cache = owner.__dict__.setdefault("kdlora_weights", {})
+    cache = owner.layouts
     if not any(bool(a[slot].any()) for a in lora_a_stacked):  # checked before any plan is measured or built
         lookup[fast_key] = None
         return None
-    full = owner.__dict__.get("kdlora_slot_ranks", {}).get(slot, lora_a_stacked[0].shape[-2])
+    full = owner.slot_ranks.get(slot, lora_a_stacked[0].shape[-2])
     shape = _shape(dtype, lora_a_stacked, lora_b_stacked, output_slices)
     plan = _plan(shape, rank or full, tokens)
     key = (id(lora_a_stacked[0]), slot, dtype, scale, plan)
@@ -225,90 +224,61 @@ def _time(copies, y, x, rounds: int = 4) -> float:
     return time.perf_counter() - started
 
 
-def prepare(wrapper, modules) -> None:
-    """At start (lora_slots, when vLLM builds its LoRA layers): measure the plans of every LoRA'd layer shape now,
-    not on the first request's path."""
+def measure_plans(modules) -> None:
+    """At start (when vLLM builds its LoRA layers): measure the plans of every LoRA'd layer shape now, not on the
+    first request's path."""
     for module in modules:
         lora_a, lora_b = getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None)
         if isinstance(lora_a, tuple) and isinstance(lora_b, tuple) and getattr(module, "output_slices", None):
             _plan(_shape(lora_b[0].dtype, lora_a, lora_b, module.output_slices), 8, 1)
 
 
-def slots_changed(wrapper, slot: int, rank: int) -> None:
-    """vLLM wrote an adapter of `rank` into `slot` (lora_slots): record the rank, drop that slot's cached layouts."""
-    wrapper.__dict__.setdefault("kdlora_slot_ranks", {})[slot] = rank
-    for name in (
-        "kdlora_weights",
-        "kdlora_lookup",
-    ):  # that slot's entries only: the other slots' adapters are unchanged
-        wrapper.__dict__[name] = {key: value for key, value in wrapper.__dict__.get(name, {}).items() if key[1] != slot}
-
-
-def update_metadata(self, mapping, *args, **kwargs):
-    mapping, token_wants, sample_wants = lora_slots.split(mapping)
-    _STOCK["update_metadata"](self, mapping, *args, **kwargs)
-    ranks = self.__dict__.get("kdlora_slot_ranks", {})
-    self.kdlora_token_groups = _groups(self.token_lora_indices, token_wants, ranks)
-    self.kdlora_sampler_groups = _groups(self.sampler_indices, sample_wants, ranks)
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.view(-1, t.shape[-1])
 
 
-def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
-    groups = getattr(self, "kdlora_token_groups", None)
-    if groups is None:  # metadata set without our hook (e.g. a test): group now
-        groups = _groups(self.token_lora_indices[: _rows(x).shape[0]], None, {})
-    if groups:
-        _apply_grouped(self, _rows(y), _rows(x), groups, lora_a_stacked, lora_b_stacked, scale, output_slices)
+class RankAwarePunicaCPU(RankAwarePunica, PunicaWrapperCPU):
+    """vLLM's CPU punica wrapper with kdlora's grouped path (module docstring); vLLM builds it through the platform's
+    punica-wrapper choice (kdlora_serve.vllm_patches)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layouts: dict[tuple, tuple] = {}  # (layer, slot, dtype, scale, plan) -> the slot's weights laid out
+        self.lookup: dict[tuple, tuple | None] = {}  # (layer, slot, dtype, scale, rank, tokens) -> a layout, per call
+        self.token_groups: list[tuple] | None = None  # this step's groups (`_groups`); None before any metadata
+        self.sampler_groups: list[tuple] | None = None
 
-def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
-    groups = getattr(self, "kdlora_sampler_groups", None)
-    if groups is None:
-        groups = _groups(self.sampler_indices[: _rows(x).shape[0]], None, {})
-    if groups:
-        y_rows = _rows(y)
-        _apply_grouped(self, y_rows, _rows(x), groups, (lora_a_stacked,), (lora_b_stacked,), scale, (y_rows.shape[-1],))
+    def group(self, token_wants, sample_wants) -> None:
+        self.token_groups = _groups(self.token_lora_indices, token_wants, self.slot_ranks)
+        self.sampler_groups = _groups(self.sampler_indices, sample_wants, self.slot_ranks)
 
+    def slots_changed(self, slot: int, slot_rank: int) -> None:
+        """Also drop that slot's cached layouts (only that slot's: the other slots' adapters are unchanged)."""
+        super().slots_changed(slot, slot_rank)
+        self.layouts = {key: value for key, value in self.layouts.items() if key[1] != slot}
+        self.lookup = {key: value for key, value in self.lookup.items() if key[1] != slot}
 
-_STOCK: dict = {}
+    def prepare(self, modules) -> None:
+        measure_plans(modules)
 
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
+        groups = self.token_groups
+        if groups is None:  # layers called before any metadata step (vLLM's own layer tests): group now
+            groups = _groups(self.token_lora_indices[: _rows(x).shape[0]], None, {})
+        if groups:
+            _apply_grouped(self, _rows(y), _rows(x), groups, lora_a_stacked, lora_b_stacked, scale, output_slices)
 
-def unsupported_reason(vllm_version: str) -> str | None:
-    """Why a CPU server with this vLLM keeps vLLM's stock LoRA ops; None when it takes kdlora's grouped path."""
-    return lora_slots.unsupported_reason(vllm_version, TESTED_VLLM_VERSIONS, "CPU path")
-
-
-def install() -> bool:
-    """Patch vLLM's CPU LoRA path (idempotent). True when the grouped path is active."""
-    import vllm
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return False
-    reason = unsupported_reason(vllm.__version__)
-    if reason:
-        if reason != lora_slots.SWITCHED_OFF:
-            log.warning(
-                "kdlora: vLLM's stock CPU LoRA ops (%s); LoRA cost will not follow the rank and base requests batched "
-                "with adapter requests may differ from the same requests alone",
-                reason,
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+        groups = self.sampler_groups
+        if groups is None:
+            groups = _groups(self.sampler_indices[: _rows(x).shape[0]], None, {})
+        if groups:
+            y_rows = _rows(y)
+            _apply_grouped(
+                self, y_rows, _rows(x), groups, (lora_a_stacked,), (lora_b_stacked,), scale, (y_rows.shape[-1],)
             )
-        return False
-    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    lora_slots.patch(
-        "cpu",
-        PunicaWrapperCPU,
-        {
-            "update_metadata": update_metadata,
-            "add_lora_linear": add_lora_linear,
-            "add_lora_logits": add_lora_logits,
-            "kdlora_slots_changed": slots_changed,
-            "kdlora_prepare": prepare,
-        },
-        _STOCK,
-    )
-    return True
+
+def punica_wrapper(platform) -> str:
+    """The CPU platform's punica-wrapper choice, as kdlora installs it (kdlora_serve.vllm_patches)."""
+    return f"{__name__}.{RankAwarePunicaCPU.__qualname__}"

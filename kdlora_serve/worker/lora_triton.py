@@ -12,7 +12,7 @@ with the request), so a group reads its slot's weights up to the largest rank it
 masked to its own rank and scaled by its rank's alpha/k relative to the slot's alpha/R. Base-model tokens (slot
 -1) are in no group.
 
-Installed by the plugin on CUDA only, for the vLLM versions tested. Verified for correctness on CPU under
+`RankAwarePunicaGPU`, built by vLLM on CUDA only, for the vLLM versions tested (kdlora_serve.vllm_patches). Verified for correctness on CPU under
 Triton's interpreter (tests/triton_interp), never run on a GPU yet: the block sizes are not tuned.
 `KDLORA_RANK_AWARE=0` keeps vLLM's stock kernels.
 """
@@ -20,12 +20,12 @@ Triton's interpreter (tests/triton_interp), never run on a GPU yet: the block si
 from dataclasses import dataclass
 
 import torch
-from vllm.triton_utils import HAS_TRITON, tl, triton  # placeholders where Triton is unusable (vLLM's CPU build)
+from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+from vllm.triton_utils import tl, triton  # placeholders where Triton is unusable (vLLM's CPU build)
 
-from kdlora_serve.worker import lora_slots
-from kdlora_serve.worker.lora_slots import log
+from kdlora_serve import rank as rank_protocol
+from kdlora_serve.worker.lora_slots import RankAwarePunica
 
-TESTED_VLLM_VERSIONS = ("0.32.0",)
 BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N = 16, 16, 64, 64  # tokens, ranks, hidden (shrink), outputs (expand); untuned
 SHRINK_SPLIT_K = 8  # decode: programs per token block along the hidden dim, so a step fills more than a few SMs
 
@@ -272,15 +272,15 @@ class Batch:
         )
 
     def prepare(self, token_slots: torch.Tensor, wants: torch.Tensor, slot_rank: torch.Tensor) -> None:
-        """This step's grouping; `wants` per token as lora_slots encodes them, `slot_rank` each slot's full rank (host)."""
+        """This step's grouping; `wants` per token (kdlora_serve.rank), `slot_rank` each slot's full rank (host)."""
         slots = token_slots.cpu().long()
         full = slot_rank[slots.clamp(min=0)]
-        ranks = torch.where(slots < 0, 0, torch.where(wants == 0, full, wants // 2).clamp(max=full))
+        ranks = torch.where(slots < 0, 0, rank_protocol.token_ranks(wants, full))
         self.group_rank.copy_(
             torch.zeros(len(self.group_rank), dtype=torch.int64).scatter_reduce(0, slots.clamp(min=0), ranks, "amax")
         )
         self.token_rank[: len(slots)].copy_(ranks)
-        self.token_scale[: len(slots)].copy_(lora_slots.scale_ratio(wants, full))
+        self.token_scale[: len(slots)].copy_(rank_protocol.scale_ratio(wants, full))
         self.meta.prepare_tensors(token_slots)
 
     def groups(self, num_tokens: int) -> list[torch.Tensor]:
@@ -299,112 +299,74 @@ class Batch:
 
 @dataclass
 class SlotTable:
-    """Per punica wrapper: each slot's full rank (host; lora_slots reports it at activation) and this step's Batch for
-    the layers' tokens and for the sampled ones."""
+    """Each slot's full rank (host; reported at activation) and this step's Batch for the layers' tokens and for the
+    sampled ones."""
 
     slot_rank: torch.Tensor
     tokens: Batch
     samples: Batch
 
     @classmethod
-    def of(cls, wrapper) -> "SlotTable":
-        table = wrapper.__dict__.get("kdlora_table")
-        if table is None:
-            max_loras, device, max_tokens = wrapper.max_loras, wrapper.device, wrapper._token_lora_indices.numel()
-            table = wrapper.__dict__["kdlora_table"] = cls(
-                slot_rank=torch.full((max_loras,), wrapper.lora_config.max_lora_rank, dtype=torch.int64),
-                tokens=Batch.make(max_loras, max_tokens, device),
-                samples=Batch.make(max_loras, max_tokens, device),
-            )
-        return table
+    def make(cls, max_loras: int, max_lora_rank: int, max_tokens: int, device) -> "SlotTable":
+        return cls(
+            slot_rank=torch.full((max_loras,), max_lora_rank, dtype=torch.int64),
+            tokens=Batch.make(max_loras, max_tokens, device),
+            samples=Batch.make(max_loras, max_tokens, device),
+        )
 
 
-def slots_changed(wrapper, slot: int, rank: int) -> None:
-    """vLLM wrote an adapter of `rank` into `slot` (lora_slots)."""
-    SlotTable.of(wrapper).slot_rank[slot] = rank
+class RankAwarePunicaGPU(RankAwarePunica, PunicaWrapperGPU):
+    """vLLM's GPU punica wrapper with kdlora's kernels (module docstring); vLLM builds it through the platform's
+    punica-wrapper choice (kdlora_serve.vllm_patches). With fully sharded LoRAs the rank itself is split over GPUs:
+    there every call is vLLM's own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.table = SlotTable.make(
+            self.max_loras, self.lora_config.max_lora_rank, self._token_lora_indices.numel(), self.device
+        )
+
+    def slots_changed(self, slot: int, slot_rank: int) -> None:
+        super().slots_changed(slot, slot_rank)
+        self.table.slot_rank[slot] = slot_rank
+
+    def group(self, token_wants, sample_wants) -> None:
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+
+        with gpu_sync_allowed():  # as vLLM's own metadata step: grouping sorts and counts on the host's request
+            self.table.tokens.prepare(self.token_lora_indices, token_wants, self.table.slot_rank)
+            self.table.samples.prepare(self.sampler_indices, sample_wants, self.table.slot_rank)
+
+    def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+        if self.lora_config.fully_sharded_loras:
+            return super().add_shrink(y, x, lora_a_stacked, scale, **kwargs)
+        x = x.view(-1, x.shape[-1])
+        groups = self.table.tokens.groups(x.shape[0])
+        lora_shrink(x, list(lora_a_stacked), y, groups, scale, _split_k(x.shape[-1], x.shape[0]))
+
+    def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
+        if self.lora_config.fully_sharded_loras:
+            return super().add_expand(y, x, lora_b_stacked, output_slices, offset_start, add_inputs, **kwargs)
+        assert x.ndim == 3 and x.size(0) == len(output_slices) == len(lora_b_stacked)
+        groups = self.table.tokens.groups(x.shape[1])
+        lora_expand(x, list(lora_b_stacked), y.view(-1, y.shape[-1]), groups, offset_start, add_inputs)
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+        if self.lora_config.fully_sharded_loras:
+            return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
+        y, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        groups = self.table.samples.groups(x.shape[0])
+        shrunk = torch.empty((1, x.shape[0], lora_b_stacked.shape[-1]), dtype=torch.float32, device=x.device)
+        lora_shrink(x, [lora_a_stacked], shrunk, groups, scale, _split_k(x.shape[-1], x.shape[0]))
+        lora_expand(shrunk, [lora_b_stacked], y, groups, 0, True)
 
 
-def update_metadata(self, mapping, *args, **kwargs):
-    from vllm.utils.gpu_sync_debug import gpu_sync_allowed
-
-    mapping, token_wants, sample_wants = lora_slots.split(mapping)
-    _STOCK["update_metadata"](self, mapping, *args, **kwargs)
-    table = SlotTable.of(self)
-    with gpu_sync_allowed():  # as vLLM's own metadata step: grouping sorts and counts on the host's request
-        table.tokens.prepare(self.token_lora_indices, token_wants, table.slot_rank)
-        table.samples.prepare(self.sampler_indices, sample_wants, table.slot_rank)
-
-
-def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
-    if (
-        self.lora_config.fully_sharded_loras
-    ):  # the rank itself is split over GPUs there: vLLM's kernels (here and below)
-        return _STOCK["add_shrink"](self, y, x, lora_a_stacked, scale, **kwargs)
-    x = x.view(-1, x.shape[-1])
-    table = SlotTable.of(self)
-    lora_shrink(x, list(lora_a_stacked), y, table.tokens.groups(x.shape[0]), scale, _split_k(x.shape[-1], x.shape[0]))
-
-
-def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
-    if self.lora_config.fully_sharded_loras:
-        return _STOCK["add_expand"](self, y, x, lora_b_stacked, output_slices, offset_start, add_inputs, **kwargs)
-    assert x.ndim == 3 and x.size(0) == len(output_slices) == len(lora_b_stacked)
-    table = SlotTable.of(self)
-    lora_expand(
-        x, list(lora_b_stacked), y.view(-1, y.shape[-1]), table.tokens.groups(x.shape[1]), offset_start, add_inputs
-    )
-
-
-def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
-    if self.lora_config.fully_sharded_loras:
-        return _STOCK["add_lora_logits"](self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
-    y, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
-    table = SlotTable.of(self)
-    groups = table.samples.groups(x.shape[0])
-    shrunk = torch.empty((1, x.shape[0], lora_b_stacked.shape[-1]), dtype=torch.float32, device=x.device)
-    lora_shrink(x, [lora_a_stacked], shrunk, groups, scale, _split_k(x.shape[-1], x.shape[0]))
-    lora_expand(shrunk, [lora_b_stacked], y, groups, 0, True)
+def punica_wrapper(platform) -> str:
+    """The CUDA platform's punica-wrapper choice, as kdlora installs it (kdlora_serve.vllm_patches)."""
+    return f"{__name__}.{RankAwarePunicaGPU.__qualname__}"
 
 
 def _split_k(hidden: int, tokens: int) -> int:
     """Split the shrink's hidden dim over programs (atomic adds) only for decode-sized batches: prefill has
     enough token blocks to fill the GPU."""
     return 1 if tokens > 4 * BLOCK_M else max(1, min(SHRINK_SPLIT_K, hidden // (4 * BLOCK_K)))
-
-
-_STOCK: dict = {}
-
-
-def unsupported_reason(vllm_version: str) -> str | None:
-    """Why a CUDA server with this vLLM keeps vLLM's stock kernels; None when it takes kdlora's."""
-    reason = lora_slots.unsupported_reason(vllm_version, TESTED_VLLM_VERSIONS, "kernels")
-    return reason or (None if HAS_TRITON else "vLLM finds Triton unusable")
-
-
-def install() -> bool:
-    """Patch vLLM's CUDA LoRA path (idempotent). True when the rank-aware kernels are active."""
-    import vllm
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cuda():
-        return False
-    reason = unsupported_reason(vllm.__version__)
-    if reason:
-        if reason != lora_slots.SWITCHED_OFF:
-            log.warning("kdlora: vLLM's stock CUDA LoRA kernels (%s); LoRA cost will not follow the rank", reason)
-        return False
-    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
-
-    lora_slots.patch(
-        "cuda",
-        PunicaWrapperGPU,
-        {
-            "update_metadata": update_metadata,
-            "add_shrink": add_shrink,
-            "add_expand": add_expand,
-            "add_lora_logits": add_lora_logits,
-            "kdlora_slots_changed": slots_changed,
-        },
-        _STOCK,
-    )
-    return True

@@ -5,28 +5,28 @@ rank 4 of the rank-16 adapter (rsLoRA scaling), in the layer shapes vLLM calls: 
 down_proj (shrink and expand called apart) and lm_head (sampled tokens)."""
 
 import inspect
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import vllm
 from vllm.lora.layers import LoRAMapping
-from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.platforms import current_platform
 from vllm.triton_utils import HAS_TRITON
-from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
-from kdlora_serve.worker import lora_slots, lora_triton
+from kdlora_serve import rank as rank_protocol
+from kdlora_serve import vllm_patches
+from kdlora_serve.worker import lora_triton
+from kdlora_serve.worker.lora_slots import RankAwarePunica
 
 pytestmark = pytest.mark.triton_interpreter
 
 HIDDEN, VOCAB, MAX_RANK = 64, 256, 32
 SLOT_RANKS = {0: 16, 1: 4, 2: 8, 3: 32}  # slot 1: what stock vLLM loads for rank 4 of slot 0's adapter (its own copy)
 TOKEN_SLOTS = [-1, 0, 1, 2, 3, 1, -1, 0, 2, 1]  # -1: base model
-RANK_4_OF_SLOT_0 = (
-    1 + (2 * 4 + 1) * lora_slots.RANK_STRIDE
-)  # kdlora: slot 0's id (1), rank 4, rsLoRA (lora_slots.want_of)
+RANK_4_OF_SLOT_0 = rank_protocol.pack(1, rank_protocol.want(4, rslora=True))  # slot 0's LoRA id (1) at rank 4
 LAYERS = {"qkv": (64, 32, 32), "gate_up": (96, 96), "down": (64,), "lm_head": (VOCAB,)}
 CONFIG = SimpleNamespace(max_loras=4, max_lora_rank=MAX_RANK, specialize_active_lora=False, fully_sharded_loras=False)
 
@@ -68,16 +68,14 @@ def reference(name: str) -> torch.Tensor:
     return y
 
 
-def wrapper(config=CONFIG) -> PunicaWrapperGPU:
-    """vLLM's GPU punica wrapper on CPU tensors with the batch mapped: for stock vLLM rank 4 is slot 1's own copy; for
-    kdlora (installed) it is slot 0's adapter with the rank in the mapping, as lora_slots.set_active_loras writes it."""
-    punica = PunicaWrapperGPU(64, 8, "cpu", lora_config=config)
+def wrapper(wrapper_class=PunicaWrapperGPU, config=CONFIG) -> PunicaWrapperGPU:
+    """A GPU punica wrapper on CPU tensors with the batch mapped: for stock vLLM rank 4 is slot 1's own copy; for
+    kdlora's wrapper it is slot 0's adapter with the rank in the mapping, as lora_slots.set_active_loras writes it."""
+    punica = wrapper_class(64, 8, "cpu", lora_config=config)
     lora_ids = tuple(slot + 1 for slot in TOKEN_SLOTS)  # id 0 = no LoRA; slot s holds id s + 1
-    if (
-        hasattr(punica, "kdlora_slots_changed") and not config.fully_sharded_loras
-    ):  # there kdlora serves ranks as stock does
+    if isinstance(punica, RankAwarePunica) and not config.fully_sharded_loras:  # there ranks are served as stock does
         for slot, rank in SLOT_RANKS.items():
-            punica.kdlora_slots_changed(slot, rank)
+            punica.slots_changed(slot, rank)
         lora_ids = tuple(RANK_4_OF_SLOT_0 if slot == 1 else slot + 1 for slot in TOKEN_SLOTS)
     punica.update_metadata(LoRAMapping(lora_ids, lora_ids, is_prefill=False), [1, 2, 3, 4], 4, VOCAB)
     return punica
@@ -106,16 +104,9 @@ def stock() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def kdlora(monkeypatch) -> None:
-    """kdlora's kernels installed on PunicaWrapperGPU as the plugin does on CUDA; vLLM's restored after the test."""
-    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
-    for name in ("update_metadata", "add_shrink", "add_expand", "add_lora_logits", "kdlora_slots_changed"):
-        monkeypatch.setattr(PunicaWrapperGPU, name, getattr(PunicaWrapperGPU, name, None), raising=False)
-    monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
-    monkeypatch.setattr(LoRAModelRunnerMixin, "set_active_loras", LoRAModelRunnerMixin.set_active_loras)
-    monkeypatch.setattr(LoRAModelManager, "__init__", LoRAModelManager.__init__)
-    monkeypatch.setattr(lora_slots, "_installed", [])
-    assert lora_triton.install()
+def kdlora() -> type:
+    """kdlora's wrapper class, as vLLM builds it on CUDA once kdlora_serve.vllm_patches is installed."""
+    return lora_triton.RankAwarePunicaGPU
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -124,7 +115,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_kdlora_kernels_equal_the_reference_and_vllms_stock_kernels(stock, kdlora, name):
-    ours = apply(wrapper(), name)
+    ours = apply(wrapper(kdlora), name)
     assert_close(ours, reference(name))
     assert_close(stock[name], reference(name))
     base_rows = [token for token, slot in enumerate(TOKEN_SLOTS) if slot < 0]
@@ -133,12 +124,12 @@ def test_kdlora_kernels_equal_the_reference_and_vllms_stock_kernels(stock, kdlor
 
 def test_a_rank_of_a_resident_adapter_reads_its_slot_not_a_copy(kdlora):
     """Slot 1's copy zeroed: the rank-4 tokens still get rank 4 of slot 0's adapter, scaled to their rank."""
-    punica = wrapper()
+    punica = wrapper(kdlora)
     lora_a, lora_b = (tuple(t.clone() for t in group) for group in WEIGHTS["qkv"])
     for t in lora_a + lora_b:
         t[1].zero_()
     assert_close(apply(punica, "qkv", (lora_a, lora_b)), reference("qkv"))
-    assert punica.kdlora_table.tokens.meta.active_lora_ids.tolist()[:4] == [
+    assert punica.table.tokens.meta.active_lora_ids.tolist()[:4] == [
         -1,
         0,
         2,
@@ -151,16 +142,16 @@ def test_a_wrong_rank_mask_fails_the_comparison(kdlora, slot, wrong_rank):
     """Mutation check: the comparison above catches a rank mask off in either direction: a rank-4 token reading past
     its rank into the rest of its adapter, or a token cut short. (A mask past the rank of a slot's OWN weights reads
     vLLM's zero padding: same numbers, more bytes; only a benchmark sees that.)"""
-    punica = wrapper()
+    punica = wrapper(kdlora)
     rows = [token for token, s in enumerate(TOKEN_SLOTS) if s == slot]
-    punica.kdlora_table.tokens.token_rank[rows] = wrong_rank
+    punica.table.tokens.token_rank[rows] = wrong_rank
     ours = apply(punica, "qkv")
     assert (ours[rows].float() - reference("qkv")[rows]).abs().max() > 0.05
 
 
 def test_fully_sharded_loras_keep_vllms_kernels(stock, kdlora, monkeypatch):
     """With the rank itself split over GPUs (fully_sharded_loras), kdlora's rank table does not apply: vLLM's path."""
-    sharded = wrapper(SimpleNamespace(**{**vars(CONFIG), "fully_sharded_loras": True}))
+    sharded = wrapper(kdlora, SimpleNamespace(**{**vars(CONFIG), "fully_sharded_loras": True}))
     monkeypatch.setattr(
         lora_triton, "lora_shrink", lambda *args: pytest.fail("kdlora's kernel ran on fully sharded LoRAs")
     )
@@ -172,13 +163,13 @@ def test_split_k_accumulates_the_same(kdlora, monkeypatch):
     """The shrink split over the hidden dim (atomic adds), as on a GPU with a large hidden size."""
     monkeypatch.setattr(lora_triton, "BLOCK_K", 16)
     monkeypatch.setattr(lora_triton, "_split_k", lambda hidden, tokens: 2)
-    assert_close(apply(wrapper(), "gate_up"), reference("gate_up"))
+    assert_close(apply(wrapper(kdlora), "gate_up"), reference("gate_up"))
 
 
 def test_traces_whole_under_torch_compile(kdlora):
     """vLLM compiles the model on CUDA with full graphs: the LoRA calls must trace without a graph break (the kernels
     are custom ops; the host-side checks run inside them)."""
-    punica = wrapper()
+    punica = wrapper(kdlora)
     lora_a, lora_b = WEIGHTS["qkv"]
 
     def layer(y, x):
@@ -221,11 +212,31 @@ RECORDED_SIGNATURES = {  # vLLM 0.32.0
 
 
 def test_install_is_version_guarded(monkeypatch):
+    """On CUDA, vllm_patches hands vLLM kdlora's wrapper through the platform's choice, only for tested versions and
+    unless switched off; uninstall gives vLLM its own choice back."""
+
+    class CudaPlatformBase:  # vllm.platforms.cuda imports CUDA-only extensions: a stand-in with vLLM's choice
+        @classmethod
+        def get_punica_wrapper(cls) -> str:
+            return "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU"
+
+    monkeypatch.setitem(sys.modules, "vllm.platforms.cuda", SimpleNamespace(CudaPlatformBase=CudaPlatformBase))
+    stock_choice = CudaPlatformBase.get_punica_wrapper()
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
     monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
-    monkeypatch.setattr(PunicaWrapperGPU, "add_shrink", PunicaWrapperGPU.add_shrink)
-    stock = PunicaWrapperGPU.add_shrink
-    monkeypatch.setenv("KDLORA_RANK_AWARE", "0")
-    assert lora_triton.install() is False and PunicaWrapperGPU.add_shrink is stock
-    monkeypatch.delenv("KDLORA_RANK_AWARE")
-    monkeypatch.setattr(vllm, "__version__", "0.99.0")
-    assert lora_triton.install() is False and PunicaWrapperGPU.add_shrink is stock
+    vllm_patches.uninstall()
+    try:
+        monkeypatch.setenv("KDLORA_RANK_AWARE", "0")
+        assert vllm_patches.install() is None and CudaPlatformBase.get_punica_wrapper() == stock_choice
+        monkeypatch.delenv("KDLORA_RANK_AWARE")
+        monkeypatch.setattr(vllm, "__version__", "0.99.0")
+        assert vllm_patches.install() is None and CudaPlatformBase.get_punica_wrapper() == stock_choice
+        monkeypatch.setattr(vllm, "__version__", "0.32.0")
+        assert vllm_patches.install() == "cuda"
+        assert CudaPlatformBase.get_punica_wrapper() == "kdlora_serve.worker.lora_triton.RankAwarePunicaGPU"
+        assert vllm_patches.rank_aware(CONFIG) and not vllm_patches.rank_aware(
+            SimpleNamespace(fully_sharded_loras=True)
+        )  # fully sharded LoRAs keep vLLM's kernels, so each rank is its own LoRA there
+    finally:
+        vllm_patches.uninstall()
+    assert CudaPlatformBase.get_punica_wrapper() == stock_choice

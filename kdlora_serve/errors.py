@@ -1,0 +1,11 @@
+"""The serving side's request error, shared by the rank protocol (kdlora_serve.rank) and the API server."""
+
+from hub.errors import KdloraError
+
+
+class RequestError(KdloraError):
+    """A bad request: becomes an OpenAI-style JSON error with this HTTP status."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
