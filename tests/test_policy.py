@@ -5,7 +5,6 @@ import pytest
 from hub.schema import ModelRef, RankMetadata, RankResult
 from kdlora_serve.api.policy import Budget, CostTracker, choose_rank, parse_budget
 from kdlora_serve.errors import RequestError
-from kdlora_serve.rank import split_model_name
 
 META = RankMetadata(
     max_rank=16,
@@ -112,13 +111,7 @@ def test_explicit_rank_is_exact_and_checked():
         choose(requested=2, rank=3)
 
 
-def test_names_and_budgets():
-    assert split_model_name("org/a@r8") == ("org/a", 8)
-    assert split_model_name("org/a") == ("org/a", None)
-    with pytest.raises(
-        RequestError, match=r"'org/a@rX': the rank after '@r' must be a whole number in ASCII digits, e.g. org/a@r8"
-    ):
-        split_model_name("org/a@rX")
+def test_budgets():
     with pytest.raises(
         RequestError, match=r"budget field 'memory_mb' \(extra_body kdlora\): Input should be greater than 0"
     ):
@@ -131,17 +124,6 @@ def test_names_and_budgets():
     assert parse_budget({}, {"latency_ms_per_token": "12.5"}).latency_ms_per_token == 12.5
     assert parse_budget({"max_rank": 4}, {"max_rank": "8"}).max_rank == 4  # the body wins
     assert parse_budget({"latency_ms_per_token": 20}, {}).latency_ms_per_token == 20.0  # JSON ints are numbers
-
-
-@pytest.mark.parametrize("model", ["a@r\u00b2", "a@r\u0668", "a@r" + "9" * 500, "a@r-1", "a@r 8", "a@r8\n"])
-def test_only_ascii_digit_ranks(model):
-    with pytest.raises(RequestError, match="the rank after '@r' must be a whole number in ASCII digits"):
-        split_model_name(model)
-
-
-def test_overlong_model_names_are_refused_before_any_lookup():
-    with pytest.raises(RequestError, match=r"model name 'xxxx.*' is 20003 characters long; at most 512"):
-        split_model_name("x" * 20_000 + "@r8")
 
 
 @pytest.mark.parametrize(
