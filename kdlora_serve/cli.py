@@ -1,8 +1,8 @@
 """The `kdlora` command line.
 
 Subcommands import their implementation inside their handler, so `kdlora --help` loads no torch or
-vLLM and `kdlora serve` never loads training code. Bad input raises `KdloraError`, printed as one
-line (traceback only with --debug).
+vLLM and `kdlora serve` loads no training code but distill's option definitions (no torch either). Bad
+input raises `KdloraError`, printed as one line (traceback only with --debug).
 """
 
 import argparse
@@ -11,6 +11,8 @@ from pathlib import Path
 
 from hub.errors import KdloraError
 from kdlora_serve import __version__
+from training.distill_config import DATA_HELP, DistillConfig  # distill's options, defined once; no torch
+from training.options import add_config_arguments, check_options, parse_ranks
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,13 +73,6 @@ def _quickstart(args) -> int:
     from kdlora_serve.quickstart import run_quickstart
 
     return run_quickstart(args.out, mode="full" if args.full else "smoke" if args.smoke else "fast")
-
-
-def _rank_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ranks like 4,8,16, got '{text}'") from None
 
 
 def _hub_inspect(args) -> int:
@@ -180,12 +175,11 @@ def _prune(args) -> int:
 
 
 def _distill(args) -> int:
-    from training.distill import DistillConfig, run_distill
-
     if args.out is None and not args.plan:
         raise KdloraError("give --out DIR (where the result goes), or --plan to only estimate memory")
     fields = {k: v for k, v in vars(args).items() if k in DistillConfig.__dataclass_fields__ and v is not None}
     cfg = DistillConfig(**{"out": Path("(plan)"), **fields})
+    check_options(cfg)  # before torch loads: a bad choice is one line at once, with --plan too
     if args.plan:
         from training.plan import plan
 
@@ -199,6 +193,8 @@ def _distill(args) -> int:
             )
         )
         return 0
+    from training.distill import run_distill
+
     if run_distill(cfg) is not None:  # the main process's report (other processes of a launch return None)
         print(args.out)
     return 0
@@ -208,12 +204,6 @@ def _serve(args) -> int:
     from kdlora_serve.serve import run_serve
 
     return run_serve(args.adapter, args.host, args.port, args.max_loras, args.allow, args.extra, endpoint=args.endpoint)
-
-
-DATA_HELP = (
-    "SPEC: a .txt/.md/.jsonl file or folder, hf:NAME[:CONFIG][:SPLIT] (needs `datasets`), "
-    "or builtin:pydoc (Python's documentation; offline)"
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="work directory (reused: finished stages are skipped)",
     )
     speed = quickstart.add_mutually_exclusive_group()
-    speed.add_argument("--fast", action="store_true", help="short training, <= 20 min on 2 CPU cores (default)")
+    speed.add_argument("--fast", action="store_true", help="short training (default; README gives measured times)")
     speed.add_argument("--full", action="store_true", help="train long enough for the numbers to mean something")
     speed.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds of training: tests only
     quickstart.set_defaults(handler=_quickstart)
@@ -324,87 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill = commands.add_parser(
         "distill", help="knowledge distillation into one nested-rank adapter (or the whole student)"
     )
-    distill.add_argument(
-        "--teacher", help="Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)"
-    )
-    distill.add_argument(
-        "--student", required=True, help="student checkpoint directory (e.g. from kdlora prune) or Hub id"
-    )
-    distill.add_argument(
-        "--out", type=Path, help="new or empty directory for the adapter (or the student, --train full)"
-    )
-    distill.add_argument("--data", metavar="SPEC", help=DATA_HELP + " (default builtin:pydoc)")
-    distill.add_argument(
-        "--train",
-        choices=("qdylora", "lora", "full"),
-        help="qdylora (default): nested ranks 1..R; lora: one rank; full: all weights",
-    )
-    distill.add_argument("--max-rank", type=int, help="R for qdylora (default 64)")
-    distill.add_argument("--rank", type=int, help="r for --train lora (default 16)")
-    distill.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
-    distill.add_argument(
-        "--rslora",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="scale rank b by alpha/sqrt(b) (rsLoRA; PEFT's and vLLM's use_rslora; default) or, with "
-        "--no-rslora, by alpha/b",
-    )
-    distill.add_argument(
-        "--rank-distribution",
-        choices=("uniform", "pow2", "sandwich", "matryoshka"),  # nested_lora.RANK_SCHEDULES
-        help="which ranks each qdylora step trains: one uniform or pow2 sample (default uniform); "
-        "sandwich: max + min + one sample; matryoshka: one pass of the mean of ranks 1, 2, 4, ..., R",
-    )
-    distill.add_argument("--quantize", choices=("nf4", "none"), help="frozen base of the adapter modes (default nf4)")
-    distill.add_argument(
-        "--dtype",
-        choices=("auto", "bf16", "fp16", "fp32"),
-        help="compute dtype of teacher and student (default auto: bf16 on GPUs that have it, else fp32); "
-        "full training keeps fp32 weights and autocasts",
-    )
-    distill.add_argument(
-        "--teacher-quantize",
-        choices=("nf4", "int8", "none"),
-        help="load the frozen teacher through bitsandbytes (default none)",
-    )
-    distill.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        default=None,
-        help="recompute the student's activations in backward (less memory, ~30%% more time)",
-    )
-    distill.add_argument(
-        "--optimizer",
-        choices=("adamw", "adamw8bit", "paged_adamw8bit"),
-        help="adamw (default, fp32 states) or bitsandbytes' 8-bit AdamW (states at 1/4 of the memory)",
-    )
-    distill.add_argument("--kd-temperature", type=float, help="T of the KL term (default 2.0)")
-    distill.add_argument("--kd-alpha", type=float, help="weight of KL vs next-token CE (default 0.5)")
-    distill.add_argument(
-        "--teacher-cache",
-        type=Path,
-        help="train from `kdlora teacher cache` output instead of a teacher in memory "
-        "(the teacher is loaded only to evaluate)",
-    )
-    distill.add_argument(
-        "--loss-chunk-tokens",
-        type=int,
-        help="tokens whose full-vocabulary logits exist at once in the KD loss (default 256; memory only, same loss)",
-    )
-    distill.add_argument("--steps", type=int, help="optimizer steps (default 200)")
-    distill.add_argument("--batch-size", type=int, help="blocks per step, over all processes (default 4)")
-    distill.add_argument("--seq-len", type=int, help="tokens per block (default 256)")
-    distill.add_argument("--lr", type=float, help="learning rate (default 2e-4 adapters, 2e-5 full)")
-    distill.add_argument(
-        "--eval-ranks",
-        type=_rank_list,
-        metavar="K,K,...",
-        help="ranks to evaluate (default 1,2,4,8,16,32,64, capped at R)",
-    )
-    distill.add_argument("--eval-samples", type=int, help="held-out blocks to evaluate on (default 32)")
-    distill.add_argument("--save-every", type=int, help="checkpoint interval in steps (default 50)")
-    distill.add_argument("--resume", action="store_true", help="continue from <out>.checkpoint")
-    distill.add_argument("--seed", type=int, help="seed for data order and sampled ranks (default 0)")
+    add_config_arguments(distill, DistillConfig, optional={"out"})  # --plan needs no --out
     distill.add_argument(
         "--plan", action="store_true", help="only print the estimated peak memory per device (configs only, no weights)"
     )
@@ -462,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--student-repo", help="repo for --student (same forms as --repo)")
     push.add_argument(
         "--materialize-ranks",
-        type=_rank_list,
+        type=parse_ranks,
         default=[],
         metavar="K,K,...",
         help="also write pre-truncated r<K>/ folders for users without kdlora",

@@ -1,11 +1,14 @@
 """The `kdlora` command line as a user meets it: fast answers, one-line errors, nothing half-written."""
 
+import dataclasses
 import subprocess
 import sys
 
+import pytest
 from conftest import kdlora_cli
 
 from kdlora_serve import doctor
+from training.options import shown
 
 
 def test_help_imports_no_torch_or_vllm():
@@ -34,11 +37,14 @@ def test_hub_commands_load_no_peft_or_bitsandbytes(tmp_path):
         f"assert main(['hub', 'truncate', {str(adapter)!r}, '--rank', '9', '--out', {str(tmp_path / 'r9')!r}]) == 1\n"
         f"assert main(['hub', 'push', {str(adapter)!r}, '--repo', {str(tmp_path / 'hub')!r}]) == 0\n"
         f"assert main(['hub', 'inspect', {str(tmp_path / 'hub')!r}]) == 0\n"
-        "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'bitsandbytes', 'transformers', 'training'}))\n"
+        "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'bitsandbytes', 'transformers'}))\n"
+        "print('TRAINING', sorted(m for m in sys.modules if m.startswith('training.')))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "LOADED []" in result.stdout
+    # of the training code, only distill's option definitions (the parser lists them; no torch)
+    assert "TRAINING ['training.distill_config', 'training.nf4', 'training.options']" in result.stdout
     assert result.stderr == "kdlora: error: rank 9 is out of range: this adapter has ranks 1..8\n"
 
 
@@ -127,3 +133,65 @@ def test_distill_needs_out_unless_it_only_plans(capsys):
         capsys.readouterr().err
         == "kdlora: error: give --out DIR (where the result goes), or --plan to only estimate memory\n"
     )
+
+
+def _distill_options() -> dict:
+    from kdlora_serve.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a.choices, dict))  # the subcommands, by name
+    return {a.option_strings[0]: a for a in commands.choices["distill"]._actions if a.option_strings}
+
+
+def test_distill_options_come_from_the_config_fields():
+    from training.distill_config import DistillConfig
+
+    options = _distill_options()
+    fields = dataclasses.fields(DistillConfig)
+    assert [f.name for f in fields if "help" not in f.metadata] == ["warmup_steps"]  # not on the command line
+    for f in fields:
+        if "help" not in f.metadata:
+            continue
+        option = options["--" + f.name.replace("_", "-")]
+        assert option.default is None  # what the user did not give is the config's default
+        if f.default is not None and f.default is not dataclasses.MISSING:
+            assert option.help.endswith(f" (default {shown(f.default)})"), option.help
+    assert options["--student"].required and not options["--out"].required  # --plan needs no --out
+    extra = {"-h", "--plan", "--devices", "--sharding", "--device-gb", "--plan-device"}
+    assert set(options) == {"--" + f.name.replace("_", "-") for f in fields if "help" in f.metadata} | extra
+
+
+def test_distill_flags_parse_into_config_values():
+    from kdlora_serve.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["distill", "--student", "s", "--no-rslora", "--gradient-checkpointing", "--eval-ranks", "1,4", "--lr", "1e-3"]
+    )
+    assert (args.rslora, args.gradient_checkpointing, args.eval_ranks, args.lr) == (False, True, (1, 4), 1e-3)
+    assert args.resume is None and args.steps is None and args.train is None
+    assert build_parser().parse_args(["distill", "--student", "s", "--rslora"]).rslora is True
+
+
+def test_distill_bad_choice_says_what_validate_says(tmp_path, capsys):
+    from hub.errors import KdloraError
+    from kdlora_serve.cli import main
+    from training.distill import DistillConfig, validate
+
+    with pytest.raises(KdloraError) as raised:
+        validate(DistillConfig(student="s", out=tmp_path / "out", quantize="int4"))
+    assert str(raised.value) == "--quantize int4: use one of nf4, none"
+    for plan in ([], ["--plan"]):  # before anything loads, with --plan too
+        assert main(["distill", "--student", "s", "--out", str(tmp_path / "out"), "--quantize", "int4", *plan]) == 1
+        assert capsys.readouterr().err == f"kdlora: error: {raised.value}\n"
+    assert main(["distill", "--student", "s", "--plan", "--steps", "0"]) == 1
+    assert capsys.readouterr().err == "kdlora: error: --steps must be at least 1\n"
+
+
+def test_every_rank_schedule_the_cli_offers_is_implemented():
+    """--rank-distribution's choices come from distill_config (no torch); each must be a schedule step_ranks runs."""
+    from training.distill_config import RANK_SCHEDULES
+    from training.nested_lora import step_ranks
+
+    for schedule in RANK_SCHEDULES:
+        ranks = step_ranks(3, 0, 8, schedule)
+        flat = [r for entry in ranks for r in (entry if isinstance(entry, tuple) else (entry,))]
+        assert ranks and all(1 <= r <= 8 for r in flat), (schedule, ranks)

@@ -17,7 +17,6 @@ are pure functions of seed and step). Runs under `accelerate launch` with config
 (training/processes.py); checkpoints hold whole tensors by name, whichever of them wrote them.
 """
 
-import dataclasses
 import gc
 import json
 import shutil
@@ -31,106 +30,10 @@ import torch
 from hub.atomic import atomic_dir, require_empty_out
 from hub.errors import KdloraError
 from hub.remote import PRUNING_REPORT
+from training.distill_config import MODES, DistillConfig, Mode  # the settings, defined once (no torch there)
 from training.memory import peak_memory_mb, reset_peak_memory
-from training.nested_lora import RANK_SCHEDULES, step_ranks
+from training.options import check_options
 from training.processes import gather_training_state, is_sharded, make_accelerator, restore_training_state
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
-DEFAULT_EVAL_RANKS = (1, 2, 4, 8, 16, 32, 64)
-
-
-@dataclass
-class DistillConfig:
-    student: str
-    out: Path
-    teacher: str | None = None  # None: the embedded teacher
-    data: str = "builtin:pydoc"
-    train: str = "qdylora"
-    max_rank: int = 64  # qdylora: R
-    rank: int = 16  # lora: r
-    lora_alpha: float = 16.0
-    rslora: bool = True  # scale alpha / sqrt(b) (rsLoRA, arXiv 2312.03732), not alpha / b: with alpha / b more rank
-    # learns no faster, and a fixed budget gives a flat ladder (benchmarks/RESULTS.md, "Does rank buy quality?")
-    rank_distribution: str = "uniform"  # which ranks a step trains: nested_lora.RANK_SCHEDULES
-    quantize: str = "nf4"  # frozen base of lora/qdylora: nf4 | none
-    dtype: str = "auto"  # compute dtype: bf16 | fp16 | fp32; auto = bf16 on GPUs that have it, else fp32 (CPUs too)
-    teacher_quantize: str = "none"  # nf4 | int8 | none: the frozen teacher through bitsandbytes
-    gradient_checkpointing: bool = False  # recompute the student's layer activations in backward: memory for time
-    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes: 8-bit states, 1/4 of fp32 AdamW's)
-    kd_temperature: float = 2.0
-    kd_alpha: float = 0.5
-    teacher_cache: Path | None = None  # `kdlora teacher cache` output: train without the teacher in memory
-    loss_chunk_tokens: int = 256  # tokens per chunk of the KD loss's LM head + softmax (memory, not results)
-    steps: int = 200
-    batch_size: int = 4
-    seq_len: int = 256
-    lr: float | None = None  # default: 2e-4 for adapters, 2e-5 for full
-    warmup_steps: int | None = None  # default: 5% of steps
-    eval_ranks: tuple[int, ...] | None = None  # default: DEFAULT_EVAL_RANKS capped at R
-    eval_samples: int = 32
-    save_every: int = 50
-    resume: bool = False
-    seed: int = 0
-
-    # what a checkpoint must agree on to be resumed (everything but bookkeeping)
-    def fingerprint(self) -> dict:
-        ignore = {"out", "resume", "save_every", "eval_ranks", "eval_samples", "loss_chunk_tokens"}
-        return {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items() if k not in ignore
-        }
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if MODES[self.train].adapter else 2e-5)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        return DTYPES[self.dtype]
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(f"{self.out}.checkpoint")
-
-
-@dataclass(frozen=True)
-class Mode:
-    """What differs between the --train modes: what trains, which ranks a step trains, what is evaluated."""
-
-    name: str
-    adapter: bool  # a LoRA on a frozen (optionally NF4) base; else every weight of the student
-    nested: bool  # every rank 1..R from one run (QDyLoRA)
-
-    def rank(self, cfg: DistillConfig) -> int | None:
-        """The adapter's rank as saved (R for qdylora), None for full training."""
-        return (cfg.max_rank if self.nested else cfg.rank) if self.adapter else None
-
-    def step_ranks(self, cfg: DistillConfig, step: int) -> list:
-        """The LoRA ranks trained at `step`, largest first ([None] for full training)."""
-        return step_ranks(step, cfg.seed, cfg.max_rank, cfg.rank_distribution) if self.nested else [self.rank(cfg)]
-
-    def eval_settings(self, cfg: DistillConfig) -> list:
-        if not self.nested:
-            return [self.rank(cfg)]
-        requested = cfg.eval_ranks or [r for r in DEFAULT_EVAL_RANKS if r <= cfg.max_rank]
-        return sorted(set(requested) | {cfg.max_rank})
-
-    @property
-    def alone(self) -> int | None:
-        """The setting that evaluates the student without what training adds (rank 0: adapter off)."""
-        return 0 if self.adapter else None
-
-
-MODES = {
-    mode.name: mode
-    for mode in (
-        Mode("qdylora", adapter=True, nested=True),
-        Mode("lora", adapter=True, nested=False),
-        Mode("full", adapter=False, nested=False),
-    )
-}
 
 
 @dataclass
@@ -145,8 +48,7 @@ class TrainState:
 
 
 def validate(cfg: DistillConfig) -> None:
-    if cfg.train not in MODES:
-        raise KdloraError(f"--train {cfg.train} is not a mode; use one of {', '.join(MODES)}")
+    check_options(cfg)  # each field's choices and minimum (its metadata)
     mode = MODES[cfg.train]
     if cfg.max_rank < 1 or cfg.rank < 1:
         raise KdloraError(f"ranks must be positive: --max-rank {cfg.max_rank}, --rank {cfg.rank}")
@@ -158,27 +60,14 @@ def validate(cfg: DistillConfig) -> None:
             )
     if any(r < 1 for r in cfg.eval_ranks or ()):
         raise KdloraError(f"--eval-ranks must be positive, got {','.join(map(str, cfg.eval_ranks))}")
-    if cfg.rank_distribution not in RANK_SCHEDULES:
-        raise KdloraError(f"--rank-distribution {cfg.rank_distribution}: use one of {', '.join(RANK_SCHEDULES)}")
-    if cfg.quantize not in ("nf4", "none"):
-        raise KdloraError(f"--quantize {cfg.quantize}: use nf4 or none")
-    if cfg.dtype not in (*DTYPES, "auto"):
-        raise KdloraError(f"--dtype {cfg.dtype}: use bf16, fp16, fp32 or auto")
     if cfg.dtype == "fp16" and not torch.cuda.is_available():
         raise KdloraError(
             "--dtype fp16 needs a CUDA GPU (CPUs compute fp16 slowly and autocast does not support it there); use bf16 or fp32"
         )
     if cfg.dtype == "fp16" and not mode.adapter:
         raise KdloraError("--train full in fp16 would need loss scaling, which kdlora does not do; use --dtype bf16")
-    if cfg.teacher_quantize not in ("nf4", "int8", "none"):
-        raise KdloraError(f"--teacher-quantize {cfg.teacher_quantize}: use nf4, int8 or none")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise KdloraError(f"--optimizer {cfg.optimizer}: use one of {', '.join(OPTIMIZERS)}")
     if not mode.adapter and cfg.quantize == "nf4":
         raise KdloraError("--train full updates every weight, which a 4-bit base cannot hold; add --quantize none")
-    for name in ("steps", "batch_size", "seq_len", "save_every", "loss_chunk_tokens"):
-        if getattr(cfg, name) < 1:
-            raise KdloraError(f"--{name.replace('_', '-')} must be at least 1")
     if not cfg.resume and cfg.checkpoint_dir.exists():
         raise KdloraError(
             f"{cfg.checkpoint_dir} holds an unfinished run for this --out; add --resume to continue it, or delete it"

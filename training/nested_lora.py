@@ -15,6 +15,8 @@ has its own scale only: the diagonal exists in training, so the exported format 
 
 import torch
 
+from training import distill_config
+
 
 class NestedRank:
     def __init__(self, peft_model, adapter: str = "default"):
@@ -63,7 +65,7 @@ class NestedRank:
             hook.remove()
 
 
-RANK_SCHEDULES = ("uniform", "pow2", "sandwich", "matryoshka")
+RANK_SCHEDULES = distill_config.RANK_SCHEDULES  # defined once, with the option that names them (no torch there)
 
 
 def step_ranks(step: int, seed: int, max_rank: int, schedule: str = "uniform") -> list[int | tuple[int, ...]]:
