@@ -150,12 +150,20 @@ def install() -> str | None:
         return None
     for patch in PATCHES["api"]:
         apply(patch)
-    backend = _backend[0] if _backend else lora_backend()
-    if backend and not _backend:
-        for patch in PATCHES[RANK_AWARE] + PATCHES[backend]:
+    chosen = backend() or lora_backend()
+    if chosen and not _backend:
+        for patch in PATCHES[RANK_AWARE] + PATCHES[chosen]:
             apply(patch)
-        _backend.append(backend)
-    return backend
+        _backend.append(chosen)
+    return chosen
+
+
+LORA_PATHS = {"cpu": "grouped", "cuda": "per-token"}  # how each backend's LoRA cost grows (kdlora_serve.api.steps)
+
+
+def backend() -> str | None:
+    """The rank-aware LoRA path installed in this process ("cpu" or "cuda"), None where vLLM's stock ops serve."""
+    return _backend[0] if _backend else None
 
 
 def rank_aware(lora_config) -> bool:

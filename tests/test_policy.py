@@ -1,9 +1,12 @@
 """Budget -> rank policy, on metadata with known numbers (agreement 0.5 + k/20, bytes 100 k)."""
 
+from collections import Counter
+
 import pytest
 
 from hub.schema import ModelRef, RankMetadata, RankResult
-from kdlora_serve.api.policy import Budget, CostTracker, choose_rank, parse_budget
+from kdlora_serve.api.policy import Budget, CostTracker, Load, choose_rank, parse_budget
+from kdlora_serve.api.steps import StepModel
 from kdlora_serve.errors import RequestError
 
 META = RankMetadata(
@@ -16,8 +19,8 @@ META = RankMetadata(
 )
 
 
-def choose(costs=None, requested=None, **budget):
-    return choose_rank(META, Budget(**budget), "a", costs or CostTracker(), requested)
+def choose(load=None, requested=None, **budget):
+    return choose_rank(META, Budget(**budget), "a", load, requested)
 
 
 def test_no_budget_gives_the_default_rank():
@@ -37,50 +40,79 @@ def test_a_quality_floor_alone_gets_the_smallest_rank_that_meets_it():
     assert choose(min_quality=0.6, max_rank=16).rank == 16  # a cost bound too: the best quality it allows
 
 
-def test_measured_latency_decides():
+def step_ms(requests: int, lora_work: float, prefill_tokens: int = 0) -> float:
+    """A hand-made engine: 20 ms a step, 2 per request, 0.1 per prefill token, 0.5 per LoRA rank unit."""
+    return 20 + 2 * requests + 0.1 * prefill_tokens + 0.5 * lora_work
+
+
+def fitted_steps() -> StepModel:
+    """A step-time model fitted on a trace of that engine: batches mixing base requests and ranks of adapter a."""
+    steps = StepModel(path="grouped", max_lora_rank=16)
+    for base in (0, 1, 3):
+        for ranks in [(), (1,), (16,), (2, 16), (4, 4, 1)]:
+            running = Counter({None: base}) + Counter(f"a@r{k}" for k in ranks)
+            work = max(ranks, default=0)  # the grouped path computes a's group at its largest rank
+            for prefill in (0, 40):
+                steps.observe(running, step_ms(base + len(ranks), work, prefill), prefill)
+    return steps
+
+
+def test_the_step_model_recovers_the_engine_and_prices_batches_it_never_saw():
+    steps = fitted_steps()
+    assert steps.describe()["ms_per_step"] == pytest.approx(
+        {"base": 20, "requests": 2, "prefill_tokens": 0.1, "lora_work": 0.5}, abs=1e-2
+    )
+    unseen = Counter({None: 2, "a@r8": 1, "a@r2": 2, "b@r4": 1})  # adapter b adds its own group
+    assert steps.predict(unseen) == pytest.approx(step_ms(6, 8 + 4), abs=1e-2)
+    assert StepModel().predict(unseen) is None  # nothing observed: no estimate
+
+
+def test_a_latency_budget_is_the_batchs():
+    """Alone, a 40 ms/token request gets rank 16 (20 + 2 + 8 = 30 ms); beside a tight in-flight request (bound 26
+    ms, running at rank 1) the same loose budget gets rank 2: rank 4 would make the shared step 28 ms."""
+    steps = fitted_steps()
+    alone = choose(Load(steps=steps), latency_ms_per_token=40)
+    beside_tight = choose(Load(Counter({"a@r1": 1}), bounds=(26.0,), steps=steps), latency_ms_per_token=40)
+    assert (alone.rank, alone.met, alone.estimate_ms) == (16, True, pytest.approx(30.0, abs=1e-2))
+    assert (beside_tight.rank, beside_tight.met) == (2, True)
+    assert beside_tight.estimate_ms == pytest.approx(step_ms(2, 2), abs=1e-2) and step_ms(2, 2) <= 26
+    loose_beside_loose = choose(Load(Counter({"a@r1": 1}), bounds=(40.0,), steps=steps), latency_ms_per_token=40)
+    assert loose_beside_loose.rank == 16  # 20 + 4 + 8 = 32 ms keeps both
+
+
+def test_when_no_rank_keeps_the_batch_the_cheapest_is_served_and_the_reason_names_whose_bound():
+    steps = fitted_steps()
+    crowded = Load(Counter({None: 3, "a@r1": 1}), bounds=(29.0,), steps=steps)  # rank 1 beside them: 30.5 ms
+    choice = choose(crowded, latency_ms_per_token=100)
+    assert (choice.rank, choice.met) == (1, False)
+    assert (
+        choice.reason
+        == "an in-flight request's latency_ms_per_token 29.0 (estimated 30.5 ms per token with 5 in flight)"
+    )
+    own = choose(Load(steps=steps), latency_ms_per_token=21)
+    assert own.reason == "latency_ms_per_token 21.0 (estimated 22.5 ms per token with 1 in flight)"
+
+
+def test_explicit_ranks_and_unbudgeted_requests_are_served_as_asked():
+    """kdlora keeps in-flight bounds only where it picks the rank: `@r16` is exactly rank 16, no budget the default."""
+    crowded = Load(Counter({"a@r1": 1}), bounds=(21.0,), steps=fitted_steps())
+    assert (choose(crowded, requested=16).rank, choose(crowded, requested=16).met) == (16, True)
+    assert (choose(crowded).rank, choose(crowded).met) == (4, True)
+
+
+def test_measured_cost_per_rank_leaves_out_each_ranks_cold_first_request():
     costs = CostTracker()
-    for _ in range(3):  # the first request of a rank is cold (it loaded the rank) and not counted
-        costs.record("a", 16, 100.0)  # ms per token at rank 16
-        costs.record("a", 2, 20.0)
-    assert costs.measured("a") == {16: 100.0, 2: 20.0}
-    assert choose(costs, latency_ms_per_token=50).rank == 4  # rank 4 unmeasured: about 31 ms, between ranks 2 and 16
-    assert choose(costs, latency_ms_per_token=200).rank == 16
-
-
-def test_the_cost_model_predicts_a_hand_made_trace_by_rank_and_load():
-    """Requests whose decode cost is 20 + 0.5 r + (1 + 0.1 r) n ms per token (r rank, n requests in flight), each
-    rank's first request cold (5 s per token): the model predicts unseen ranks and loads from the warm ones."""
-
-    def cost(r, n):
-        return 20 + 0.5 * r + (1 + 0.1 * r) * n
-
-    costs = CostTracker()
-    for rank in (1, 8, 64):
-        costs.record("a", rank, 5000.0, in_flight=1)  # cold: left out
-        for n in (1, 4, 8):
-            costs.record("a", rank, cost(rank, n), in_flight=n)
-    for rank, n in [(16, 6), (32, 2), (64, 12), (1, 1)]:
-        assert costs.estimate("a", rank, n) == pytest.approx(cost(rank, n), rel=1e-3)
-    assert costs.estimate("b", 8, 1) is None  # another adapter: nothing measured
-    alone = choose(costs, latency_ms_per_token=40)  # the largest evaluated rank (1, 2, 4, 16) within 40 ms
-    busy = choose_rank(META, Budget(latency_ms_per_token=40), "a", costs, in_flight=10)
-    assert (alone.rank, busy.rank) == (16, 4)  # rank 16: 30.6 ms alone, 54 ms with 10 in flight; rank 4: 36 ms then
-    assert busy.reason == "largest rank within budget"
-
-
-def test_cost_grows_with_rank_even_where_the_fit_would_not_say_so():
-    costs = CostTracker()
-    for ms in (5000.0, 30.0, 30.0):  # cold, then warm; one rank measured: the fit knows nothing about rank
+    for ms in (5000.0, 30.0, 32.0):
         costs.record("a", 8, ms)
-    assert costs.estimate("a", 64) == pytest.approx(30.0, rel=1e-3)  # not below rank 8's
-    assert costs.estimate("a", 4) is None  # below every measured rank
+    costs.record("b", 8, 7.0)
+    assert costs.measured("a") == {8: 31.0} and costs.measured("b") == {}
 
 
 def test_min_quality_can_name_a_task_metric():
     meta = META.model_copy(
         update={"ranks": [r.model_copy(update={"task_metrics": {"greedy_token_f1": r.rank / 20}}) for r in META.ranks]}
     )
-    pick = lambda **budget: choose_rank(meta, Budget(**budget), "a", CostTracker())  # noqa: E731
+    pick = lambda **budget: choose_rank(meta, Budget(**budget), "a")  # noqa: E731
     assert pick(min_quality=0.15, quality_metric="greedy_token_f1").rank == 4  # F1 1/20, 2/20, 4/20, 16/20
     assert pick(min_quality=0.15, quality_metric="greedy_token_f1", max_rank=16).rank == 16
     assert pick(min_quality=0.15).rank == 1  # top-1 agreement, as before: 0.55, 0.6, 0.7, 1.0

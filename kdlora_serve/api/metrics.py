@@ -1,6 +1,6 @@
 """Prometheus metrics next to vLLM's own on /metrics (same default registry, API-server process)."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("kdlora_requests", "Adapter requests served, by adapter and rank", ["adapter", "rank"])
 TOKENS = Counter(
@@ -12,3 +12,16 @@ BUDGET_MISSES = Counter(
 PULLS = Counter("kdlora_adapter_pulls", "Adapters pulled and validated", ["adapter"])
 TRUNCATIONS = Counter("kdlora_adapter_truncations", "Rank truncations written to the cache", ["adapter"])
 PREPARE_SECONDS = Histogram("kdlora_adapter_prepare_seconds", "Seconds to pull or truncate an adapter", ["step"])
+STEP_MODEL = Gauge(
+    "kdlora_step_model_ms",
+    "Fitted ms per engine step: base, per request, per prefill token, per LoRA rank unit",
+    ["term"],
+)
+REJECTIONS = Counter(
+    "kdlora_budget_rejections",
+    "Requests answered 429: no rank met their budget (on_miss reject, or wait timed out)",
+    ["adapter"],
+)
+WAIT_SECONDS = Histogram(
+    "kdlora_budget_wait_seconds", "Seconds a request with on_miss wait was held before admission", ["adapter"]
+)

@@ -9,12 +9,14 @@ It is the outermost layer of vLLM's app, so it also guards the whole server:
   client swap the weights behind a served name past kdlora's allow-list and checks.
 
 For generation requests whose `model` is a kdlora adapter it reads the budget (`extra_body={"kdlora":
-{...}}` or `x-kdlora-*` headers), picks the rank (policy), makes sure the files vLLM loads for it are intact
-(store), rewrites `model` to `<adapter>@r<k>` before vLLM sees it (vLLM then echoes that name and the
-resolver registers the rank), adds `x-kdlora-rank` / `x-kdlora-budget-met` to the response, and measures
-ms per generated token per rank for the policy. Bad requests get OpenAI-shaped JSON errors; nothing
-here can take the server down. Also serves discovery: GET /v1/kdlora/adapters, and lists every
-adapter's evaluated ranks in GET /v1/models before they are first requested.
+{...}}` or `x-kdlora-*` headers), picks the rank against the batch in flight (policy, with the step-time model of
+kdlora_serve.api.steps; every generation request in flight is tracked here, base ones too), holds or refuses the
+request when no rank meets its budget and it asks for that (`on_miss`), makes sure the files vLLM loads for it
+are intact (store), rewrites `model` to `<adapter>@r<k>` before vLLM sees it (vLLM then echoes that name and
+the resolver registers the rank), adds `x-kdlora-rank` / `x-kdlora-budget-met` to the response, and measures
+ms per generated token per rank for listings. Bad requests get OpenAI-shaped JSON errors; nothing here can take
+the server down. Also serves discovery: GET /v1/kdlora/adapters, GET /v1/kdlora/steps (the step-time fit and
+the batch in flight), and lists every adapter's evaluated ranks in GET /v1/models before they are first requested.
 """
 
 import asyncio
@@ -22,12 +24,16 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 from hub.errors import KdloraError
 from kdlora_serve.api import metrics
-from kdlora_serve.api.policy import choose_rank, parse_budget
+from kdlora_serve.api.policy import Load, choose_rank, parse_budget
+from kdlora_serve.api.steps import STEPS
 from kdlora_serve.api.store import get_store
 from kdlora_serve.errors import RequestError
 from kdlora_serve.rank import model_name, split_model_name
@@ -35,16 +41,36 @@ from kdlora_serve.rank import model_name, split_model_name
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
 LISTING_PATH = "/v1/kdlora/adapters"
+STEPS_PATH = "/v1/kdlora/steps"
+DEFAULT_MAX_WAIT_MS = 10_000
+WAIT_POLL_S = 0.02  # on_miss wait: how often a held request asks again (a finished request frees the batch)
 MODELS_PATH = "/v1/models"
 PUBLIC_PATHS = ("/health", "/ping", "/version", "/metrics")  # liveness probes and scrapers: no key, no model run
 ADAPTER_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
 HEADER_PREFIX = "x-kdlora-"
 
 
+@dataclass
+class Admitted:
+    """A generation request in flight: its LoRA name (None: base model or not kdlora's), the latency bound it was
+    admitted within (None: none, or its budget was already missed), and what says when it will be done."""
+
+    name: str | None = None
+    bound: float | None = None
+    max_tokens: int | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
 class KdloraMiddleware:
     def __init__(self, app):
         self.app = app
-        self.in_flight = 0  # generation requests being served (any model): the load the cost model is asked at
+        self.running: dict[object, Admitted] = {}  # every generation request in flight; one event loop, no lock
+
+    def load(self) -> Load:
+        """The batch as the policy sees it: requests in flight by LoRA name, and the bounds they were admitted within."""
+        admitted = list(self.running.values())
+        bounds = tuple(a.bound for a in admitted if a.bound is not None)
+        return Load(Counter(a.name for a in admitted), bounds, STEPS)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -70,36 +96,43 @@ class KdloraMiddleware:
             )
         if scope["method"] == "GET" and path == LISTING_PATH:
             return await _send_json(send, 200, {"object": "list", "data": get_store().listing()})
+        if scope["method"] == "GET" and path == STEPS_PATH:
+            load = self.load()
+            in_flight = {"requests": sum(load.running.values()), "bounds_ms_per_token": sorted(load.bounds)}
+            return await _send_json(send, 200, STEPS.describe() | {"in_flight": in_flight})
         if scope["method"] == "GET" and path == MODELS_PATH:
             return await self.app(scope, receive, _ModelsWithRanks(send, scope))
         if scope["method"] != "POST" or path not in GENERATION_PATHS:
             return await self.app(scope, receive, send)
-        self.in_flight += 1  # one event loop: no lock needed
+        ticket = object()
         try:
-            return await self._generate(scope, receive, send)
+            return await self._generate(scope, receive, send, ticket)
         finally:
-            self.in_flight -= 1
+            self.running.pop(ticket, None)
 
-    async def _generate(self, scope, receive, send):
+    async def _generate(self, scope, receive, send, ticket):
         body = await _read_body(receive)
         try:
-            routed = await self._route(scope, body)
+            routed = await self._route(scope, body, ticket)
         except RequestError as err:
-            return await _send_json(send, err.status, _error(str(err), err.status, err.param))
+            error = _error(str(err), err.status, err.param) | ({"kdlora": err.details} if err.details else {})
+            return await _send_json(send, err.status, error, err.headers)
         except Exception as err:  # a bug here must cost one request, never the server
             log.exception("kdlora: routing failed")
             return await _send_json(
                 send, 500, _error(f"kdlora could not route this request: {type(err).__name__}: {err}", 500)
             )
         if routed is None:
+            self.running[ticket] = Admitted()
             return await self.app(scope, _replay(body, receive), send)
         new_body, adapter, choice = routed
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(new_body)).encode())])
-        return await self.app(scope, _replay(new_body, receive), _Measured(send, adapter, choice, self.in_flight))
+        return await self.app(scope, _replay(new_body, receive), _Measured(send, adapter, choice))
 
-    async def _route(self, scope, body: bytes):
-        """None: not ours, pass through unchanged. Else (rewritten body, adapter, Choice)."""
+    async def _route(self, scope, body: bytes, ticket):
+        """None: not ours, pass through unchanged. Else (rewritten body, adapter, Choice), the request admitted into
+        `running` under `ticket` with its rank."""
         try:
             payload = json.loads(body)
         except ValueError:
@@ -126,7 +159,7 @@ class KdloraMiddleware:
         served = _served_model(scope)
         try:
             loaded = await asyncio.to_thread(store.load, adapter, served)
-            choice = choose_rank(loaded.metadata, budget, adapter, store.costs, rank, self.in_flight)
+            choice = await self._admit(ticket, loaded.metadata, budget, adapter, rank, _max_tokens(payload))
             await asyncio.to_thread(store.lora_dir, adapter, choice.rank, served)  # intact before vLLM may load it
         except RequestError:
             raise
@@ -136,6 +169,53 @@ class KdloraMiddleware:
             metrics.BUDGET_MISSES.labels(adapter=adapter).inc()
         payload["model"] = model_name(adapter, choice.rank)
         return json.dumps(payload).encode(), adapter, choice
+
+    async def _admit(self, ticket, meta, budget, adapter: str, rank: int | None, max_tokens: int | None):
+        """Choose the rank against the batch in flight and admit the request into it (no await between the two, so
+        concurrent arrivals see each other). A budget no rank meets now: `on_miss` serve (the cheapest rank, flagged),
+        reject (429 before any engine work) or wait (ask again as requests finish, up to max_wait_ms, then 429)."""
+        held_since = time.monotonic()
+        deadline = held_since + (budget.max_wait_ms or DEFAULT_MAX_WAIT_MS) / 1000
+        while True:
+            choice = choose_rank(meta, budget, adapter, self.load(), rank)
+            if choice.met or budget.on_miss in (None, "serve"):
+                break
+            if budget.on_miss == "reject" or time.monotonic() >= deadline:
+                self._refuse(adapter, choice, budget, waited_s=time.monotonic() - held_since)
+            await asyncio.sleep(WAIT_POLL_S)
+        if budget.on_miss == "wait":
+            metrics.WAIT_SECONDS.labels(adapter=adapter).observe(time.monotonic() - held_since)
+        bound = budget.latency_ms_per_token if choice.met else None  # a bound already broken cannot be kept
+        self.running[ticket] = Admitted(model_name(adapter, choice.rank), bound, max_tokens)
+        return choice
+
+    def _refuse(self, adapter: str, choice, budget, waited_s: float):
+        retry_s = self._retry_after_s()
+        metrics.REJECTIONS.labels(adapter=adapter).inc()
+        waited = f"after waiting {waited_s:.1f} s " if budget.on_miss == "wait" else ""
+        raise RequestError(
+            f"no rank of '{adapter}' meets this budget {waited}with {len(self.running) + 1} requests in flight "
+            f"({choice.reason}); retry after {retry_s} s",
+            429,
+            "kdlora",
+            headers={"retry-after": str(retry_s), "x-kdlora-budget-miss": choice.reason},
+            details={
+                "estimated_ms_per_token": choice.estimate_ms,
+                "retry_after_s": retry_s,
+                "cheapest_rank": choice.rank,
+            },
+        )
+
+    def _retry_after_s(self) -> int:
+        """Whole seconds until the first in-flight request that says how long it is (max_tokens) should be done, at the
+        current batch's predicted step time; 1 when nothing says."""
+        step_ms = STEPS.predict(self.load().running)
+        ends = [
+            a.started + a.max_tokens * step_ms / 1000 - time.monotonic()
+            for a in self.running.values()
+            if a.max_tokens and step_ms is not None
+        ]
+        return max(1, math.ceil(min(ends))) if ends else 1
 
 
 def _budget_headers(headers) -> dict[str, str]:
@@ -148,13 +228,18 @@ def _budget_headers(headers) -> dict[str, str]:
     return found
 
 
+def _max_tokens(payload: dict) -> int | None:
+    value = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    return value if isinstance(value, int) and value > 0 else None
+
+
 class _Measured:
     """Wraps `send`: adds the rank headers, then records the request's decode ms per generated token for the policy:
     streamed, from the first token's event to the last one's (prefill and queueing before it excluded); otherwise
     the whole request over its usage's completion tokens (prefill included: no first-token time to split at)."""
 
-    def __init__(self, send, adapter: str, choice, in_flight: int):
-        self.send, self.adapter, self.choice, self.in_flight = send, adapter, choice, in_flight
+    def __init__(self, send, adapter: str, choice):
+        self.send, self.adapter, self.choice = send, adapter, choice
         self.started = time.perf_counter()
         self.status = 200
         self.chunks: list[bytes] = []
@@ -201,7 +286,7 @@ class _Measured:
             seconds, per = time.perf_counter() - self.started, tokens
         store, rank = get_store(), self.choice.rank
         if per > 0:
-            store.costs.record(self.adapter, rank, 1000 * seconds / per, self.in_flight)
+            store.costs.record(self.adapter, rank, 1000 * seconds / per)
         metrics.REQUESTS.labels(adapter=self.adapter, rank=str(rank)).inc()
         metrics.TOKENS.labels(adapter=self.adapter, rank=str(rank)).inc(tokens)
 
@@ -293,19 +378,26 @@ def _authorized(scope) -> bool:
 
 
 def _error(message: str, status: int, param: str | None = None) -> dict:
-    kinds = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError"}
+    kinds = {
+        400: "BadRequestError",
+        401: "AuthenticationError",
+        403: "PermissionDeniedError",
+        404: "NotFoundError",
+        429: "RateLimitError",
+    }
     return {
         "error": {"message": message, "type": kinds.get(status, "InternalServerError"), "param": param, "code": status}
     }
 
 
-async def _send_json(send, status: int, payload: dict) -> None:
+async def _send_json(send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
     body = json.dumps(payload).encode()
+    extra = [(name.encode(), value.encode("latin-1", "replace")) for name, value in (headers or {}).items()]
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -1,20 +1,25 @@
 """Budget -> rank: the largest evaluated rank that meets every constraint of a request (with only a quality
 floor: the smallest rank that meets it).
 
-Inputs: the adapter's metadata (per-rank quality and bytes, hub.schema) and this server's own measured
-decode cost per rank and load (`CostTracker`, fed by the middleware from finished requests, asked at the
-number of requests in flight now: measured, not assumed). No budget: the adapter's default rank. Nothing fits: the cheapest rank, flagged as a miss.
+Inputs: the adapter's metadata (per-rank quality and bytes, hub.schema) and the load (`Load`): the requests in
+flight by LoRA name, the latency bounds they were admitted under, and this server's step-time model
+(kdlora_serve.api.steps), which predicts a decode step's ms for the batch with this request added at each rank. A
+latency budget is the batch's: when kdlora picks the rank, the predicted step must stay within the request's own
+bound AND within every in-flight request's, so a loose request arriving beside a tight one gets a lower rank than
+it would alone. No budget: the adapter's default rank. Nothing fits: `on_miss` says what happens (the cheapest rank,
+flagged; a 429; or a wait at the door: kdlora_serve.api.middleware).
 """
 
 import threading
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hub.errors import KdloraError
 from hub.schema import RankMetadata
+from kdlora_serve.api.steps import StepModel
 from kdlora_serve.errors import RequestError
 from kdlora_serve.rank import is_rank_digits, model_name
 
@@ -37,8 +42,18 @@ class Budget(BaseModel):
         description=f"what min_quality bounds (default {DEFAULT_QUALITY_METRIC}; or a task metric the adapter records)",
     )
 
+    on_miss: Literal["serve", "reject", "wait"] | None = Field(
+        None,
+        description="when no rank meets the budget now: serve the cheapest rank, flagged (default); reject: 429 at "
+        "once with Retry-After; wait: hold the request until the batch can take it (at most max_wait_ms), then 429",
+    )
+    max_wait_ms: float | None = Field(
+        None, gt=0, le=600_000, description="on_miss wait: the longest hold (default 10 s)"
+    )
+
     def constrained(self) -> bool:
-        return any(v is not None for v in self.model_dump().values())
+        """Whether it bounds anything the rank decides (on_miss and max_wait_ms say what to do, not what to bound)."""
+        return any(v is not None for k, v in self.model_dump().items() if k not in ("on_miss", "max_wait_ms"))
 
     def bounds_cost(self) -> bool:
         return any(v is not None for v in (self.max_rank, self.latency_ms_per_token, self.memory_mb))
@@ -80,76 +95,61 @@ class Choice:
     rank: int
     met: bool
     reason: str  # why the rank was chosen, or which constraint failed
+    estimate_ms: float | None = None  # predicted ms per step with this request in the batch at `rank`
+
+
+@dataclass
+class Load:
+    """What is in flight when a request arrives: running requests per LoRA name (None: the base model), the latency
+    bounds (ms per token) they were admitted within, and the step-time model that prices a batch."""
+
+    running: Counter = field(default_factory=Counter)
+    bounds: tuple[float, ...] = ()
+    steps: StepModel | None = None
+
+    def estimate(self, adapter: str, rank: int) -> float | None:
+        """Predicted ms per step once this request runs at `rank` beside what is in flight (None: no fit yet)."""
+        if self.steps is None:
+            return None
+        return self.steps.predict(self.running + Counter({model_name(adapter, rank): 1}))
+
+    @property
+    def requests(self) -> int:
+        return sum(self.running.values()) + 1  # this one included
 
 
 class CostTracker:
-    """Decode ms per generated token on this server, per adapter, as a function of the rank r and of the requests in
-    flight n (the load): ms = a + b r + (c + d r) n, least squares over the last WINDOW requests of that adapter (a
-    small ridge term keeps what the requests cannot tell apart, e.g. the slope in r while one rank was served, at 0).
-    The first request of each (adapter, rank) is left out: it paid that rank's load (cold), not decode. An estimate
-    never falls below that of a measured lower rank at the same load (cost grows with rank); nothing measured: None."""
-
-    WINDOW = 512
-    RIDGE = 1e-3
+    """Mean decode ms per generated token per adapter and rank, as the middleware measured finished requests (what
+    /v1/kdlora/adapters lists). The first request of each (adapter, rank) is left out: it paid the rank's load."""
 
     def __init__(self):
-        self._requests: dict[str, deque] = {}  # adapter -> (rank, in flight, ms per token)
+        self._sums: dict[tuple[str, int], tuple[float, int]] = {}
         self._seen: set[tuple[str, int]] = set()
-        self._fits: dict[str, tuple] = {}  # adapter -> (coefficients, measured ranks), refitted after each request
         self._lock = threading.Lock()
 
-    def record(self, adapter: str, rank: int, ms_per_token: float, in_flight: int = 1) -> None:
+    def record(self, adapter: str, rank: int, ms_per_token: float) -> None:
         with self._lock:
             if (adapter, rank) not in self._seen:
                 self._seen.add((adapter, rank))
                 return
-            requests = self._requests.setdefault(adapter, deque(maxlen=self.WINDOW))
-            requests.append((rank, in_flight, ms_per_token))
-            self._fits[adapter] = (self._fit(requests), sorted({r for r, _, _ in requests}))
-
-    @classmethod
-    def _fit(cls, requests) -> np.ndarray:
-        data = np.array(requests, dtype=np.float64)
-        features, ms = cls._features(data[:, 0], data[:, 1]), data[:, 2]
-        ridge = cls.RIDGE * np.diag([0.0, 1.0, 1.0, 1.0])  # not on the intercept
-        return np.linalg.solve(features.T @ features + ridge, features.T @ ms)
-
-    @staticmethod
-    def _features(rank, in_flight) -> np.ndarray:
-        rank, in_flight = np.broadcast_arrays(
-            np.asarray(rank, dtype=np.float64), np.asarray(in_flight, dtype=np.float64)
-        )
-        return np.stack([np.ones_like(rank), rank, in_flight, rank * in_flight], axis=-1)
+            total, count = self._sums.get((adapter, rank), (0.0, 0))
+            self._sums[(adapter, rank)] = (total + ms_per_token, count + 1)
 
     def measured(self, adapter: str) -> dict[int, float]:
-        """Mean warm ms per token per rank, whatever the load (what /v1/models lists)."""
         with self._lock:
-            by_rank: dict[int, list[float]] = {}
-            for rank, _, ms in self._requests.get(adapter, ()):
-                by_rank.setdefault(rank, []).append(ms)
-        return {rank: sum(values) / len(values) for rank, values in by_rank.items()}
-
-    def estimate(self, adapter: str, rank: int, in_flight: int = 1) -> float | None:
-        with self._lock:
-            fit = self._fits.get(adapter)
-        if fit is None:
-            return None
-        coefficients, measured = fit
-        ranks = [r for r in measured if r <= rank] + [rank]
-        if len(ranks) == 1 and rank < measured[0]:
-            return None  # below every measured rank: nothing to say
-        return float((self._features(ranks, in_flight) @ coefficients).max())
+            return {rank: total / count for (name, rank), (total, count) in self._sums.items() if name == adapter}
 
 
 def choose_rank(
     meta: RankMetadata,
     budget: Budget,
     adapter: str,
-    costs: CostTracker,
+    load: Load | None = None,
     requested: int | None = None,
-    in_flight: int = 1,
 ) -> Choice:
-    """`in_flight`: the generation requests this server is serving now, this one included (the load the cost is at)."""
+    """The rank for a request. Where kdlora picks it (a budget, no explicit rank), it also keeps every in-flight
+    request's latency bound; an explicit rank is served as asked, checked against the request's own budget only."""
+    load = load or Load()
     if budget.quality_metric is not None:
         recorded = sorted({name for result in meta.ranks for name in result.quality_metrics()})
         if budget.quality_metric not in recorded:
@@ -168,22 +168,24 @@ def choose_rank(
             meta.check_rank(rank)
         except KdloraError as err:
             raise RequestError(f"'{model_name(adapter, rank)}': {err}", param="model") from err
-        failed = _failed(meta, budget, adapter, costs, rank, in_flight)
-        return Choice(rank, not failed, failed or "rank requested")
+        failed = _failed(meta, budget, adapter, load, rank, keep_batch=False)
+        return Choice(rank, not failed, failed or "rank requested", load.estimate(adapter, rank))
     if not budget.constrained():
-        return Choice(meta.default_rank, True, "default rank")
+        return Choice(meta.default_rank, True, "default rank", load.estimate(adapter, meta.default_rank))
     candidates = sorted({r.rank for r in meta.ranks} | {meta.max_rank})
-    fitting = [k for k in candidates if not _failed(meta, budget, adapter, costs, k, in_flight)]
+    fitting = [k for k in candidates if not _failed(meta, budget, adapter, load, k, keep_batch=True)]
     if fitting and budget.bounds_cost():
-        return Choice(max(fitting), True, "largest rank within budget")
+        best = max(fitting)
+        return Choice(best, True, "largest rank within budget", load.estimate(adapter, best))
     if fitting:  # a quality floor and nothing else: more rank would cost more and buy nothing asked for
-        return Choice(min(fitting), True, "smallest rank meeting min_quality")
+        return Choice(min(fitting), True, "smallest rank meeting min_quality", load.estimate(adapter, min(fitting)))
     cheapest = candidates[0]
-    return Choice(cheapest, False, _failed(meta, budget, adapter, costs, cheapest, in_flight))
+    reason = _failed(meta, budget, adapter, load, cheapest, keep_batch=True)
+    return Choice(cheapest, False, reason, load.estimate(adapter, cheapest))
 
 
-def _failed(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker, rank: int, in_flight: int) -> str:
-    """'' when `rank` meets the budget, else the first constraint it breaks."""
+def _failed(meta: RankMetadata, budget: Budget, adapter: str, load: Load, rank: int, keep_batch: bool) -> str:
+    """'' when `rank` meets the budget (and, with keep_batch, every in-flight bound), else the first constraint broken."""
     result = meta.result(rank)
     if budget.max_rank is not None and rank > budget.max_rank:
         return f"max_rank {budget.max_rank}"
@@ -198,8 +200,15 @@ def _failed(meta: RankMetadata, budget: Budget, adapter: str, costs: CostTracker
             return f"min_quality {budget.min_quality}" + (
                 f" ({budget.quality_metric})" if budget.quality_metric else ""
             )
-    if budget.latency_ms_per_token is not None:
-        estimate = costs.estimate(adapter, rank, in_flight)
-        if estimate is not None and estimate > budget.latency_ms_per_token:
-            return f"latency_ms_per_token {budget.latency_ms_per_token} (estimated {estimate:.1f} at {in_flight} in flight)"
+    own, others = budget.latency_ms_per_token, (min(load.bounds) if keep_batch and load.bounds else None)
+    if own is None and others is None:
+        return ""
+    estimate = load.estimate(adapter, rank)
+    if estimate is None:
+        return ""  # nothing measured yet: nothing to hold the rank to
+    at = f"(estimated {estimate:.1f} ms per token with {load.requests} in flight)"
+    if own is not None and estimate > own:
+        return f"latency_ms_per_token {own} {at}"
+    if others is not None and estimate > others:
+        return f"an in-flight request's latency_ms_per_token {others} {at}"
     return ""

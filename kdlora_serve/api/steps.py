@@ -1,0 +1,147 @@
+"""Decode step time as a function of what is in the batch, fitted online on the server itself.
+
+One engine step decodes one token for every running request, so a latency budget (ms per generated token) is a
+property of the batch: a rank-64 request beside a rank-1 one makes both decode at the batch's cost. This model
+predicts a step's ms from the batch's composition:
+
+    ms = a + b * requests + c * prefill_tokens + d * lora_work
+
+where lora_work is the LoRA compute the server's path does for that batch: kdlora's CPU path computes each
+adapter's group at the largest rank present (sum over adapters of their largest rank); kdlora's CUDA kernels read
+each token's own rank (sum of ranks); vLLM's stock ops pad every LoRA request to --max-lora-rank.
+
+Its data come through vLLM's own stats path: `StepLogger`, a stat-logger plugin (entry point
+`vllm.stat_logger_plugins`), receives every engine iteration's scheduler stats (the running requests per LoRA
+name: kdlora names carry the rank, kdlora_serve.rank) and iteration stats (inter-token latencies: what each running
+request waited for this step's token; prompt tokens finished). It runs in the API-server process, where the
+middleware asks the same `STEPS` model. Refitted by least squares over the last WINDOW steps.
+"""
+
+import threading
+from collections import Counter, deque
+
+import numpy as np
+
+from kdlora_serve import rank as rank_protocol
+from kdlora_serve.api import metrics
+
+TERMS = ("base", "requests", "prefill_tokens", "lora_work")
+
+
+def lora_work(running: Counter, path: str, max_lora_rank: int) -> float:
+    """The batch's LoRA work in rank units. running: LoRA name (None: base model) -> requests."""
+    largest: dict[str, int] = {}
+    total = 0
+    for name, count in running.items():
+        if name is None or count <= 0:
+            continue
+        adapter, rank = rank_protocol.kdlora_name(name)
+        adapter, rank = (adapter or name), (rank or max_lora_rank)
+        if path == "stock":
+            total += count * max_lora_rank
+        elif path == "per-token":
+            total += count * rank
+        largest[adapter] = max(largest.get(adapter, 0), rank)
+    return float(sum(largest.values()) if path == "grouped" else total)
+
+
+class StepModel:
+    """ms per engine step = features(batch) @ coefficients, the slopes kept >= 0 (a bigger batch never costs less)."""
+
+    WINDOW = 2048
+    MIN_STEPS = 16  # fewer observed steps: no estimate (the policy then checks nothing it cannot predict)
+    RIDGE = 1e-6  # per step: keeps what the trace cannot tell apart (e.g. one rank only) at 0, biases nothing else
+
+    def __init__(self, path: str = "grouped", max_lora_rank: int = 64):
+        self.path, self.max_lora_rank = path, max_lora_rank
+        self._steps: deque = deque(maxlen=self.WINDOW)  # (features, ms)
+        self._coefficients: np.ndarray | None = None
+        self._dirty = False
+        self._lock = threading.Lock()
+
+    def configure(self, path: str, max_lora_rank: int) -> None:
+        """The server's LoRA path and --max-lora-rank (known once the engine is up); drops what was observed."""
+        with self._lock:
+            self.path, self.max_lora_rank = path, max_lora_rank
+            self._steps.clear()
+            self._coefficients, self._dirty = None, False
+
+    def features(self, running: Counter, prefill_tokens: int = 0) -> np.ndarray:
+        requests = sum(count for count in running.values() if count > 0)
+        return np.array([1.0, requests, prefill_tokens, lora_work(running, self.path, self.max_lora_rank)])
+
+    def observe(self, running: Counter, step_ms: float, prefill_tokens: int = 0) -> None:
+        with self._lock:
+            self._steps.append((self.features(running, prefill_tokens), step_ms))
+            self._dirty = True
+
+    def coefficients(self) -> np.ndarray | None:
+        with self._lock:
+            if self._dirty and len(self._steps) >= self.MIN_STEPS:
+                self._coefficients = self._fit(self._steps)
+                for term, value in zip(TERMS, self._coefficients):
+                    metrics.STEP_MODEL.labels(term=term).set(value)
+                self._dirty = False
+            return self._coefficients
+
+    @classmethod
+    def _fit(cls, steps) -> np.ndarray:
+        features = np.stack([f for f, _ in steps])
+        ms = np.array([m for _, m in steps])
+        ridge = cls.RIDGE * np.diag([0.0, 1.0, 1.0, 1.0]) * len(steps)  # not on the intercept
+        coefficients = np.linalg.solve(features.T @ features + ridge, features.T @ ms)
+        coefficients[1:] = np.maximum(coefficients[1:], 0.0)  # noise must not make a bigger batch look cheaper
+        return coefficients
+
+    def predict(self, running: Counter, prefill_tokens: int = 0) -> float | None:
+        coefficients = self.coefficients()
+        if coefficients is None:
+            return None
+        return float(self.features(running, prefill_tokens) @ coefficients)
+
+    def describe(self) -> dict:
+        """For /v1/kdlora/steps: the path, the terms, the fit and the steps it was fitted on."""
+        coefficients = self.coefficients()
+        with self._lock:
+            observed = len(self._steps)
+        fit = None if coefficients is None else dict(zip(TERMS, map(float, coefficients)))
+        return {"path": self.path, "max_lora_rank": self.max_lora_rank, "steps": observed, "ms_per_step": fit}
+
+
+STEPS = StepModel()  # the API-server process's model: fed by StepLogger, asked by the middleware
+
+
+def observe_iteration(model: StepModel, scheduler_stats, iteration_stats) -> None:
+    """One engine iteration from vLLM's stats: the running requests per LoRA name and the median inter-token latency
+    of the requests that got a (non-first) token, i.e. what this step cost each of them."""
+    if scheduler_stats is None or iteration_stats is None or not iteration_stats.inter_token_latencies_iter:
+        return
+    running = Counter(scheduler_stats.running_lora_adapters)
+    running[None] = max(0, scheduler_stats.num_running_reqs - sum(running.values()))
+    step_ms = 1000 * float(np.median(iteration_stats.inter_token_latencies_iter))
+    model.observe(running, step_ms, iteration_stats.num_prompt_tokens)
+
+
+try:  # the stat-logger plugin needs vLLM; the model above does not
+    from vllm.v1.metrics.loggers import StatLoggerBase
+except ImportError:  # pragma: no cover
+    StatLoggerBase = object
+
+
+class StepLogger(StatLoggerBase):
+    """vLLM stat-logger plugin (entry point `vllm.stat_logger_plugins: kdlora`): every iteration into `STEPS`."""
+
+    def __init__(self, vllm_config, engine_index: int = 0):
+        from kdlora_serve import vllm_patches
+
+        lora_config = vllm_config.lora_config
+        if lora_config is not None:
+            rank_aware = vllm_patches.rank_aware(lora_config)
+            path = vllm_patches.LORA_PATHS[vllm_patches.backend()] if rank_aware else "stock"
+            STEPS.configure(path, lora_config.max_lora_rank)
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        observe_iteration(STEPS, scheduler_stats, iteration_stats)
+
+    def log_engine_initialized(self):
+        pass

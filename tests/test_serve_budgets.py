@@ -1,0 +1,108 @@
+"""Latency budgets on the real server (the session's `kdlora serve`, fp32, adapter R = 16, ranks 1, 2, 4, 16): the
+step-time model fitted from vLLM's own per-step stats, a loose request held to a tight in-flight request's bound,
+and `on_miss: reject` answered before any engine work."""
+
+import concurrent.futures
+import json
+import re
+import threading
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ALIAS = "teacher-adapter"
+PROMPT = "The three most useful Python built-in functions are"
+
+
+@pytest.fixture(scope="module")
+def client(vllm_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=vllm_server + "/v1", api_key="unused", max_retries=0)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url) as response:
+        return json.loads(response.read())
+
+
+def stream(client, model: str, tokens: int, first_token: threading.Event | None = None, **kdlora):
+    """A streamed completion: (served rank header, budget-met header, text)."""
+    extra = {"extra_body": {"kdlora": kdlora}} if kdlora else {}
+    raw = client.completions.with_raw_response.create(
+        model=model, prompt=PROMPT, max_tokens=tokens, temperature=0.0, stream=True, **extra
+    )
+    pieces = []
+    for chunk in raw.parse():
+        pieces.append(chunk.choices[0].text if chunk.choices else "")
+        if first_token is not None:
+            first_token.set()
+    return raw.headers["x-kdlora-rank"], raw.headers["x-kdlora-budget-met"], "".join(pieces)
+
+
+@pytest.fixture(scope="module")
+def fitted(client, vllm_server):
+    """Steps of every batch size 1-4 and ranks 1 and 16 mixed, until the server's model has a fit; its terms."""
+    batches = [[1], [16], [1, 1], [16, 1], [1, 16, 16, 1], [16, 16, 16]]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for ranks in batches * 2:
+            list(pool.map(lambda k: stream(client, f"{ALIAS}@r{k}", 24), ranks))
+    fit = get_json(vllm_server + "/v1/kdlora/steps")
+    assert fit["path"] == "grouped" and fit["max_lora_rank"] == 16 and fit["steps"] >= 16, fit
+    return fit["ms_per_step"]
+
+
+def predict(fit: dict, requests: int, lora_work: float) -> float:
+    return fit["base"] + fit["requests"] * requests + fit["lora_work"] * lora_work
+
+
+def test_the_step_model_sees_that_a_bigger_batch_costs_more(fitted, vllm_server):
+    assert fitted["requests"] > 0, fitted
+    with urllib.request.urlopen(vllm_server + "/metrics") as response:
+        metrics = response.read().decode()
+    assert re.search(r'kdlora_step_model_ms\{term="requests"\} [0-9.e+-]+', metrics)
+
+
+def test_a_loose_request_beside_a_tight_one_gets_a_lower_rank_than_alone(client, fitted):
+    """The tight bound lies between one and two requests at rank 1 (the server's own fit): admitted alone, the
+    tight request fits; a loose request arriving while it decodes would push the shared step past that bound at
+    any rank, so it is served at the cheapest rank and flagged, while alone it gets the largest."""
+    tight = predict(fitted, 1, 1) + 0.5 * fitted["requests"]
+    loose = 10 * predict(fitted, 4, 16)
+    assert stream(client, ALIAS, 8, latency_ms_per_token=loose)[:2] == ("16", "true")  # alone: the largest rank
+    started = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tight_request = pool.submit(stream, client, ALIAS, 96, started, latency_ms_per_token=tight)
+        assert started.wait(120)
+        beside = stream(client, ALIAS, 8, latency_ms_per_token=loose)
+        tight_rank, tight_met, _ = tight_request.result()
+    assert tight_met == "true"
+    assert beside[:2] == ("1", "false") and int(tight_rank) >= 1
+
+
+def test_reject_answers_429_with_retry_after_before_any_engine_work(client, fitted, vllm_server):
+    from openai import RateLimitError
+
+    def prompt_tokens() -> float:
+        with urllib.request.urlopen(vllm_server + "/metrics") as response:
+            found = re.search(r"^vllm:prompt_tokens_total\{[^}]*\} ([0-9.e+]+)$", response.read().decode(), re.M)
+        return float(found[1])
+
+    before, started = prompt_tokens(), time.perf_counter()
+    with pytest.raises(RateLimitError) as refused:
+        client.completions.create(
+            model=ALIAS,
+            prompt=PROMPT,
+            max_tokens=8,
+            extra_body={"kdlora": {"latency_ms_per_token": 0.01, "on_miss": "reject"}},
+        )
+    answered_s = time.perf_counter() - started
+    response = refused.value.response
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+    body = response.json()
+    assert body["error"]["message"].startswith(f"no rank of '{ALIAS}' meets this budget with 1 requests in flight")
+    assert body["kdlora"]["estimated_ms_per_token"] > 0.01 and body["kdlora"]["cheapest_rank"] == 1
+    assert prompt_tokens() == before  # vLLM never saw it
+    print(f"429 answered in {1000 * answered_s:.1f} ms")
