@@ -194,16 +194,18 @@ def test_hot_swap_from_the_hub_after_start(client, session_hub, teacher_dir, tmp
     _, hub = session_hub
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     adapter = write_nested_adapter(
-        tmp_path / "hot", base, rank=8, seed=7, base_model_id=str(teacher_dir), init_scale=0.05
+        tmp_path / "hot", base, rank=8, seed=7, base_model_id=str(teacher_dir), init_scale=0.5
     )
     _push_raw(hub, "kd/hot", adapter)
+    expected = peft_greedy(teacher_dir, adapter, 2, tmp_path)
+    assert expected != text(client, "teacher")  # the adapter changes the answer: an ignored adapter would show
     started = time.perf_counter()
     cold = complete(client, "kd/hot@r2")
     cold_s = time.perf_counter() - started
     started = time.perf_counter()
     warm = complete(client, "kd/hot@r2")
     warm_s = time.perf_counter() - started
-    assert cold.parse().choices[0].text == warm.parse().choices[0].text
+    assert cold.parse().choices[0].text == warm.parse().choices[0].text == expected
     print(f"\ncold first request (pull + load) {cold_s:.2f} s, warm {warm_s:.2f} s: +{cold_s - warm_s:.2f} s")
 
 
