@@ -33,8 +33,9 @@ def text(client, model, prompt=PROMPT):
     return complete(client, model, prompt).parse().choices[0].text
 
 
-def peft_greedy(teacher_dir, adapter, rank, tmp_path) -> str:
-    """8 greedy tokens of PEFT on the adapter truncated to `rank`: what the server must answer."""
+def peft_greedy(teacher_dir, adapter, rank, tmp_path, messages=None, tokens=8) -> str:
+    """Greedy tokens of PEFT on the adapter truncated to `rank` for PROMPT (or for `messages` through the tokenizer's
+    chat template, as vLLM's chat route renders them): what the server must answer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,9 +44,12 @@ def peft_greedy(teacher_dir, adapter, rank, tmp_path) -> str:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, truncate_adapter(adapter, rank, tmp_path / f"r{rank}")).eval()
-    ids = tokenizer(PROMPT, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+    if messages is None:
+        ids = tokenizer(PROMPT, return_tensors="pt")
+    else:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=messages is not None)
 
 
 @pytest.mark.parametrize("rank", [1, 4, 16])
@@ -113,13 +117,25 @@ def test_budget_from_extra_body_and_headers(client):
     )
 
 
-def test_streaming_chat(client):
-    stream = client.chat.completions.create(
-        model=f"{ALIAS}@r2", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0.0, stream=True
-    )
-    chunks = list(stream)
-    assert chunks and all(chunk.model == f"{ALIAS}@r2" for chunk in chunks)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+def test_chat_at_a_rank_below_max_streamed_and_whole_equals_peft_with_the_chat_template(
+    client, teacher_dir, teacher_adapter, tmp_path
+):
+    messages = [{"role": "user", "content": "Name three Python built-in functions."}]
+
+    def chat(model, **kwargs):
+        return client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, max_tokens=12, temperature=0.0, **kwargs
+        )
+
+    expected = peft_greedy(teacher_dir, teacher_adapter, 2, tmp_path, messages, tokens=12)
+    assert expected != chat(f"{ALIAS}@r16").parse().choices[0].message.content  # the check can tell rank 2 from 16
+    raw = chat(f"{ALIAS}@r2")
+    whole = raw.parse()
+    assert raw.headers["x-kdlora-rank"] == "2" and whole.model == f"{ALIAS}@r2"
+    chunks = list(chat(f"{ALIAS}@r2", stream=True).parse())
+    assert all(chunk.model == f"{ALIAS}@r2" for chunk in chunks)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content == expected
 
 
 @pytest.mark.parametrize(
