@@ -4,6 +4,8 @@ The store behind it is real (a local adapter directory as alias)."""
 
 import asyncio
 import json
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -169,7 +171,8 @@ def test_an_adapter_request_reaches_vllm_as_its_rank(store):
     vllm = FakeVllm()
     assert call(vllm, "POST", "/v1/completions", completion(ALIAS, kdlora={"max_rank": 2}))[0] == 200
     assert json.loads(vllm.seen[-1][2])["model"] == f"{ALIAS}@r2" and "kdlora" not in json.loads(vllm.seen[-1][2])
-    assert store.root.glob("*/r2/adapter_model.safetensors")  # written before vLLM was asked to load it
+    written = [p.relative_to(store.root) for p in store.root.glob("*/r*/adapter_model.safetensors")]
+    assert written == [Path(f"{ALIAS}-{os.getpid()}/r2/adapter_model.safetensors")]  # before vLLM was asked to load it
 
 
 def test_models_lists_every_evaluated_rank_before_first_use(store):

@@ -4,6 +4,7 @@ mixed batches, hot-swap from the (fake, local) Hub, discovery, metrics, streamin
 
 import concurrent.futures
 import json
+import re
 import time
 import urllib.request
 
@@ -33,8 +34,9 @@ def text(client, model, prompt=PROMPT):
     return complete(client, model, prompt).parse().choices[0].text
 
 
-def peft_greedy(teacher_dir, adapter, rank, tmp_path) -> str:
-    """8 greedy tokens of PEFT on the adapter truncated to `rank`: what the server must answer."""
+def peft_greedy(teacher_dir, adapter, rank, tmp_path, messages=None, tokens=8) -> str:
+    """Greedy tokens of PEFT on the adapter truncated to `rank` for PROMPT (or for `messages` through the tokenizer's
+    chat template, as vLLM's chat route renders them): what the server must answer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,9 +45,12 @@ def peft_greedy(teacher_dir, adapter, rank, tmp_path) -> str:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, truncate_adapter(adapter, rank, tmp_path / f"r{rank}")).eval()
-    ids = tokenizer(PROMPT, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+    if messages is None:
+        ids = tokenizer(PROMPT, return_tensors="pt")
+    else:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=messages is not None)
 
 
 @pytest.mark.parametrize("rank", [1, 4, 16])
@@ -113,13 +118,25 @@ def test_budget_from_extra_body_and_headers(client):
     )
 
 
-def test_streaming_chat(client):
-    stream = client.chat.completions.create(
-        model=f"{ALIAS}@r2", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0.0, stream=True
-    )
-    chunks = list(stream)
-    assert chunks and all(chunk.model == f"{ALIAS}@r2" for chunk in chunks)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+def test_chat_at_a_rank_below_max_streamed_and_whole_equals_peft_with_the_chat_template(
+    client, teacher_dir, teacher_adapter, tmp_path
+):
+    messages = [{"role": "user", "content": "Name three Python built-in functions."}]
+
+    def chat(model, **kwargs):
+        return client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, max_tokens=12, temperature=0.0, **kwargs
+        )
+
+    expected = peft_greedy(teacher_dir, teacher_adapter, 2, tmp_path, messages, tokens=12)
+    assert expected != chat(f"{ALIAS}@r16").parse().choices[0].message.content  # the check can tell rank 2 from 16
+    raw = chat(f"{ALIAS}@r2")
+    whole = raw.parse()
+    assert raw.headers["x-kdlora-rank"] == "2" and whole.model == f"{ALIAS}@r2"
+    chunks = list(chat(f"{ALIAS}@r2", stream=True).parse())
+    assert all(chunk.model == f"{ALIAS}@r2" for chunk in chunks)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content == expected
 
 
 @pytest.mark.parametrize(
@@ -194,16 +211,18 @@ def test_hot_swap_from_the_hub_after_start(client, session_hub, teacher_dir, tmp
     _, hub = session_hub
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     adapter = write_nested_adapter(
-        tmp_path / "hot", base, rank=8, seed=7, base_model_id=str(teacher_dir), init_scale=0.05
+        tmp_path / "hot", base, rank=8, seed=7, base_model_id=str(teacher_dir), init_scale=0.5
     )
     _push_raw(hub, "kd/hot", adapter)
+    expected = peft_greedy(teacher_dir, adapter, 2, tmp_path)
+    assert expected != text(client, "teacher")  # the adapter changes the answer: an ignored adapter would show
     started = time.perf_counter()
     cold = complete(client, "kd/hot@r2")
     cold_s = time.perf_counter() - started
     started = time.perf_counter()
     warm = complete(client, "kd/hot@r2")
     warm_s = time.perf_counter() - started
-    assert cold.parse().choices[0].text == warm.parse().choices[0].text
+    assert cold.parse().choices[0].text == warm.parse().choices[0].text == expected
     print(f"\ncold first request (pull + load) {cold_s:.2f} s, warm {warm_s:.2f} s: +{cold_s - warm_s:.2f} s")
 
 
@@ -259,6 +278,53 @@ def test_a_rank_switch_of_a_resident_adapter_loads_nothing(client, session_hub, 
         line for line in (vllm_root / "server.log").read_text().splitlines() if "vLLM loads LoRA kd/switch@" in line
     ]
     assert len(loads) == 1 and loads[0].rstrip().endswith("/full"), loads  # the full adapter, once, for three ranks
+
+
+def measured_ms_per_token(server: str, adapter: str) -> dict[int, float]:
+    """The server's own mean warm decode ms per token per rank of `adapter`, from its discovery listing."""
+    with urllib.request.urlopen(server + "/v1/kdlora/adapters") as response:
+        row = next(row for row in json.loads(response.read())["data"] if row["id"] == adapter)
+    return {r["rank"]: r["measured_ms_per_token"] for r in row["ranks"] if r["measured_ms_per_token"] is not None}
+
+
+def test_a_latency_budget_is_held_against_the_costs_measured_on_this_server(
+    client, session_hub, teacher_adapter, vllm_server
+):
+    """Budgets chosen from what this server measured (costs move with the machine): far above every cost -> the largest
+    rank; below every cost -> the cheapest rank, flagged as a miss; between -> what the measured costs allow."""
+    _, hub = session_hub
+    _push_raw(hub, "kd/budget", teacher_adapter)  # an adapter of its own: only this test's requests are measured
+    for rank in (1, 16):
+        for _ in range(4):  # one at a time (1 in flight); a rank's first request is cold, not measured
+            complete(client, f"kd/budget@r{rank}", tokens=16)
+    costs = measured_ms_per_token(vllm_server, "kd/budget")
+    print(f"\nmeasured ms per token: {costs}")
+    assert set(costs) == {1, 16}
+
+    def budget(ms):
+        raw = complete(client, "kd/budget", tokens=16, extra_body={"kdlora": {"latency_ms_per_token": ms}})
+        assert raw.parse().model == f"kd/budget@r{raw.headers['x-kdlora-rank']}"
+        return raw.headers["x-kdlora-rank"], raw.headers["x-kdlora-budget-met"], raw.headers.get("x-kdlora-budget-miss")
+
+    impossible = min(costs.values()) / 10
+    rank, met, miss = budget(impossible)
+    assert (rank, met) == ("1", "false")
+    estimated = re.fullmatch(
+        rf"latency_ms_per_token {re.escape(str(impossible))} \(estimated ([0-9.]+) at 1 in flight\)", miss
+    )
+    assert estimated and float(estimated[1]) == pytest.approx(costs[1], abs=0.1)  # rank 1's measured cost
+
+    costs = measured_ms_per_token(vllm_server, "kd/budget")  # that request was measured too
+    # the estimate between measured ranks is their line, never below the lower rank's cost: under the midpoint fit
+    # ranks 1, 2, 4 when rank 16 costs more than rank 1, none when timing noise made it cost less
+    between = (costs[1] + costs[16]) / 2
+    rank, met, miss = budget(between)
+    if costs[16] > costs[1]:
+        assert (rank, met, miss) == ("4", "true", None)
+    else:
+        assert (rank, met) == ("1", "false") and miss.startswith(f"latency_ms_per_token {between} (estimated ")
+
+    assert budget(10 * max(costs.values())) == ("16", "true", None)
 
 
 def test_discovery_and_metrics(client, vllm_server):

@@ -178,18 +178,23 @@ def test_a_step_that_brings_in_two_evicted_adapters_does_not_kill_the_engine(fir
     assert alive(fire)
 
 
-def test_a_damaged_cached_adapter_is_remade_not_fatal(fire):
+def test_a_damaged_cached_adapter_is_remade_and_read_again_from_disk(fire, teacher_adapter):
     before = text(fire, f"{ALIAS}@r4")
     cached = next((fire.root / "cache" / "served").glob(f"{ALIAS}-*/full"))
     weights = cached / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated on disk while served
     (cached / "adapter_config.json").write_text("{not json")
-    for model in (
-        "kd/third@r1",
-        "kd/fourth@r2",
-    ):  # evict the adapter from both slots: its next use loads it from disk again
+    for model in ("kd/third@r1", "kd/fourth@r2"):  # evict it from both slots and vLLM's CPU cache (2 LoRAs)
         text(fire, model)
+    log = fire.root / "server.log"
+    written = len(log.read_text())
     assert text(fire, f"{ALIAS}@r4") == before
+    since = log.read_text()[written:].splitlines()
+    repaired = [i for i, line in enumerate(since) if f"the pulled copy of {ALIAS} changed on disk; pulling it" in line]
+    loaded = [i for i, line in enumerate(since) if f"kdlora: vLLM loads LoRA {ALIAS}@r4 " in line]
+    assert len(repaired) == 1 and len(loaded) == 1 and repaired < loaded, since  # re-pulled, then read from disk
+    assert since[loaded[0]].rstrip().endswith(f"from {cached}")
+    assert weights.read_bytes() == (teacher_adapter / "adapter_model.safetensors").read_bytes()
     assert alive(fire)
 
 
