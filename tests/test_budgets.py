@@ -17,6 +17,7 @@ from kdlora_serve.api.steps import StepModel, lora_work, observe_iteration
 from kdlora_serve.api.store import AdapterStore
 
 ALIAS = "tiny"  # ranks 1, 2, 4, 8 evaluated (write_nested_adapter), R = 8
+pytestmark = pytest.mark.timeout(60)  # a request the policy wrongly admits waits on HeldVllm forever: fail, not hang
 
 
 class HeldVllm:
@@ -189,7 +190,8 @@ def test_lora_work_follows_the_servers_lora_path():
 
 def test_vllm_stats_feed_the_model_one_step_per_iteration():
     """What StepLogger.record receives each iteration: running requests per LoRA name (the rest are base requests)
-    and the inter-token latencies of the requests that got a token; iterations with none are not steps to learn."""
+    and the inter-token latencies of the requests that got a token; iterations with none, or with a prompt finished
+    (prefill), are not decode steps to learn."""
     model = StepModel(path="grouped", max_lora_rank=8)
     for requests in (1, 2, 3, 4):
         for rank in (1, 8):
@@ -199,6 +201,9 @@ def test_vllm_stats_feed_the_model_one_step_per_iteration():
             )
             for _ in range(2):
                 observe_iteration(model, stats, iteration)
-    observe_iteration(model, stats, SimpleNamespace(inter_token_latencies_iter=[], num_prompt_tokens=5))
+    observe_iteration(model, stats, SimpleNamespace(inter_token_latencies_iter=[], num_prompt_tokens=0))
+    observe_iteration(model, stats, SimpleNamespace(inter_token_latencies_iter=[5.0], num_prompt_tokens=9))  # prefill
+    gone = SimpleNamespace(running_lora_adapters={}, num_running_reqs=0)  # the batch's last step, reported empty
+    observe_iteration(model, gone, SimpleNamespace(inter_token_latencies_iter=[5.0], num_prompt_tokens=0))
     assert model.describe()["steps"] == 16
     assert model.predict(Counter({None: 1, "a@r4": 2})) == pytest.approx(10 + 3 * 3 + 4, abs=1e-2)

@@ -40,9 +40,9 @@ def test_a_quality_floor_alone_gets_the_smallest_rank_that_meets_it():
     assert choose(min_quality=0.6, max_rank=16).rank == 16  # a cost bound too: the best quality it allows
 
 
-def step_ms(requests: int, lora_work: float, prefill_tokens: int = 0) -> float:
-    """A hand-made engine: 20 ms a step, 2 per request, 0.1 per prefill token, 0.5 per LoRA rank unit."""
-    return 20 + 2 * requests + 0.1 * prefill_tokens + 0.5 * lora_work
+def step_ms(requests: int, lora_work: float) -> float:
+    """A hand-made engine: 20 ms a decode step, 2 per request, 0.5 per LoRA rank unit."""
+    return 20 + 2 * requests + 0.5 * lora_work
 
 
 def fitted_steps() -> StepModel:
@@ -52,16 +52,14 @@ def fitted_steps() -> StepModel:
         for ranks in [(), (1,), (16,), (2, 16), (4, 4, 1)]:
             running = Counter({None: base}) + Counter(f"a@r{k}" for k in ranks)
             work = max(ranks, default=0)  # the grouped path computes a's group at its largest rank
-            for prefill in (0, 40):
-                steps.observe(running, step_ms(base + len(ranks), work, prefill), prefill)
+            for _ in range(2):
+                steps.observe(running, step_ms(base + len(ranks), work))
     return steps
 
 
 def test_the_step_model_recovers_the_engine_and_prices_batches_it_never_saw():
     steps = fitted_steps()
-    assert steps.describe()["ms_per_step"] == pytest.approx(
-        {"base": 20, "requests": 2, "prefill_tokens": 0.1, "lora_work": 0.5}, abs=1e-2
-    )
+    assert steps.describe()["ms_per_step"] == pytest.approx({"base": 20, "requests": 2, "lora_work": 0.5}, abs=1e-2)
     unseen = Counter({None: 2, "a@r8": 1, "a@r2": 2, "b@r4": 1})  # adapter b adds its own group
     assert steps.predict(unseen) == pytest.approx(step_ms(6, 8 + 4), abs=1e-2)
     assert StepModel().predict(unseen) is None  # nothing observed: no estimate

@@ -44,10 +44,11 @@ def stream(client, model: str, tokens: int, first_token: threading.Event | None 
 
 @pytest.fixture(scope="module")
 def fitted(client, vllm_server):
-    """Steps of every batch size 1-4 and ranks 1 and 16 mixed, until the server's model has a fit; its terms."""
-    batches = [[1], [16], [1, 1], [16, 1], [1, 16, 16, 1], [16, 16, 16]]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        for ranks in batches * 2:
+    """Decode steps of batches of 1, 4 and 8 requests at ranks 1 and 16: enough spread for the server's fit to see
+    what a request and a rank cost (on 2 CPU cores, fp32: ~70 ms a step alone, ~+30 ms at 8; measured by hand)."""
+    batches = [[1], [16], [1] * 4, [16, 1, 16, 1], [1] * 8, [16] * 4 + [1] * 4]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for ranks in batches:
             list(pool.map(lambda k: stream(client, f"{ALIAS}@r{k}", 24), ranks))
     fit = get_json(vllm_server + "/v1/kdlora/steps")
     assert fit["path"] == "grouped" and fit["max_lora_rank"] == 16 and fit["steps"] >= 16, fit
@@ -80,6 +81,20 @@ def test_a_loose_request_beside_a_tight_one_gets_a_lower_rank_than_alone(client,
         tight_rank, tight_met, _ = tight_request.result()
     assert tight_met == "true"
     assert beside[:2] == ("1", "false") and int(tight_rank) >= 1
+
+
+def test_a_budget_no_rank_meets_is_served_at_the_cheapest_rank_and_says_why(client, fitted, vllm_server):
+    fit_now = get_json(vllm_server + "/v1/kdlora/steps")["ms_per_step"]  # nothing runs between this and the choice
+    raw = client.completions.with_raw_response.create(
+        model=ALIAS, prompt=PROMPT, max_tokens=4, extra_body={"kdlora": {"latency_ms_per_token": 0.01}}
+    )
+    assert raw.parse().model == f"{ALIAS}@r1"
+    assert (raw.headers["x-kdlora-rank"], raw.headers["x-kdlora-budget-met"]) == ("1", "false")
+    estimated = re.fullmatch(
+        r"latency_ms_per_token 0\.01 \(estimated ([0-9.]+) ms per token with 1 in flight\)",
+        raw.headers["x-kdlora-budget-miss"],
+    )
+    assert estimated and float(estimated[1]) == pytest.approx(predict(fit_now, 1, 1), abs=0.051)
 
 
 def test_reject_answers_429_with_retry_after_before_any_engine_work(client, fitted, vllm_server):

@@ -14,7 +14,7 @@ TRUNCATIONS = Counter("kdlora_adapter_truncations", "Rank truncations written to
 PREPARE_SECONDS = Histogram("kdlora_adapter_prepare_seconds", "Seconds to pull or truncate an adapter", ["step"])
 STEP_MODEL = Gauge(
     "kdlora_step_model_ms",
-    "Fitted ms per engine step: base, per request, per prefill token, per LoRA rank unit",
+    "Fitted ms per decode step: base, per request in flight, per LoRA rank unit",
     ["term"],
 )
 REJECTIONS = Counter(

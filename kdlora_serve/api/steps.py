@@ -4,7 +4,7 @@ One engine step decodes one token for every running request, so a latency budget
 property of the batch: a rank-64 request beside a rank-1 one makes both decode at the batch's cost. This model
 predicts a step's ms from the batch's composition:
 
-    ms = a + b * requests + c * prefill_tokens + d * lora_work
+    ms = a + b * requests + c * lora_work
 
 where lora_work is the LoRA compute the server's path does for that batch: kdlora's CPU path computes each
 adapter's group at the largest rank present (sum over adapters of their largest rank); kdlora's CUDA kernels read
@@ -13,8 +13,10 @@ each token's own rank (sum of ranks); vLLM's stock ops pad every LoRA request to
 Its data come through vLLM's own stats path: `StepLogger`, a stat-logger plugin (entry point
 `vllm.stat_logger_plugins`), receives every engine iteration's scheduler stats (the running requests per LoRA
 name: kdlora names carry the rank, kdlora_serve.rank) and iteration stats (inter-token latencies: what each running
-request waited for this step's token; prompt tokens finished). It runs in the API-server process, where the
-middleware asks the same `STEPS` model. Refitted by least squares over the last WINDOW steps.
+request waited for this step's token). Only decode steps are learned from: an iteration that finished a prompt
+carries its prefill, which a decode budget does not pay once admitted (and which, learned, hid the cost of the
+batch behind the prompts' sizes). It runs in the API-server process, where the middleware asks the same `STEPS`
+model. Refitted by least squares over the last WINDOW steps.
 """
 
 import threading
@@ -25,7 +27,8 @@ import numpy as np
 from kdlora_serve import rank as rank_protocol
 from kdlora_serve.api import metrics
 
-TERMS = ("base", "requests", "prefill_tokens", "lora_work")
+TERMS = ("base", "requests", "lora_work")
+RECENT = 32  # the last steps /v1/kdlora/steps shows, to check the fit against
 
 
 def lora_work(running: Counter, path: str, max_lora_rank: int) -> float:
@@ -66,13 +69,13 @@ class StepModel:
             self._steps.clear()
             self._coefficients, self._dirty = None, False
 
-    def features(self, running: Counter, prefill_tokens: int = 0) -> np.ndarray:
+    def features(self, running: Counter) -> np.ndarray:
         requests = sum(count for count in running.values() if count > 0)
-        return np.array([1.0, requests, prefill_tokens, lora_work(running, self.path, self.max_lora_rank)])
+        return np.array([1.0, requests, lora_work(running, self.path, self.max_lora_rank)])
 
-    def observe(self, running: Counter, step_ms: float, prefill_tokens: int = 0) -> None:
+    def observe(self, running: Counter, step_ms: float) -> None:
         with self._lock:
-            self._steps.append((self.features(running, prefill_tokens), step_ms))
+            self._steps.append((self.features(running), step_ms))
             self._dirty = True
 
     def coefficients(self) -> np.ndarray | None:
@@ -88,16 +91,16 @@ class StepModel:
     def _fit(cls, steps) -> np.ndarray:
         features = np.stack([f for f, _ in steps])
         ms = np.array([m for _, m in steps])
-        ridge = cls.RIDGE * np.diag([0.0, 1.0, 1.0, 1.0]) * len(steps)  # not on the intercept
+        ridge = cls.RIDGE * np.diag([0.0, 1.0, 1.0]) * len(steps)  # not on the intercept
         coefficients = np.linalg.solve(features.T @ features + ridge, features.T @ ms)
         coefficients[1:] = np.maximum(coefficients[1:], 0.0)  # noise must not make a bigger batch look cheaper
         return coefficients
 
-    def predict(self, running: Counter, prefill_tokens: int = 0) -> float | None:
+    def predict(self, running: Counter) -> float | None:
         coefficients = self.coefficients()
         if coefficients is None:
             return None
-        return float(self.features(running, prefill_tokens) @ coefficients)
+        return float(self.features(running) @ coefficients)
 
     def describe(self) -> dict:
         """For /v1/kdlora/steps: the path, the terms, the fit and the steps it was fitted on."""
@@ -105,7 +108,15 @@ class StepModel:
         with self._lock:
             observed = len(self._steps)
         fit = None if coefficients is None else dict(zip(TERMS, map(float, coefficients)))
-        return {"path": self.path, "max_lora_rank": self.max_lora_rank, "steps": observed, "ms_per_step": fit}
+        with self._lock:
+            recent = [(f.tolist(), ms) for f, ms in list(self._steps)[-RECENT:]]
+        return {
+            "path": self.path,
+            "max_lora_rank": self.max_lora_rank,
+            "steps": observed,
+            "ms_per_step": fit,
+            "recent": [dict(zip(TERMS[1:], f[1:])) | {"ms": ms} for f, ms in recent],
+        }
 
 
 STEPS = StepModel()  # the API-server process's model: fed by StepLogger, asked by the middleware
@@ -113,13 +124,18 @@ STEPS = StepModel()  # the API-server process's model: fed by StepLogger, asked 
 
 def observe_iteration(model: StepModel, scheduler_stats, iteration_stats) -> None:
     """One engine iteration from vLLM's stats: the running requests per LoRA name and the median inter-token latency
-    of the requests that got a (non-first) token, i.e. what this step cost each of them."""
+    of the requests that got a (non-first) token, i.e. what this step cost each of them. Iterations that finished a
+    prompt are not decode steps (see the module docstring)."""
     if scheduler_stats is None or iteration_stats is None or not iteration_stats.inter_token_latencies_iter:
+        return
+    if iteration_stats.num_prompt_tokens:
         return
     running = Counter(scheduler_stats.running_lora_adapters)
     running[None] = max(0, scheduler_stats.num_running_reqs - sum(running.values()))
+    if not any(count > 0 for count in running.values()):
+        return  # the last step of a batch: its requests already counted as finished, the composition is lost
     step_ms = 1000 * float(np.median(iteration_stats.inter_token_latencies_iter))
-    model.observe(running, step_ms, iteration_stats.num_prompt_tokens)
+    model.observe(running, step_ms)
 
 
 try:  # the stat-logger plugin needs vLLM; the model above does not
