@@ -21,8 +21,9 @@ def test_install_is_version_guarded_and_undone_by_uninstall(monkeypatch):
     def built() -> type:
         return type(get_punica_wrapper(64, 8, "cpu", lora_config=SimpleNamespace(max_loras=2)))
 
-    stock_activate = LoRAModelManager.activate_adapter
+    installed_before = vllm_patches.backend()  # vLLM loads the plugin in-process too (e.g. tests running vllm.LLM)
     vllm_patches.uninstall()
+    stock_activate = LoRAModelManager.activate_adapter
     try:
         monkeypatch.setattr(vllm, "__version__", "0.99.0")
         assert vllm_patches.install() is None and built() is PunicaWrapperCPU
@@ -45,7 +46,10 @@ def test_install_is_version_guarded_and_undone_by_uninstall(monkeypatch):
         assert vllm_patches.rank_aware(SimpleNamespace(fully_sharded_loras=True))  # the CPU path takes those too
     finally:
         vllm_patches.uninstall()
-    assert built() is PunicaWrapperCPU and LoRAModelManager.activate_adapter is stock_activate
+        undone = built() is PunicaWrapperCPU and LoRAModelManager.activate_adapter is stock_activate
+        if installed_before:
+            vllm_patches.install()  # as the rest of this process had it
+    assert undone
 
 
 def test_every_patch_target_and_replacement_exists():
