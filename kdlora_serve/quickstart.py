@@ -11,6 +11,7 @@ Every stage writes its result atomically under --out and is skipped when that re
 distillation stages resume from their checkpoints, so an interrupted quickstart continues where it was.
 """
 
+import json
 import math
 import os
 import sys
@@ -169,7 +170,13 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
             f"answer {budget['answer']!r} (label {budget['label']!r})"
         )
     _plot(rows, teacher_accuracy, out / "quickstart.png")
-    print(f"\nplots: {published / 'quality_vs_rank.png'}, {out / 'quickstart.png'}\nadapter: {published}")
+    numbers = out / "quickstart.json.partial"  # written whole, then renamed: never half a file
+    numbers.write_text(json.dumps(_table_json(rows, teacher_accuracy, budgets), indent=1, default=str))
+    os.replace(numbers, out / "quickstart.json")
+    print(
+        f"\nplots: {published / 'quality_vs_rank.png'}, {out / 'quickstart.png'} (numbers: {out / 'quickstart.json'})"
+    )
+    print(f"adapter: {published}")
     return 0
 
 
@@ -245,6 +252,24 @@ def _tok_s(client, model: str) -> float:
         extra_body={"ignore_eos": True},
     )
     return reply.usage.completion_tokens / (time.perf_counter() - started)
+
+
+def _table_json(rows, teacher_accuracy: float | None, budgets) -> dict:
+    """The printed table's numbers (tok/s included, which the plot alone showed before) and the budget answers."""
+    return {
+        "ranks": [
+            {
+                "rank": row["rank"],
+                "accuracy": row["quality"].task_metrics["accuracy"],
+                "kl_to_teacher": row["quality"].kl_to_teacher,
+                "tok_s": row["tok_s"],
+                "adapter_mb": row.get("mb", 0),
+            }
+            for row in rows
+        ],
+        "task_teacher_accuracy": teacher_accuracy,
+        "budgets": budgets,
+    }
 
 
 def _table(adapter: Path, rows, teacher_accuracy: float | None) -> str:

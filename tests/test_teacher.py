@@ -1,5 +1,6 @@
 """The embedded teacher, exported for real: it loads, it answers, it is reused, it is never half-written."""
 
+import json
 import os
 
 import pytest
@@ -87,6 +88,9 @@ def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     assert (out / "teacher-bbc" / "model.safetensors").is_file()
     published = out / "hub" / "kdlora" / "smollm2-half-qdylora"
     assert (published / "quality_vs_rank.png").is_file() and (out / "quickstart.png").is_file()
+    numbers = json.loads((out / "quickstart.json").read_text())  # the table's numbers, tok/s included
+    assert [row["rank"] for row in numbers["ranks"]] == [0, 1, 8, 64] and all(r["tok_s"] > 0 for r in numbers["ranks"])
+    assert len(numbers["budgets"]) == 3 and numbers["task_teacher_accuracy"] is not None
     assert (published / "r8" / "adapter_model.safetensors").is_file()
     assert (out / "hub" / "kdlora" / "smollm2-half" / "pruning_report.json").is_file()
     second = kdlora_cli("quickstart", "--smoke", "--out", str(out), timeout=1500)
