@@ -106,17 +106,15 @@ def uninstall() -> None:
     _backend.clear()
 
 
-def unsupported_reason(backend: str, vllm_version: str | None = None) -> str | None:
+def unsupported_reason(backend: str) -> str | None:
     """Why a server on this backend ("cpu" / "cuda") keeps vLLM's stock LoRA compute; None when kdlora's path serves."""
-    if vllm_version is None:
-        import vllm
+    import vllm
 
-        vllm_version = vllm.__version__
     if os.environ.get("KDLORA_RANK_AWARE", "1") == "0":
         return SWITCHED_OFF
-    if vllm_version not in TESTED_VLLM_VERSIONS:
+    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
         path = "CPU path" if backend == "cpu" else "kernels"
-        return f"vLLM {vllm_version} is untested with kdlora's {path} (tested: {', '.join(TESTED_VLLM_VERSIONS)})"
+        return f"vLLM {vllm.__version__} is untested with kdlora's {path} (tested: {', '.join(TESTED_VLLM_VERSIONS)})"
     if backend == "cuda":
         from vllm import triton_utils  # placeholders where Triton is unusable (vLLM's CPU build)
 
@@ -126,7 +124,7 @@ def unsupported_reason(backend: str, vllm_version: str | None = None) -> str | N
 
 
 def lora_backend() -> str | None:
-    """The platform's rank-aware LoRA path ("cpu" or "cuda"), None where vLLM's stock ops serve (warned once)."""
+    """The platform's rank-aware LoRA path ("cpu" or "cuda"), None where vLLM's stock ops serve (and why, logged)."""
     from vllm.platforms import current_platform
 
     backend = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else None
