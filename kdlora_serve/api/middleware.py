@@ -181,7 +181,7 @@ class KdloraMiddleware:
             if choice.met or budget.on_miss in (None, "serve"):
                 break
             if budget.on_miss == "reject" or time.monotonic() >= deadline:
-                self._refuse(adapter, choice, budget, waited_s=time.monotonic() - held_since)
+                raise self._refusal(adapter, choice, budget, waited_s=time.monotonic() - held_since)
             await asyncio.sleep(WAIT_POLL_S)
         if budget.on_miss == "wait":
             metrics.WAIT_SECONDS.labels(adapter=adapter).observe(time.monotonic() - held_since)
@@ -189,11 +189,12 @@ class KdloraMiddleware:
         self.running[ticket] = Admitted(model_name(adapter, choice.rank), bound, max_tokens)
         return choice
 
-    def _refuse(self, adapter: str, choice, budget, waited_s: float):
+    def _refusal(self, adapter: str, choice, budget, waited_s: float) -> RequestError:
+        """The 429 for a budget no rank meets (counted as a rejection), with when to retry and kdlora's estimate."""
         retry_s = self._retry_after_s()
         metrics.REJECTIONS.labels(adapter=adapter).inc()
         waited = f"after waiting {waited_s:.1f} s " if budget.on_miss == "wait" else ""
-        raise RequestError(
+        return RequestError(
             f"no rank of '{adapter}' meets this budget {waited}with {len(self.running) + 1} requests in flight "
             f"({choice.reason}); retry after {retry_s} s",
             429,
