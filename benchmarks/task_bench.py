@@ -14,7 +14,7 @@ teacher, the share of the student-to-teacher accuracy gap each rank closes, seed
 Every stage is a `kdlora` subprocess, seeded; `--reuse` keeps finished runs made with the same command.
 Writes benchmarks/results/task.json + task.png. Usage:
 
-    .venv/bin/python benchmarks/task_bench.py [--steps 80] [--max-rank 64] [--reuse]
+    .venv/bin/python benchmarks/task_bench.py [--steps 80] [--max-rank 64] [--reuse] [--only sandwich-seed-0]
 """
 
 import argparse
@@ -59,6 +59,11 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=100)
     parser.add_argument("--lr", default="1e-3")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs made with the same command")
+    parser.add_argument(
+        "--only",
+        choices=["sandwich-seed-0"],
+        help="train just this run (and the teacher and student it needs), report nothing: e.g. budget_bench's adapter",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from training.teacher import embedded_teacher
@@ -149,6 +154,8 @@ def main() -> None:
         f"lora r{ranks[0]} (separate)": ["--train", "lora", "--rank", str(ranks[0])],
         f"lora r{ranks[-1]} (separate)": ["--train", "lora", "--rank", str(ranks[-1])],
     }
+    if args.only:
+        runs = {name: flags for name, flags in runs.items() if name.replace(" ", "-") == args.only}
     results = {}
     for name, flags in runs.items():
         out, wall = run(name.split(" (")[0].replace(" ", "-"), [*common, *flags], args.reuse)
@@ -173,6 +180,8 @@ def main() -> None:
             + ", ".join(f"r{k} {v['accuracy']:.3f}" for k, v in sorted(after.items())),
             flush=True,
         )
+    if args.only:
+        return
     first = results["sandwich seed 0"]
     gap = first["teacher"] - first["student_alone"]
     summary = {

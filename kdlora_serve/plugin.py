@@ -4,6 +4,8 @@
 - applies kdlora's replacements of vLLM methods (kdlora_serve.vllm_patches: one table, one version gate), which in
   the workers include kdlora's rank-aware punica wrapper (CPU: grouped path that also keeps base tokens exact;
   CUDA: Triton kernels);
+- names the table through which the API server lowers elastic requests' ranks in the engine (kdlora_serve.elastic),
+  before the engine's processes are started, so they inherit it;
 - makes vLLM's child processes (engine core, workers) end when their parent does, so a killed API server leaves no
   engine behind holding memory and ports.
 """
@@ -24,10 +26,11 @@ def register() -> None:
     _registered = True
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from kdlora_serve import vllm_patches
+    from kdlora_serve import elastic, vllm_patches
     from kdlora_serve.api.resolver import KdloraResolver
 
     _end_with_parent()
+    elastic.set_path()
     if "kdlora" not in LoRAResolverRegistry.get_supported_resolvers():
         LoRAResolverRegistry.register_resolver("kdlora", KdloraResolver())
     vllm_patches.install()

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import tiny_llama, write_nested_adapter
 
+from kdlora_serve import elastic
 from kdlora_serve.api import middleware as middleware_module
 from kdlora_serve.api import store as store_module
 from kdlora_serve.api.middleware import KdloraMiddleware
@@ -21,21 +22,28 @@ pytestmark = pytest.mark.timeout(60)  # a request the policy wrongly admits wait
 
 
 class HeldVllm:
-    """A fake vLLM app: records each request it receives, answers only when the test releases it."""
+    """A fake vLLM app: records each request it receives, answers only when the test releases it (`reply`: the
+    messages of its answer to a request's body; default an empty JSON object)."""
 
-    def __init__(self):
+    def __init__(self, reply=None):
         models = SimpleNamespace(
             base_model_paths=[SimpleNamespace(name="base")], model_config=SimpleNamespace(model="tiny-llama")
         )
         self.state = SimpleNamespace(args=SimpleNamespace(api_key=None), openai_serving_models=models)
         self.seen: list[dict] = []
         self.release = asyncio.Event()
+        self.reply = reply or (lambda body: [json_start(), {"type": "http.response.body", "body": b"{}"}])
 
     async def __call__(self, scope, receive, send):
-        self.seen.append(json.loads((await receive())["body"]))
+        body = json.loads((await receive())["body"])
+        self.seen.append(body)
         await self.release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+        for message in self.reply(body):
+            await send(message)
+
+
+def json_start(content_type: bytes = b"application/json") -> dict:
+    return {"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]}
 
 
 async def post(middleware, body: dict) -> tuple[int, dict, dict]:
@@ -169,16 +177,153 @@ def test_serve_is_the_default_a_miss_is_served_at_the_cheapest_rank_and_flagged(
         ),
         ({"on_miss": True}, "budget field 'on_miss' (extra_body kdlora): Input should be 'serve', 'reject' or 'wait'"),
         ({"max_wait_ms": 0}, "budget field 'max_wait_ms' (extra_body kdlora): Input should be greater than 0"),
-        ({"elastic": True}, "budget field 'elastic' (extra_body kdlora): Extra inputs are not permitted"),
+        ({"elastic": "yes"}, "budget field 'elastic' (extra_body kdlora): Input should be a valid boolean"),
+        ({"elastic": 1}, "budget field 'elastic' (extra_body kdlora): Input should be a valid boolean"),
+        (
+            {"elastic": True, "rank": 4},
+            f"'elastic' lets kdlora lower the rank while the request runs; '{ALIAS}@r4' asks for exactly one rank: "
+            "drop one, or bound it with max_rank instead",
+        ),
+        ({"elastic": True, "n": 2}, "'elastic' serves one choice per request: send n=1 (or drop 'elastic')"),
+        ({"elastic": True, "vllm_xargs": [1]}, "'vllm_xargs' must be an object"),
     ],
 )
-def test_bad_on_miss_values_get_400(served, steps, kdlora, message):
+def test_bad_on_miss_and_elastic_values_get_400(served, steps, kdlora, message):
     async def scenario():
         vllm = HeldVllm()
-        return await post(KdloraMiddleware(vllm), request(**kdlora)), vllm.seen
+        body = request(**{k: v for k, v in kdlora.items() if k not in ("n", "vllm_xargs")})
+        body |= {k: v for k, v in kdlora.items() if k in ("n", "vllm_xargs")}
+        return await post(KdloraMiddleware(vllm), body), vllm.seen
 
     (status, _, body), seen = asyncio.run(scenario())
     assert (status, body["error"]["message"], seen) == (400, message, [])
+
+
+def elastic_row(body: dict) -> dict:
+    """What the worker reads of an elastic request's row (kdlora_serve.elastic), by the handle vLLM carries for it."""
+    handle = body["vllm_xargs"][elastic.XARG]
+    row = elastic.table().rows[int(handle.split(":")[0])]
+    return {"cap": int(row["cap"]), "decoding at": elastic.table().rank_for(handle, 8, decoding=True)}
+
+
+def test_a_tight_arrival_lowers_an_elastic_request_in_flight_and_is_admitted_within_its_budget(served, steps):
+    """An elastic loose request runs at rank 8 (33 ms alone); a tight arrival (31.5 ms) fits only beside it at rank 1
+    (20 + 2 x 5 + 1), so it is admitted at rank 1 and the elastic one is lowered 8 -> 4 -> 2 -> 1 for the engine's next
+    steps. The same pair without `elastic` (today's policy): the arrival is a miss, served flagged."""
+
+    async def scenario(is_elastic: bool):
+        vllm = HeldVllm()
+        middleware = KdloraMiddleware(vllm)
+        loose = asyncio.create_task(post(middleware, request(latency_ms_per_token=100, elastic=is_elastic)))
+        await until_engine_has(vllm, 1)
+        tight = asyncio.create_task(post(middleware, request(latency_ms_per_token=31.5)))
+        await until_engine_has(vllm, 2)
+        row = elastic_row(vllm.seen[0]) if is_elastic else None
+        vllm.release.set()
+        return vllm.seen, row, await loose, await tight
+
+    seen, row, loose, tight = asyncio.run(scenario(True))
+    assert loose[1]["x-kdlora-rank"] == "8" and row == {"cap": 1, "decoding at": 1}
+    assert (tight[1]["x-kdlora-rank"], tight[1]["x-kdlora-budget-met"]) == ("1", "true")
+    assert seen[0]["cache_salt"].startswith("kdlora-elastic-") and "vllm_xargs" not in seen[1]  # only elastic ones
+
+    seen, _, loose, tight = asyncio.run(scenario(False))
+    assert loose[1]["x-kdlora-rank"] == "8" and "vllm_xargs" not in seen[0]
+    assert (tight[1]["x-kdlora-rank"], tight[1]["x-kdlora-budget-met"]) == ("1", "false")
+
+
+@pytest.mark.parametrize(
+    "tight, arrival, cap",
+    [
+        (34.5, ("4", "true"), 4),  # beside the elastic one at rank 4 (its floor): 20 + 2 x 5 + 4
+        (32.5, ("1", "false"), 8),  # would need it below its floor: a miss, and nobody is lowered for nothing
+    ],
+)
+def test_an_elastic_request_is_never_lowered_below_its_quality_floor(served, steps, tight, arrival, cap):
+    """greedy_token_f1 of the tiny adapter is rank/10: a floor of 0.35 allows ranks 4 and 8 only."""
+
+    async def scenario():
+        vllm = HeldVllm()
+        middleware = KdloraMiddleware(vllm)
+        floor = {"min_quality": 0.35, "quality_metric": "greedy_token_f1"}
+        loose = asyncio.create_task(post(middleware, request(latency_ms_per_token=100, elastic=True, **floor)))
+        await until_engine_has(vllm, 1)
+        arriving = asyncio.create_task(post(middleware, request(latency_ms_per_token=tight)))
+        await until_engine_has(vllm, 2)
+        row = elastic_row(vllm.seen[0])
+        vllm.release.set()
+        return row, await loose, await arriving
+
+    row, loose, arriving = asyncio.run(scenario())
+    assert loose[1]["x-kdlora-rank"] == "8" and row["cap"] == cap
+    assert (arriving[1]["x-kdlora-rank"], arriving[1]["x-kdlora-budget-met"]) == arrival
+
+
+def worker_counts(body: dict, *segments: tuple[int, int]) -> None:
+    """What the engine's worker does for an elastic request: count each generated token at the rank computing it."""
+    handle = body["vllm_xargs"][elastic.XARG]
+    for rank, tokens in segments:
+        for _ in range(tokens):
+            elastic.table().count(handle, rank, 1)
+
+
+def test_an_elastic_response_says_which_rank_served_which_tokens_whole_and_streamed(served, steps):
+    served_json = {"elastic": True, "rank": 8, "lowest_rank": 2, "tokens_per_rank": [
+        {"rank": 8, "tokens": 3}, {"rank": 2, "tokens": 2}]}  # fmt: skip
+
+    def whole(body):
+        worker_counts(body, (8, 3), (2, 2))
+        answer = {"id": "cmpl-1", "choices": [{"text": "abcde"}], "usage": {"completion_tokens": 5}}
+        return [json_start(), {"type": "http.response.body", "body": json.dumps(answer).encode()}]
+
+    def streamed(body):
+        worker_counts(body, (8, 3), (2, 2))
+        events = b"".join(
+            b'data: {"id": "cmpl-2", "object": "text_completion", "created": 7, "model": "tiny@r8", '
+            + b'"choices": [{"text": "%d"}]}\n\n' % i
+            for i in range(5)
+        )
+        return [
+            json_start(b"text/event-stream; charset=utf-8"),
+            {"type": "http.response.body", "body": events, "more_body": True},
+            {"type": "http.response.body", "body": b"data: [DONE]\n\n"},
+        ]
+
+    async def scenario(reply, **extra):
+        vllm = HeldVllm(reply)
+        vllm.release.set()
+        return await post(KdloraMiddleware(vllm), request(latency_ms_per_token=100, elastic=True) | extra)
+
+    status, headers, body = asyncio.run(scenario(whole))
+    assert (status, body["choices"], body["kdlora"]) == (200, [{"text": "abcde"}], served_json)
+    assert (headers["x-kdlora-lowest-rank"], headers["x-kdlora-tokens-per-rank"]) == ("2", "8:3,2:2")
+
+    async def raw_stream():
+        sent = []
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "", "headers": []}
+        vllm = HeldVllm(streamed)
+        vllm.release.set()
+        body = json.dumps(request(latency_ms_per_token=100, elastic=True) | {"stream": True}).encode()
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await KdloraMiddleware(vllm)(scope | {"app": vllm}, receive, send)
+        return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+    events = [e.removeprefix("data: ") for e in asyncio.run(raw_stream()).decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]" and len(events) == 7
+    assert json.loads(events[-2]) == {
+        "id": "cmpl-2",
+        "object": "text_completion",
+        "created": 7,
+        "model": "tiny@r8",
+        "choices": [],
+        "kdlora": served_json,
+    }
 
 
 def test_lora_work_follows_the_servers_lora_path():

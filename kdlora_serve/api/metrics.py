@@ -25,3 +25,8 @@ REJECTIONS = Counter(
 WAIT_SECONDS = Histogram(
     "kdlora_budget_wait_seconds", "Seconds a request with on_miss wait was held before admission", ["adapter"]
 )
+ELASTIC_LOWERINGS = Counter(
+    "kdlora_elastic_lowerings",
+    "Elastic requests lowered one evaluated rank while decoding, to keep in-flight latency budgets",
+    ["adapter"],
+)

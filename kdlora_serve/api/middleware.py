@@ -31,8 +31,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from hub.errors import KdloraError
+from kdlora_serve import elastic
 from kdlora_serve.api import metrics
-from kdlora_serve.api.policy import Load, choose_rank, parse_budget
+from kdlora_serve.api.policy import Load, choose_rank, lower_ranks, parse_budget
 from kdlora_serve.api.steps import STEPS
 from kdlora_serve.api.store import get_store
 from kdlora_serve.errors import RequestError
@@ -52,13 +53,29 @@ HEADER_PREFIX = "x-kdlora-"
 
 @dataclass
 class Admitted:
-    """A generation request in flight: its LoRA name (None: base model or not kdlora's), the latency bound it was
-    admitted within (None: none, or its budget was already missed), and what says when it will be done."""
+    """A generation request in flight: its adapter and rank (None: base model or not kdlora's), the latency bound it
+    was admitted within (None: none, or its budget was already missed), what says when it will be done, and for an
+    elastic request the ranks it may still be lowered to (highest first) and its row in kdlora_serve.elastic."""
 
-    name: str | None = None
+    adapter: str | None = None
+    rank: int | None = None
     bound: float | None = None
     max_tokens: int | None = None
+    lower_to: tuple[int, ...] = ()
+    handle: str | None = None
     started: float = field(default_factory=time.monotonic)
+
+    def name(self, squeezed: bool = False) -> str | None:
+        """Its LoRA name as the step model counts it; squeezed: at the lowest rank it may be lowered to."""
+        if self.adapter is None:
+            return None
+        return model_name(self.adapter, self.lower_to[-1] if squeezed and self.lower_to else self.rank)
+
+    def lower(self) -> None:
+        """Down to the next rank it may be lowered to, from the engine's next step on."""
+        self.rank, self.lower_to = self.lower_to[0], self.lower_to[1:]
+        elastic.table().lower(self.handle, self.rank)
+        metrics.ELASTIC_LOWERINGS.labels(adapter=self.adapter).inc()
 
 
 class KdloraMiddleware:
@@ -66,11 +83,12 @@ class KdloraMiddleware:
         self.app = app
         self.running: dict[object, Admitted] = {}  # every generation request in flight; one event loop, no lock
 
-    def load(self) -> Load:
-        """The batch as the policy sees it: requests in flight by LoRA name, and the bounds they were admitted within."""
+    def load(self, squeezed: bool = False) -> Load:
+        """The batch as the policy sees it: requests in flight by LoRA name, and the bounds they were admitted within.
+        squeezed: with every elastic request at the lowest rank it may be lowered to."""
         admitted = list(self.running.values())
         bounds = tuple(a.bound for a in admitted if a.bound is not None)
-        return Load(Counter(a.name for a in admitted), bounds, STEPS)
+        return Load(Counter(a.name(squeezed) for a in admitted), bounds, STEPS)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -108,7 +126,9 @@ class KdloraMiddleware:
         try:
             return await self._generate(scope, receive, send, ticket)
         finally:
-            self.running.pop(ticket, None)
+            admitted = self.running.pop(ticket, None)
+            if admitted is not None and admitted.handle is not None:
+                elastic.table().release(admitted.handle)
 
     async def _generate(self, scope, receive, send, ticket):
         body = await _read_body(receive)
@@ -128,7 +148,8 @@ class KdloraMiddleware:
         new_body, adapter, choice = routed
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(new_body)).encode())])
-        return await self.app(scope, _replay(new_body, receive), _Measured(send, adapter, choice))
+        measured = _Measured(send, adapter, choice, self.running[ticket].handle)
+        return await self.app(scope, _replay(new_body, receive), measured)
 
     async def _route(self, scope, body: bytes, ticket):
         """None: not ours, pass through unchanged. Else (rewritten body, adapter, Choice), the request admitted into
@@ -156,6 +177,8 @@ class KdloraMiddleware:
         if from_body is not None and not isinstance(from_body, dict):
             raise RequestError("'kdlora' must be an object, e.g. {\"max_rank\": 8}", param="kdlora")
         budget = parse_budget(from_body or {}, from_headers)
+        if budget.elastic and payload.get("n", 1) != 1:
+            raise RequestError("'elastic' serves one choice per request: send n=1 (or drop 'elastic')", param="n")
         served = _served_model(scope)
         try:
             loaded = await asyncio.to_thread(store.load, adapter, served)
@@ -168,6 +191,9 @@ class KdloraMiddleware:
         if not choice.met:
             metrics.BUDGET_MISSES.labels(adapter=adapter).inc()
         payload["model"] = model_name(adapter, choice.rank)
+        handle = self.running[ticket].handle
+        if handle is not None:
+            _tell_engine(payload, handle)
         return json.dumps(payload).encode(), adapter, choice
 
     async def _admit(self, ticket, meta, budget, adapter: str, rank: int | None, max_tokens: int | None):
@@ -178,6 +204,9 @@ class KdloraMiddleware:
         deadline = held_since + (budget.max_wait_ms or DEFAULT_MAX_WAIT_MS) / 1000
         while True:
             choice = choose_rank(meta, budget, adapter, self.load(), rank)
+            if not choice.met and any(a.lower_to for a in self.running.values()):
+                squeezed = choose_rank(meta, budget, adapter, self.load(squeezed=True), rank)
+                choice = squeezed if squeezed.met else choice  # admitted by lowering elastic requests (`_rebalance`)
             if choice.met or budget.on_miss in (None, "serve"):
                 break
             if budget.on_miss == "reject" or time.monotonic() >= deadline:
@@ -186,8 +215,39 @@ class KdloraMiddleware:
         if budget.on_miss == "wait":
             metrics.WAIT_SECONDS.labels(adapter=adapter).observe(time.monotonic() - held_since)
         bound = budget.latency_ms_per_token if choice.met else None  # a bound already broken cannot be kept
-        self.running[ticket] = Admitted(model_name(adapter, choice.rank), bound, max_tokens)
+        admitted = Admitted(adapter, choice.rank, bound, max_tokens)
+        if budget.elastic:
+            admitted.handle = elastic.table().claim(choice.rank)
+            if admitted.handle is None:
+                log.warning("kdlora: %d elastic requests in flight; this one keeps rank %d", elastic.ROWS, choice.rank)
+            else:
+                admitted.lower_to = lower_ranks(meta, budget, adapter, choice.rank)
+        self.running[ticket] = admitted
+        self._rebalance()
         return choice
+
+    def _rebalance(self) -> None:
+        """While the predicted step breaks an in-flight request's bound, lower the elastic request whose next rank
+        cuts the step most (on the CPU's grouped path only an adapter's largest rank costs); stop when none does."""
+        while True:
+            load = self.load()
+            step_ms = STEPS.predict(load.running)
+            if step_ms is None or not load.bounds or step_ms <= min(load.bounds):
+                return
+            best, best_ms = None, step_ms
+            for admitted in self.running.values():
+                if admitted.lower_to:
+                    trial = (
+                        load.running
+                        - Counter({admitted.name(): 1})
+                        + Counter({model_name(admitted.adapter, admitted.lower_to[0]): 1})
+                    )
+                    trial_ms = STEPS.predict(trial)
+                    if trial_ms < best_ms:
+                        best, best_ms = admitted, trial_ms
+            if best is None:
+                return
+            best.lower()
 
     def _refusal(self, adapter: str, choice, budget, waited_s: float) -> RequestError:
         """The 429 for a budget no rank meets (counted as a rejection), with when to retry and kdlora's estimate."""
@@ -229,6 +289,18 @@ def _budget_headers(headers) -> dict[str, str]:
     return found
 
 
+def _tell_engine(payload: dict, handle: str) -> None:
+    """An elastic request's row (kdlora_serve.elastic) in vLLM's per-request extra args, where the worker reads it; and
+    a cache salt of its own, so no later request reuses KV blocks computed at a rank its LoRA name does not say."""
+    xargs = payload.get("vllm_xargs") or {}
+    if not isinstance(xargs, dict):
+        raise RequestError("'vllm_xargs' must be an object", param="vllm_xargs")
+    payload["vllm_xargs"] = xargs | {elastic.XARG: handle}
+    salt = payload.get("cache_salt")
+    payload["cache_salt"] = f"{salt[:64]}-" if isinstance(salt, str) and salt else ""
+    payload["cache_salt"] += f"kdlora-elastic-{handle.replace(':', '-')}"
+
+
 def _max_tokens(payload: dict) -> int | None:
     value = payload.get("max_completion_tokens", payload.get("max_tokens"))
     return value if isinstance(value, int) and value > 0 else None
@@ -237,15 +309,19 @@ def _max_tokens(payload: dict) -> int | None:
 class _Measured:
     """Wraps `send`: adds the rank headers, then records the request's decode ms per generated token for the policy:
     streamed, from the first token's event to the last one's (prefill and queueing before it excluded); otherwise
-    the whole request over its usage's completion tokens (prefill included: no first-token time to split at)."""
+    the whole request over its usage's completion tokens (prefill included: no first-token time to split at).
+    For an elastic request it also reports what was served (`_served`): in the JSON body's `kdlora` field and
+    x-kdlora-lowest-rank / x-kdlora-tokens-per-rank headers, or streamed, in one last event before `data: [DONE]`."""
 
-    def __init__(self, send, adapter: str, choice):
-        self.send, self.adapter, self.choice = send, adapter, choice
+    def __init__(self, send, adapter: str, choice, handle: str | None = None):
+        self.send, self.adapter, self.choice, self.handle = send, adapter, choice, handle
         self.started = time.perf_counter()
         self.status = 200
+        self.held_start = None  # an elastic request's whole response: its start waits for the body's report
         self.chunks: list[bytes] = []
         self.stream_tokens = 0
         self.first_token = self.last_token = None
+        self.last_event = b""
 
     async def __call__(self, message):
         if message["type"] == "http.response.start":
@@ -257,19 +333,68 @@ class _Measured:
             if not self.choice.met:
                 extra.append((b"x-kdlora-budget-miss", self.choice.reason.encode()))
             message = dict(message, headers=list(message.get("headers", [])) + extra)
+            if self.handle is not None and not _is_event_stream(message):
+                self.held_start = message
+                return
         elif message["type"] == "http.response.body":
             body = message.get("body", b"")
-            if body.startswith(b"data:") or b"\ndata:" in body:  # streaming: about one token per event
+            streamed = body.startswith(b"data:") or b"\ndata:" in body
+            if streamed:  # about one token per event
                 events = body.count(b"data: {")
                 if events:
                     self.last_token = time.perf_counter()
                     self.first_token = self.first_token or self.last_token
                     self.stream_tokens += events
-            elif len(self.chunks) < 1024:
+                    self.last_event = body[body.rindex(b"data: {") :]
+                if self.handle is not None and b"data: [DONE]" in body:
+                    message = dict(
+                        message, body=body.replace(b"data: [DONE]", self._report_event() + b"data: [DONE]", 1)
+                    )
+            elif len(self.chunks) < 1024 or self.held_start is not None:
                 self.chunks.append(body)
             if not message.get("more_body", False):
                 self._record()
+                if self.held_start is not None:
+                    return await self._send_whole()
+            elif self.held_start is not None:
+                return
         await self.send(message)
+
+    def _served(self) -> dict:
+        """What an elastic request was served: the rank it started at, the lowest it reached, and in order each rank
+        with the tokens it generated (ranks only go down: the first `tokens` at the first rank, and so on)."""
+        segments = elastic.table().served(self.handle)
+        return {
+            "elastic": True,
+            "rank": self.choice.rank,
+            "lowest_rank": min((r for r, _ in segments), default=self.choice.rank),
+            "tokens_per_rank": [{"rank": r, "tokens": t} for r, t in segments],
+        }
+
+    def _report_event(self) -> bytes:
+        try:
+            last = json.loads(self.last_event.removeprefix(b"data: ").split(b"\n", 1)[0])
+        except ValueError:
+            last = {}
+        event = {key: last[key] for key in ("id", "object", "created", "model") if key in last}
+        return b"data: " + json.dumps(event | {"choices": [], "kdlora": self._served()}).encode() + b"\n\n"
+
+    async def _send_whole(self) -> None:
+        body, start = b"".join(self.chunks), self.held_start
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        if self.status == 200:
+            try:
+                served = self._served()
+                body = json.dumps(json.loads(body) | {"kdlora": served}).encode()
+                spans = ",".join(f"{row['rank']}:{row['tokens']}" for row in served["tokens_per_rank"])
+                headers += [
+                    (b"x-kdlora-lowest-rank", str(served["lowest_rank"]).encode()),
+                    (b"x-kdlora-tokens-per-rank", spans.encode()),
+                ]
+            except (ValueError, TypeError):
+                log.warning("kdlora: could not add what was served to an elastic response", exc_info=True)
+        await self.send(dict(start, headers=headers + [(b"content-length", str(len(body)).encode())]))
+        await self.send({"type": "http.response.body", "body": body})
 
     def _record(self) -> None:
         if self.status != 200:
@@ -286,10 +411,16 @@ class _Measured:
                 return
             seconds, per = time.perf_counter() - self.started, tokens
         store, rank = get_store(), self.choice.rank
-        if per > 0:
+        segments = elastic.table().served(self.handle) if self.handle is not None else [(rank, tokens)]
+        if per > 0 and len(segments) == 1:  # one rank's cost, not a mix
             store.costs.record(self.adapter, rank, 1000 * seconds / per)
         metrics.REQUESTS.labels(adapter=self.adapter, rank=str(rank)).inc()
-        metrics.TOKENS.labels(adapter=self.adapter, rank=str(rank)).inc(tokens)
+        for served_rank, served_tokens in segments:
+            metrics.TOKENS.labels(adapter=self.adapter, rank=str(served_rank)).inc(served_tokens)
+
+
+def _is_event_stream(start) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in start["headers"])
 
 
 class _ModelsWithRanks:

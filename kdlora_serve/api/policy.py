@@ -24,6 +24,7 @@ from kdlora_serve.errors import RequestError
 from kdlora_serve.rank import is_rank_digits, model_name
 
 DEFAULT_QUALITY_METRIC = "teacher_top1_agreement"
+HOW_FIELDS = ("on_miss", "max_wait_ms", "elastic")
 
 
 class Budget(BaseModel):
@@ -50,10 +51,16 @@ class Budget(BaseModel):
     max_wait_ms: float | None = Field(
         None, gt=0, le=600_000, description="on_miss wait: the longest hold (default 10 s)"
     )
+    elastic: bool | None = Field(
+        None,
+        description="the server may lower this request's rank while it decodes, to keep in-flight latency budgets "
+        "(never below a rank its other bounds refuse); the response says which rank served which tokens",
+    )
 
     def constrained(self) -> bool:
-        """Whether it bounds anything the rank decides (on_miss and max_wait_ms say what to do, not what to bound)."""
-        return any(v is not None for k, v in self.model_dump().items() if k not in ("on_miss", "max_wait_ms"))
+        """Whether it bounds anything the rank decides (on_miss, max_wait_ms and elastic say what to do, not what to
+        bound)."""
+        return any(v is not None for k, v in self.model_dump().items() if k not in HOW_FIELDS)
 
     def bounds_cost(self) -> bool:
         return any(v is not None for v in (self.max_rank, self.latency_ms_per_token, self.memory_mb))
@@ -160,6 +167,12 @@ def choose_rank(
             )
     if requested is not None or budget.rank is not None:
         rank = requested if requested is not None else budget.rank
+        if budget.elastic:
+            raise RequestError(
+                f"'elastic' lets kdlora lower the rank while the request runs; '{model_name(adapter, rank)}' asks for "
+                "exactly one rank: drop one, or bound it with max_rank instead",
+                param="kdlora.elastic",
+            )
         if requested is not None and budget.rank is not None and budget.rank != requested:
             raise RequestError(
                 f"model names rank {requested} but the budget asks for rank {budget.rank}; give one", param="model"
@@ -182,6 +195,14 @@ def choose_rank(
     cheapest = candidates[0]
     reason = _failed(meta, budget, adapter, load, cheapest, keep_batch=True)
     return Choice(cheapest, False, reason, load.estimate(adapter, cheapest))
+
+
+def lower_ranks(meta: RankMetadata, budget: Budget, adapter: str, chosen: int) -> tuple[int, ...]:
+    """The evaluated ranks below `chosen` an elastic request may be lowered to, highest first: those its budget's
+    other bounds (min_quality, memory_mb, max_rank) allow; latency is the batch's to decide."""
+    unbounded = budget.model_copy(update={"latency_ms_per_token": None})
+    candidates = sorted({r.rank for r in meta.ranks} | {meta.max_rank}, reverse=True)
+    return tuple(k for k in candidates if k < chosen and not _failed(meta, unbounded, adapter, Load(), k, False))
 
 
 def _failed(meta: RankMetadata, budget: Budget, adapter: str, load: Load, rank: int, keep_batch: bool) -> str:

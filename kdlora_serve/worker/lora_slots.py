@@ -6,7 +6,8 @@ and a rank never requested before needs no load. What vLLM does not carry is the
 the worker processes, through the replacements listed in kdlora_serve.vllm_patches:
 
 - `set_active_loras` (vLLM's LoRA model-runner mixin) folds each request's want (its rank and scaling rule, read
-  from its LoRA name: kdlora_serve.rank) into vLLM's per-token LoRA mapping. A changed rank is a changed mapping,
+  from its LoRA name: kdlora_serve.rank; for an elastic request, lowered as kdlora_serve.elastic says) into vLLM's
+  per-token LoRA mapping. A changed rank is a changed mapping,
   so vLLM refreshes its metadata exactly when the ranks in the batch change.
 - `RankAwarePunica`, the base of kdlora's punica wrappers (lora_cpu, lora_triton), takes the wants back out in
   `update_metadata` before vLLM converts ids to slots; the wrapper computes each token with its slot's `A[:k]`,
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from kdlora_serve import rank, vllm_patches
+from kdlora_serve import elastic, rank, vllm_patches
 
 log = logging.getLogger("vllm.kdlora")  # under vLLM's logger: its handlers and VLLM_LOGGING_LEVEL apply
 MANAGER = "vllm.lora.model_manager.LoRAModelManager"
@@ -90,11 +91,30 @@ def set_active_loras(self, input_batch, num_scheduled_tokens, num_sampled_tokens
     prompt_mapping, token_mapping, lora_requests = input_batch.make_lora_inputs(
         num_scheduled_tokens, num_sampled_tokens
     )
-    wants = np.array([want_of(self.requests[req_id].lora_request) for req_id in input_batch.req_ids], dtype=np.int64)
+    wants = np.array(
+        [_want(self, input_batch, i, num_scheduled_tokens[i]) for i in range(input_batch.num_reqs)], dtype=np.int64
+    )
     if wants.any():
         ids = rank.pack(input_batch.request_lora_mapping[: input_batch.num_reqs], wants)
         prompt_mapping, token_mapping = tuple(ids.repeat(num_sampled_tokens)), tuple(ids.repeat(num_scheduled_tokens))
     return self._set_active_loras(prompt_mapping, token_mapping, lora_requests, *args, **kwargs)
+
+
+def _want(runner, input_batch, index: int, scheduled: int) -> int:
+    """Request `index`'s want this step: its LoRA name's, or for an elastic request the rank the API server has
+    lowered it to (kdlora_serve.elastic), each token it generates counted at the rank that computes it."""
+    state = runner.requests[input_batch.req_ids[index]]
+    want = want_of(state.lora_request)
+    extra = getattr(state.sampling_params, "extra_args", None) or {}
+    handle = extra.get(elastic.XARG)
+    if not want or not isinstance(handle, str):
+        return want
+    computed, prompt = input_batch.num_computed_tokens_cpu[index], input_batch.num_prompt_tokens[index]
+    table = elastic.table()
+    served = table.rank_for(handle, want // 2, decoding=computed >= prompt)
+    if computed + scheduled >= prompt:  # this step samples a token the request keeps (not a prompt chunk's)
+        table.count(handle, served, 1)
+    return rank.want(served, want % 2 == 1)
 
 
 def _rank_aware_wrappers(manager) -> list[RankAwarePunica]:
