@@ -96,6 +96,7 @@ def vllm_server(teacher_adapter, session_hub, vllm_root):
         "KDLORA_CACHE": str(root / "cache"),
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_LOGGING_LEVEL": "INFO",
+        "KDLORA_ELASTIC": str(root / "elastic-table"),  # kdlora_serve.elastic: where tests can read and lower rows
     }
     env.pop("HF_TOKEN", None)
     args = [

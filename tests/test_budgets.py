@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_llama, write_nested_adapter
 
 from kdlora_serve import elastic
+from kdlora_serve.api import metrics
 from kdlora_serve.api import middleware as middleware_module
 from kdlora_serve.api import store as store_module
 from kdlora_serve.api.middleware import KdloraMiddleware
@@ -222,8 +223,11 @@ def test_a_tight_arrival_lowers_an_elastic_request_in_flight_and_is_admitted_wit
         vllm.release.set()
         return vllm.seen, row, await loose, await tight
 
+    lowerings = metrics.ELASTIC_LOWERINGS.labels(adapter=ALIAS)
+    before = lowerings._value.get()
     seen, row, loose, tight = asyncio.run(scenario(True))
     assert loose[1]["x-kdlora-rank"] == "8" and row == {"cap": 1, "decoding at": 1}
+    assert lowerings._value.get() - before == 3
     assert (tight[1]["x-kdlora-rank"], tight[1]["x-kdlora-budget-met"]) == ("1", "true")
     assert seen[0]["cache_salt"].startswith("kdlora-elastic-") and "vllm_xargs" not in seen[1]  # only elastic ones
 

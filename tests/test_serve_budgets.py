@@ -1,6 +1,7 @@
 """Latency budgets on the real server (the session's `kdlora serve`, fp32, adapter R = 16, ranks 1, 2, 4, 16): the
 step-time model fitted from vLLM's own per-step stats, a loose request held to a tight in-flight request's bound,
-and `on_miss: reject` answered before any engine work."""
+an elastic request lowered mid-stream that still equals a reference token for token, and `on_miss: reject`
+answered before any engine work."""
 
 import concurrent.futures
 import json
@@ -10,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 ALIAS = "teacher-adapter"
@@ -81,6 +83,68 @@ def test_a_loose_request_beside_a_tight_one_gets_a_lower_rank_than_alone(client,
         tight_rank, tight_met, _ = tight_request.result()
     assert tight_met == "true"
     assert beside[:2] == ("1", "false") and int(tight_rank) >= 1
+
+
+def peft_greedy_switching(teacher_dir, adapter, ranks: list[int], tmp_path) -> str:
+    """Greedy text of PEFT for PROMPT, token by token with a KV cache, generated token j computed at ranks[j] (the
+    adapter truncated to that rank): the prompt at ranks[0], then each step's one new token at its own rank."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hub.adapter import truncate_adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    base = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(
+        base, truncate_adapter(adapter, ranks[0], tmp_path / f"r{ranks[0]}"), f"r{ranks[0]}"
+    )
+    for k in sorted(set(ranks) - {ranks[0]}):
+        model.load_adapter(truncate_adapter(adapter, k, tmp_path / f"r{k}"), adapter_name=f"r{k}")
+    model.eval()
+    inputs, past, generated = tokenizer(PROMPT, return_tensors="pt").input_ids, None, []
+    with torch.no_grad():
+        for k in ranks:
+            model.set_adapter(f"r{k}")
+            out = model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past, inputs = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(int(inputs[0, 0]))
+    return tokenizer.decode(generated, skip_special_tokens=True)
+
+
+def test_an_elastic_request_lowered_mid_stream_equals_peft_switching_rank_at_the_same_tokens(
+    client, teacher_dir, teacher_adapter, vllm_root, tmp_path
+):
+    """The engine's half of elastic requests, on the real server: an elastic request decoding at rank 16 is lowered
+    to 2, then to 1, while it streams, through the table the API server's policy writes (kdlora_serve.elastic; the
+    policy's decisions are tested in test_budgets: on this CPU at R = 16 a rank costs too little against the noise
+    of a fitted step for a test to rely on the server choosing to lower). Its last event reports which rank served
+    which tokens, and its text equals PEFT run token by token with a KV cache, switching rank at exactly those
+    positions."""
+    from kdlora_serve import elastic
+
+    table = elastic.Table(str(vllm_root / "elastic-table"))  # the server's (conftest names it)
+    pieces, report = [], {}
+    chunks = client.completions.create(
+        model=ALIAS,
+        prompt=PROMPT,
+        max_tokens=48,
+        temperature=0.0,
+        stream=True,
+        extra_body={"kdlora": {"latency_ms_per_token": 1e6, "elastic": True}, "ignore_eos": True},
+    )
+    for chunk in chunks:
+        pieces.append(chunk.choices[0].text if chunk.choices else "")
+        report.update((chunk.model_extra or {}).get("kdlora") or {})
+        if len(pieces) in (6, 20):  # lower it, as the policy does: the in-flight elastic row's cap
+            (row,) = (table.rows["key"] != 0).nonzero()[0]
+            table.rows["cap"][row] = 2 if len(pieces) == 6 else 1
+    spans = report["tokens_per_rank"]
+    assert report["elastic"] and report["rank"] == 16 and report["lowest_rank"] == 1, report
+    assert [s["rank"] for s in spans] == [16, 2, 1] and sum(s["tokens"] for s in spans) == 48, report
+    assert 6 <= spans[0]["tokens"] < 20, report  # lowered from the engine's next step on, never before
+    served_ranks = [s["rank"] for s in spans for _ in range(s["tokens"])]
+    assert "".join(pieces) == peft_greedy_switching(teacher_dir, teacher_adapter, served_ranks, tmp_path), report
+    assert (table.rows["key"] != 0).sum() == 0  # released when the response ended
 
 
 def test_a_budget_no_rank_meets_is_served_at_the_cheapest_rank_and_says_why(client, fitted, vllm_server):
