@@ -154,6 +154,14 @@ def test_budgets():
     assert parse_budget({}, {"latency_ms_per_token": "12.5"}).latency_ms_per_token == 12.5
     assert parse_budget({"max_rank": 4}, {"max_rank": "8"}).max_rank == 4  # the body wins
     assert parse_budget({"latency_ms_per_token": 20}, {}).latency_ms_per_token == 20.0  # JSON ints are numbers
+    assert (
+        parse_budget({}, {"elastic": "true"}).elastic is True
+        and parse_budget({}, {"elastic": "False"}).elastic is False
+    )
+    with pytest.raises(
+        RequestError, match=r"^budget field 'elastic' \(x-kdlora-elastic header\): Input should be a valid boolean$"
+    ):
+        parse_budget({}, {"elastic": "1"})
 
 
 @pytest.mark.parametrize(

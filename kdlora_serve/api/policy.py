@@ -91,6 +91,8 @@ def _header_value(name: str, text: str):
         return int(text) if is_rank_digits(text) else text
     if field.annotation == str | None:
         return text
+    if field.annotation == bool | None:
+        return {"true": True, "false": False}.get(text.lower(), text)
     try:
         return float(text) if text.isascii() else text
     except ValueError:
