@@ -144,6 +144,7 @@ class KdloraMiddleware:
             )
         if routed is None:
             self.running[ticket] = Admitted()
+            self._rebalance()  # a base request costs the batch too
             return await self.app(scope, _replay(body, receive), send)
         new_body, adapter, choice = routed
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
