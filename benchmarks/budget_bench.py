@@ -162,6 +162,14 @@ def summarize(results: list[dict], quality: dict[int, float], wall_s: float) -> 
         "mean_rank": sum(sum(k * n for k, n in r["spans"]) / max(1, r["tokens"]) for r in served) / max(1, len(served)),
         "lowered": sum(len(r["spans"]) > 1 for r in served),
         "goodput_tok_s": sum(r["tokens"] for r in results if within(r)) / wall_s,
+        "miss_excess_p50_pct": percentile(
+            [
+                100 * (r["decode_ms"] / r["budget"]["latency_ms_per_token"] - 1)
+                for r in served
+                if r["budget"].get("latency_ms_per_token") and r["decode_ms"] and not within(r)
+            ],
+            0.5,
+        ),  # fmt: skip
         "rejections": len(rejected),
         "rejection_ms_max": max((1000 * r["answered_s"] for r in rejected), default=None),
         "ttft_p50_s": percentile([r["ttft_s"] for r in served], 0.5),

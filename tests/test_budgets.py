@@ -77,11 +77,12 @@ def request(**kdlora) -> dict:
 
 @pytest.fixture
 def steps(monkeypatch) -> StepModel:
-    """A fitted engine: 20 ms a step + 5 per request + 1 per LoRA rank unit (grouped path: each adapter's largest)."""
+    """A fitted engine: 20 ms a step + 5 per request + 1 per LoRA (token x rank) unit (grouped path: each adapter's
+    requests at its largest rank)."""
     model = StepModel(path="grouped", max_lora_rank=8)
     for requests in (1, 2, 3, 4):
         for rank in (1, 2, 4, 8):
-            model.observe(Counter({f"{ALIAS}@r{rank}": requests}), 20 + 5 * requests + rank)
+            model.observe(Counter({f"{ALIAS}@r{rank}": requests}), 20 + 5 * requests + requests * rank)
     assert model.describe()["steps"] >= model.MIN_STEPS
     monkeypatch.setattr(middleware_module, "STEPS", model)
     return model
@@ -119,7 +120,7 @@ def test_reject_answers_429_at_once_and_the_engine_never_sees_it(served, steps):
 
 def test_wait_holds_a_request_while_admitting_it_would_break_an_in_flight_budget(served, steps):
     """A tight request (27.5 ms: one request at rank <= 2) runs; a loose-budget request with on_miss wait would make
-    the step >= 31 ms at any rank, so it is held at the door (the engine does not see it) until the tight one ends,
+    the step >= 34 ms at any rank (two requests in a rank-2 group), so it is held at the door (the engine does not see it) until the tight one ends,
     then admitted alone at the largest rank its own budget allows."""
 
     async def scenario():
@@ -208,8 +209,8 @@ def elastic_row(body: dict) -> dict:
 
 
 def test_a_tight_arrival_lowers_an_elastic_request_in_flight_and_is_admitted_within_its_budget(served, steps):
-    """An elastic loose request runs at rank 8 (33 ms alone); a tight arrival (31.5 ms) fits only beside it at rank 1
-    (20 + 2 x 5 + 1), so it is admitted at rank 1 and the elastic one is lowered 8 -> 4 -> 2 -> 1 for the engine's next
+    """An elastic loose request runs at rank 8 (33 ms alone); a tight arrival (32.5 ms) fits only beside it at rank 1
+    (20 + 2 x 5 + 2 x 1), so it is admitted at rank 1 and the elastic one is lowered 8 -> 4 -> 2 -> 1 for the engine's next
     steps. The same pair without `elastic` (today's policy): the arrival is a miss, served flagged."""
 
     async def scenario(is_elastic: bool):
@@ -217,7 +218,7 @@ def test_a_tight_arrival_lowers_an_elastic_request_in_flight_and_is_admitted_wit
         middleware = KdloraMiddleware(vllm)
         loose = asyncio.create_task(post(middleware, request(latency_ms_per_token=100, elastic=is_elastic)))
         await until_engine_has(vllm, 1)
-        tight = asyncio.create_task(post(middleware, request(latency_ms_per_token=31.5)))
+        tight = asyncio.create_task(post(middleware, request(latency_ms_per_token=32.5)))
         await until_engine_has(vllm, 2)
         row = elastic_row(vllm.seen[0]) if is_elastic else None
         vllm.release.set()
@@ -239,8 +240,8 @@ def test_a_tight_arrival_lowers_an_elastic_request_in_flight_and_is_admitted_wit
 @pytest.mark.parametrize(
     "tight, arrival, cap",
     [
-        (34.5, ("4", "true"), 4),  # beside the elastic one at rank 4 (its floor): 20 + 2 x 5 + 4
-        (32.5, ("1", "false"), 8),  # would need it below its floor: a miss, and nobody is lowered for nothing
+        (38.5, ("4", "true"), 4),  # beside the elastic one at rank 4 (its floor): 20 + 2 x 5 + 2 x 4
+        (34.5, ("1", "false"), 8),  # would need it below its floor: a miss, and nobody is lowered for nothing
     ],
 )
 def test_an_elastic_request_is_never_lowered_below_its_quality_floor(served, steps, tight, arrival, cap):
@@ -332,7 +333,7 @@ def test_an_elastic_response_says_which_rank_served_which_tokens_whole_and_strea
 
 def test_lora_work_follows_the_servers_lora_path():
     batch = Counter({None: 2, "a@r8": 1, "a@r2": 3, "b@r4": 1, "c": 1})  # "c": a LoRA not named by rank: all of it
-    assert lora_work(batch, "grouped", 64) == 8 + 4 + 64  # each adapter's group at its largest rank
+    assert lora_work(batch, "grouped", 64) == 4 * 8 + 4 + 64  # each adapter's requests at its largest rank
     assert lora_work(batch, "per-token", 64) == 8 + 3 * 2 + 4 + 64  # every request at its own rank
     assert lora_work(batch, "stock", 64) == 6 * 64  # vLLM pads every LoRA request to --max-lora-rank
 
@@ -346,7 +347,8 @@ def test_vllm_stats_feed_the_model_one_step_per_iteration():
         for rank in (1, 8):
             stats = SimpleNamespace(running_lora_adapters={f"a@r{rank}": requests}, num_running_reqs=requests + 1)
             iteration = SimpleNamespace(
-                inter_token_latencies_iter=[0.001 * (10 + 3 * (requests + 1) + rank)] * 3, num_prompt_tokens=0
+                inter_token_latencies_iter=[0.001 * (10 + 3 * (requests + 1) + requests * rank)] * 3,
+                num_prompt_tokens=0,
             )
             for _ in range(2):
                 observe_iteration(model, stats, iteration)
@@ -355,4 +357,4 @@ def test_vllm_stats_feed_the_model_one_step_per_iteration():
     gone = SimpleNamespace(running_lora_adapters={}, num_running_reqs=0)  # the batch's last step, reported empty
     observe_iteration(model, gone, SimpleNamespace(inter_token_latencies_iter=[5.0], num_prompt_tokens=0))
     assert model.describe()["steps"] == 16
-    assert model.predict(Counter({None: 1, "a@r4": 2})) == pytest.approx(10 + 3 * 3 + 4, abs=1e-2)
+    assert model.predict(Counter({None: 1, "a@r4": 2})) == pytest.approx(10 + 3 * 3 + 2 * 4, abs=1e-2)

@@ -41,7 +41,7 @@ def test_a_quality_floor_alone_gets_the_smallest_rank_that_meets_it():
 
 
 def step_ms(requests: int, lora_work: float) -> float:
-    """A hand-made engine: 20 ms a decode step, 2 per request, 0.5 per LoRA rank unit."""
+    """A hand-made engine: 20 ms a decode step, 2 per request, 0.5 per LoRA (token x rank) unit."""
     return 20 + 2 * requests + 0.5 * lora_work
 
 
@@ -51,7 +51,7 @@ def fitted_steps() -> StepModel:
     for base in (0, 1, 3):
         for ranks in [(), (1,), (16,), (2, 16), (4, 4, 1)]:
             running = Counter({None: base}) + Counter(f"a@r{k}" for k in ranks)
-            work = max(ranks, default=0)  # the grouped path computes a's group at its largest rank
+            work = len(ranks) * max(ranks, default=0)  # the grouped path computes a's tokens at its largest rank
             for _ in range(2):
                 steps.observe(running, step_ms(base + len(ranks), work))
     return steps
@@ -61,31 +61,31 @@ def test_the_step_model_recovers_the_engine_and_prices_batches_it_never_saw():
     steps = fitted_steps()
     assert steps.describe()["ms_per_step"] == pytest.approx({"base": 20, "requests": 2, "lora_work": 0.5}, abs=1e-2)
     unseen = Counter({None: 2, "a@r8": 1, "a@r2": 2, "b@r4": 1})  # adapter b adds its own group
-    assert steps.predict(unseen) == pytest.approx(step_ms(6, 8 + 4), abs=1e-2)
+    assert steps.predict(unseen) == pytest.approx(step_ms(6, 3 * 8 + 4), abs=1e-2)
     assert StepModel().predict(unseen) is None  # nothing observed: no estimate
 
 
 def test_a_latency_budget_is_the_batchs():
-    """Alone, a 40 ms/token request gets rank 16 (20 + 2 + 8 = 30 ms); beside a tight in-flight request (bound 26
-    ms, running at rank 1) the same loose budget gets rank 2: rank 4 would make the shared step 28 ms."""
+    """Alone, a 40 ms/token request gets rank 16 (20 + 2 + 8 = 30 ms); beside a tight in-flight request (bound 26.5
+    ms, running at rank 1) the same loose budget gets rank 2 (26 ms): rank 4 would make the shared step 28 ms."""
     steps = fitted_steps()
     alone = choose(Load(steps=steps), latency_ms_per_token=40)
-    beside_tight = choose(Load(Counter({"a@r1": 1}), bounds=(26.0,), steps=steps), latency_ms_per_token=40)
+    beside_tight = choose(Load(Counter({"a@r1": 1}), bounds=(26.5,), steps=steps), latency_ms_per_token=40)
     assert (alone.rank, alone.met, alone.estimate_ms) == (16, True, pytest.approx(30.0, abs=1e-2))
     assert (beside_tight.rank, beside_tight.met) == (2, True)
-    assert beside_tight.estimate_ms == pytest.approx(step_ms(2, 2), abs=1e-2) and step_ms(2, 2) <= 26
-    loose_beside_loose = choose(Load(Counter({"a@r1": 1}), bounds=(40.0,), steps=steps), latency_ms_per_token=40)
-    assert loose_beside_loose.rank == 16  # 20 + 4 + 8 = 32 ms keeps both
+    assert beside_tight.estimate_ms == pytest.approx(step_ms(2, 2 * 2), abs=1e-2) and step_ms(2, 2 * 2) <= 26.5
+    loose_beside_loose = choose(Load(Counter({"a@r1": 1}), bounds=(41.0,), steps=steps), latency_ms_per_token=41)
+    assert loose_beside_loose.rank == 16  # 20 + 4 + 0.5 x 2 x 16 = 40 ms keeps both (41)
 
 
 def test_when_no_rank_keeps_the_batch_the_cheapest_is_served_and_the_reason_names_whose_bound():
     steps = fitted_steps()
-    crowded = Load(Counter({None: 3, "a@r1": 1}), bounds=(29.0,), steps=steps)  # rank 1 beside them: 30.5 ms
+    crowded = Load(Counter({None: 3, "a@r1": 1}), bounds=(29.0,), steps=steps)  # rank 1 beside them: 31 ms
     choice = choose(crowded, latency_ms_per_token=100)
     assert (choice.rank, choice.met) == (1, False)
     assert (
         choice.reason
-        == "an in-flight request's latency_ms_per_token 29.0 (estimated 30.5 ms per token with 5 in flight)"
+        == "an in-flight request's latency_ms_per_token 29.0 (estimated 31.0 ms per token with 5 in flight)"
     )
     own = choose(Load(steps=steps), latency_ms_per_token=21)
     assert own.reason == "latency_ms_per_token 21.0 (estimated 22.5 ms per token with 1 in flight)"

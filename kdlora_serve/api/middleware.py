@@ -11,7 +11,8 @@ It is the outermost layer of vLLM's app, so it also guards the whole server:
 For generation requests whose `model` is a kdlora adapter it reads the budget (`extra_body={"kdlora":
 {...}}` or `x-kdlora-*` headers), picks the rank against the batch in flight (policy, with the step-time model of
 kdlora_serve.api.steps; every generation request in flight is tracked here, base ones too), holds or refuses the
-request when no rank meets its budget and it asks for that (`on_miss`), makes sure the files vLLM loads for it
+request when no rank meets its budget and it asks for that (`on_miss`), lowers elastic requests in flight when an
+arrival would break a bound (`_rebalance`, through kdlora_serve.elastic), makes sure the files vLLM loads for it
 are intact (store), rewrites `model` to `<adapter>@r<k>` before vLLM sees it (vLLM then echoes that name and
 the resolver registers the rank), adds `x-kdlora-rank` / `x-kdlora-budget-met` to the response, and measures
 ms per generated token per rank for listings. Bad requests get OpenAI-shaped JSON errors; nothing here can take

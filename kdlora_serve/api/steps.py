@@ -6,9 +6,11 @@ predicts a step's ms from the batch's composition:
 
     ms = a + b * requests + c * lora_work
 
-where lora_work is the LoRA compute the server's path does for that batch: kdlora's CPU path computes each
-adapter's group at the largest rank present (sum over adapters of their largest rank); kdlora's CUDA kernels read
-each token's own rank (sum of ranks); vLLM's stock ops pad every LoRA request to --max-lora-rank.
+where lora_work is the LoRA compute the server's path does for that batch, in (token x rank) units: kdlora's CPU
+path computes every token of an adapter's group at the largest rank present in it (sum over adapters of requests x
+largest rank: budget_bench found a rank-64 request beside others costs ~0.05 ms per request per rank unit on 2 cores,
+while alone any rank costs the same); kdlora's CUDA kernels read each token's own rank (sum of ranks); vLLM's stock
+ops pad every LoRA request to --max-lora-rank.
 
 Its data come through vLLM's own stats path: `StepLogger`, a stat-logger plugin (entry point
 `vllm.stat_logger_plugins`), receives every engine iteration's scheduler stats (the running requests per LoRA
@@ -32,8 +34,9 @@ RECENT = 32  # the last steps /v1/kdlora/steps shows, to check the fit against
 
 
 def lora_work(running: Counter, path: str, max_lora_rank: int) -> float:
-    """The batch's LoRA work in rank units. running: LoRA name (None: base model) -> requests."""
+    """The batch's LoRA work in (token x rank) units. running: LoRA name (None: base model) -> requests."""
     largest: dict[str, int] = {}
+    requests: Counter = Counter()
     total = 0
     for name, count in running.items():
         if name is None or count <= 0:
@@ -45,7 +48,8 @@ def lora_work(running: Counter, path: str, max_lora_rank: int) -> float:
         elif path == "per-token":
             total += count * rank
         largest[adapter] = max(largest.get(adapter, 0), rank)
-    return float(sum(largest.values()) if path == "grouped" else total)
+        requests[adapter] += count
+    return float(sum(requests[a] * k for a, k in largest.items()) if path == "grouped" else total)
 
 
 class StepModel:
