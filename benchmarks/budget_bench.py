@@ -244,7 +244,7 @@ def main() -> None:
                     | summarize(with_budgets(results, load, limits), quality, wall_s)  # fmt: skip
                 )
                 print(json.dumps(rows[-1]), flush=True)
-            limits_by_load[name] = limits
+            limits_by_load[name] = limits | {"step_fit_after": get_json(url + "/v1/kdlora/steps")["ms_per_step"]}
         rejections_ms = sorted(  # on_miss reject with a budget no rank meets: answered before any engine work
             1000
             * stream(client, alias, PROMPTS[0], args.tokens, {"latency_ms_per_token": 0.01, "on_miss": "reject"})[

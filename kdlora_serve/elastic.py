@@ -18,6 +18,7 @@ The key guards a row against a late write for a request that already ended (an a
 
 import atexit
 import os
+import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -33,11 +34,14 @@ ROW = np.dtype(
 )
 
 
+def _new_path() -> str:
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return str(Path(folder) / f"kdlora-elastic-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def set_path() -> None:
     """Name this server's table for this process and the processes it starts (idempotent; the plugin calls it)."""
-    if ENV not in os.environ:
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        os.environ[ENV] = str(Path(folder) / f"kdlora-elastic-{os.getpid()}-{secrets.token_hex(4)}")
+    os.environ.setdefault(ENV, _new_path())
 
 
 class Table:
@@ -105,6 +109,14 @@ class Table:
             found["tokens"][0, used - 1] += tokens  # never with evaluated ranks (they are fewer); counted, not lost
 
 
+_HANDLE = re.compile(r"[0-9]{1,4}:[0-9]{1,19}")
+
+
+def is_handle(value) -> bool:
+    """Whether a request's extra arg is a handle the API server wrote (anything else is served as if not elastic)."""
+    return isinstance(value, str) and bool(_HANDLE.fullmatch(value))
+
+
 def _parse(handle: str) -> tuple[int, int]:
     row, key = handle.split(":")
     return int(row) % ROWS, int(key)
@@ -116,8 +128,7 @@ _table: list[Table] = []
 def table() -> Table:
     """This process's view of the server's table (opened on first use; the API server's creator removes it at exit)."""
     if not _table:
-        set_path()
-        path = os.environ[ENV]
+        path = os.environ.get(ENV) or _new_path()  # no name set (no vLLM plugin here): this process's own
         created = not os.path.exists(path)
         _table.append(Table(path))
         if created:

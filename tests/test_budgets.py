@@ -264,6 +264,17 @@ def test_an_elastic_request_is_never_lowered_below_its_quality_floor(served, ste
     assert (arriving[1]["x-kdlora-rank"], arriving[1]["x-kdlora-budget-met"]) == arrival
 
 
+def test_a_clients_own_elastic_handle_never_reaches_the_engine(served, steps):
+    async def scenario():
+        vllm = HeldVllm()
+        vllm.release.set()
+        body = request(latency_ms_per_token=100) | {"vllm_xargs": {elastic.XARG: "0:1", "mine": 1}}
+        await post(KdloraMiddleware(vllm), body)
+        return vllm.seen[0]
+
+    assert asyncio.run(scenario())["vllm_xargs"] == {"mine": 1}
+
+
 def worker_counts(body: dict, *segments: tuple[int, int]) -> None:
     """What the engine's worker does for an elastic request: count each generated token at the rank computing it."""
     handle = body["vllm_xargs"][elastic.XARG]

@@ -5,6 +5,7 @@ nothing written for a request whose row was released."""
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from kdlora_serve import elastic, rank
 from kdlora_serve.worker import lora_slots
@@ -45,8 +46,10 @@ def test_the_worker_computes_the_prompt_at_the_admitted_rank_then_decodes_at_the
     assert table.served(handle) == [] and table.rank_for(handle, 8, decoding=True) == 8
 
 
-def test_a_request_that_is_not_elastic_keeps_its_lora_names_rank():
-    runner, batch = runner_and_batch(None, prompt=3)
+@pytest.mark.parametrize("handle", [None, "garbage", "1:2:3", "99999:1", "-1:5"])
+def test_a_request_that_is_not_elastic_keeps_its_lora_names_rank(handle):
+    """No handle, or one the API server did not write (a client's own vllm_xargs reaching the engine): as named."""
+    runner, batch = runner_and_batch(handle, prompt=3)
     assert [step(runner, batch, 3), step(runner, batch, 1)] == [8, 8]
     assert lora_slots._want(runner, batch, 0, 1) == rank.want(8, False)
 

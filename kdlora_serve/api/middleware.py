@@ -193,6 +193,8 @@ class KdloraMiddleware:
         if not choice.met:
             metrics.BUDGET_MISSES.labels(adapter=adapter).inc()
         payload["model"] = model_name(adapter, choice.rank)
+        if isinstance(payload.get("vllm_xargs"), dict):
+            payload["vllm_xargs"].pop(elastic.XARG, None)  # the server's to set: a client's could lower another's rank
         handle = self.running[ticket].handle
         if handle is not None:
             _tell_engine(payload, handle)

@@ -107,7 +107,7 @@ def _want(runner, input_batch, index: int, scheduled: int) -> int:
     want = want_of(state.lora_request)
     extra = getattr(state.sampling_params, "extra_args", None) or {}
     handle = extra.get(elastic.XARG)
-    if not want or not isinstance(handle, str):
+    if not want or not elastic.is_handle(handle):
         return want
     computed, prompt = input_batch.num_computed_tokens_cpu[index], input_batch.num_prompt_tokens[index]
     table = elastic.table()
