@@ -49,7 +49,6 @@ class Table:
         with open(path, "a+b") as file:  # whichever process comes first creates it, zeroed
             if os.fstat(file.fileno()).st_size < ROWS * ROW.itemsize:
                 file.truncate(ROWS * ROW.itemsize)
-        self.path = path
         self.rows = np.memmap(path, ROW, mode="r+", shape=(ROWS,))
         self._next = 0
 
