@@ -6,7 +6,9 @@ transformers checkpoint + tokenizer + pruning report + student card, written ato
 
 The student computes exactly what the teacher computes with the removed units zeroed: removing heads,
 neurons and layers is plain slicing; removing hidden channels also changes every RMSNorm's mean over
-the hidden size, which is undone by scaling the norm weights by sqrt(H/H') and eps by H/H'.
+the hidden size, which is undone by scaling the norm weights by sqrt(H/H') and eps by H/H'. Qwen3's per-head q/k
+norms share that eps, so there it stays: the hidden norms then differ by eps * (1 - H'/H) in a mean square near 1
+(~1e-6 relative; tests/test_prune_families.py checks every family).
 """
 
 import dataclasses
@@ -70,7 +72,8 @@ def student_config(teacher_config, shape: Shape):
     for field, value in dataclasses.asdict(shape).items():
         setattr(config, field, value)
     config.head_dim = head_dim(teacher_config)  # heads keep their width when the hidden size shrinks
-    if not _has_head_norms(teacher_config):  # Qwen3's per-head norms share the eps, so it must stay
+    if not _has_head_norms(teacher_config):  # Qwen3's per-head norms share the eps, so it must stay (the hidden norms
+        # then add eps * H'/H instead of eps to a mean square near 1: off by ~1e-6 relative, not exactly 0)
         config.rms_norm_eps = teacher_config.rms_norm_eps * teacher_config.hidden_size / shape.hidden_size
     return config
 
@@ -263,7 +266,7 @@ def prune_state_dict(teacher, selection: Selection) -> dict[str, torch.Tensor]:
     config = teacher.config
     d = head_dim(config)
     hidden = selection.channels
-    norm_scale = math.sqrt(config.hidden_size / len(hidden)) if not _has_head_norms(config) else 1.0
+    norm_scale = math.sqrt(config.hidden_size / len(hidden))  # every family: the hidden norms' mean lost H - H' zeros
 
     def rows_of(heads: list[int]) -> torch.Tensor:
         return torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])

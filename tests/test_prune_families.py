@@ -1,0 +1,96 @@
+"""Structured pruning on every family `kdlora prune` claims (issue 29, first part): tiny random checkpoints shaped
+like each family's real configs, the student exactly the teacher with the removed units zeroed. What each family
+adds: Llama 3 (GQA 4:1, untied embeddings, llama3 rope scaling), Mistral (untied), Qwen2 (q/k/v biases, tied),
+Qwen3 (per-head q/k norms, head_dim twice hidden / heads)."""
+
+import pytest
+import torch
+from conftest import tiny_input
+from test_prune import CALIB
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from training.importance import activation_importance
+from training.prune import Shape, build_student, head_dim
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+FAMILIES = {  # (model class, config class, what the family's real configs set)
+    "llama3": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=1, tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE)),
+    "mistral": (MistralForCausalLM, MistralConfig, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
+}  # fmt: skip
+STUDENT = Shape(24, 2, 1, 40, 1)  # every axis pruned: channels, heads, kv groups, neurons, a layer
+
+
+def tiny(family: str, seed: int = 0):
+    model_class, config_class, special = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_class(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        **special,
+    )
+    model = model_class(config).eval()
+    with torch.no_grad():  # random biases and norms (a fresh model has zeros and ones: removing them would not show)
+        model.model.embed_tokens.weight.normal_()  # hidden states of unit scale, as in trained models (not 0.02's)
+        for name, param in model.named_parameters():
+            if name.endswith(("_proj.bias", "q_norm.weight", "k_norm.weight")):
+                param.normal_(1.0 if "norm" in name else 0.0, 0.5)
+    return model
+
+
+def zeroed(teacher, selection):
+    """The teacher with every removed unit's contribution set to zero (a copy)."""
+    model = type(teacher)(teacher.config).eval()
+    model.load_state_dict(teacher.state_dict())
+    d = head_dim(model.config)
+    gone = torch.ones(model.config.hidden_size, dtype=torch.bool)
+    gone[selection.channels] = False
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, gone] = 0
+        for i, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if i not in selection.layers:
+                attn.o_proj.weight.zero_()
+                mlp.down_proj.weight.zero_()
+                continue
+            for h in set(range(model.config.num_attention_heads)) - set(selection.q_heads[i]):
+                attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
+            dead = torch.ones(model.config.intermediate_size, dtype=torch.bool)
+            dead[selection.neurons[i]] = False
+            mlp.down_proj.weight[:, dead] = 0
+            attn.o_proj.weight[gone] = 0
+            mlp.down_proj.weight[gone] = 0
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_prunes_to_the_teacher_with_removed_units_zeroed(family):
+    teacher = tiny(family)
+    student, selection = build_student(teacher, activation_importance(teacher, CALIB), STUDENT)
+    assert type(student) is type(teacher) and Shape.of(student.config) == STUDENT
+    with torch.no_grad():
+        expected = zeroed(teacher, selection)(tiny_input()).logits
+        got = student(tiny_input()).logits
+        original = teacher(tiny_input()).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, original, atol=1e-3)  # something really was removed
