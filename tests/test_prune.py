@@ -9,16 +9,24 @@ from conftest import kdlora_cli, kdlora_launch, tiny_input, tiny_llama
 
 from hub.errors import KdloraError
 from training.importance import activation_importance
-from training.prune import Shape, build_student, choose_shape, count_params, parse_param_count, removed_units
+from training.prune import (
+    Shape,
+    build_student,
+    choose_shape,
+    count_params,
+    head_dim,
+    parse_param_count,
+    removed_units,
+)
 
 CALIB = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(1))
 
 
 def zeroed_teacher(teacher, selection):
-    """The teacher with every removed unit's contribution set to zero (a copy)."""
-    model = tiny_llama()
+    """The teacher with every removed unit's contribution set to zero (a copy; any family build_student takes)."""
+    model = type(teacher)(teacher.config).eval()
     model.load_state_dict(teacher.state_dict())
-    d = model.config.head_dim
+    d = head_dim(model.config)
     gone = torch.ones(model.config.hidden_size, dtype=torch.bool)
     gone[selection.channels] = False
     with torch.no_grad():

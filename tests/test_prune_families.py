@@ -6,7 +6,7 @@ Qwen3 (per-head q/k norms, head_dim twice hidden / heads)."""
 import pytest
 import torch
 from conftest import tiny_input
-from test_prune import CALIB
+from test_prune import CALIB, zeroed_teacher
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from training.importance import activation_importance
-from training.prune import Shape, build_student, head_dim
+from training.prune import Shape, build_student
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -58,38 +58,13 @@ def tiny(family: str, seed: int = 0):
     return model
 
 
-def zeroed(teacher, selection):
-    """The teacher with every removed unit's contribution set to zero (a copy)."""
-    model = type(teacher)(teacher.config).eval()
-    model.load_state_dict(teacher.state_dict())
-    d = head_dim(model.config)
-    gone = torch.ones(model.config.hidden_size, dtype=torch.bool)
-    gone[selection.channels] = False
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, gone] = 0
-        for i, layer in enumerate(model.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            if i not in selection.layers:
-                attn.o_proj.weight.zero_()
-                mlp.down_proj.weight.zero_()
-                continue
-            for h in set(range(model.config.num_attention_heads)) - set(selection.q_heads[i]):
-                attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
-            dead = torch.ones(model.config.intermediate_size, dtype=torch.bool)
-            dead[selection.neurons[i]] = False
-            mlp.down_proj.weight[:, dead] = 0
-            attn.o_proj.weight[gone] = 0
-            mlp.down_proj.weight[gone] = 0
-    return model
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_prunes_to_the_teacher_with_removed_units_zeroed(family):
     teacher = tiny(family)
     student, selection = build_student(teacher, activation_importance(teacher, CALIB), STUDENT)
     assert type(student) is type(teacher) and Shape.of(student.config) == STUDENT
     with torch.no_grad():
-        expected = zeroed(teacher, selection)(tiny_input()).logits
+        expected = zeroed_teacher(teacher, selection)(tiny_input()).logits
         got = student(tiny_input()).logits
         original = teacher(tiny_input()).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
