@@ -447,6 +447,24 @@ def test_a_single_process_checkpoint_resumes_under_fsdp(two_process_runs, tiny_p
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
 
 
+def test_fsdp_on_cpu_refuses_an_older_accelerate_and_warns_on_a_newer_one(caplog):
+    from training.processes import _check_fsdp_on_cpu
+
+    with pytest.raises(KdloraError) as refused:
+        _check_fsdp_on_cpu("1.14.2")
+    assert str(refused.value) == (
+        "FSDP on CPU processes needs accelerate >= 1.15 (this is 1.14.2); "
+        "upgrade accelerate or launch without the FSDP config (DDP)"
+    )
+    _check_fsdp_on_cpu("1.16.0")
+    assert caplog.records == []
+    _check_fsdp_on_cpu("1.17.0.dev0")
+    assert [r.getMessage() for r in caplog.records] == [
+        "FSDP on CPU processes was checked with accelerate 1.15/1.16; this is 1.17.0.dev0 "
+        "(unchecked, tests/test_distill.py checks it)"
+    ]
+
+
 def test_full_training_under_fsdp_equals_one_process(tiny_pair, tmp_path):
     """Every weight trains and is sharded (tied embeddings, the LM head the chunked loss applies outside the forward,
     gradient clipping over sharded gradients): two FSDP processes give what one process gives on the whole batch."""
