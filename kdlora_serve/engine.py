@@ -8,6 +8,7 @@ model 84 vs 30 tok/s at concurrency 8 on the CI machine, benchmarks/RESULTS.md),
 Every default here gives way to the same flag given explicitly.
 """
 
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -32,9 +33,7 @@ class EngineDefaults:
 
 
 def engine_defaults() -> EngineDefaults:
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not vllm_cpu_build():
         return EngineDefaults()
     free_gib = psutil.virtual_memory().available / 2**30
     low, high = KV_CACHE_GIB_BOUNDS
@@ -43,6 +42,21 @@ def engine_defaults() -> EngineDefaults:
     if not native_bf16():
         llm_kwargs["dtype"] = "float32"
     return EngineDefaults(env={"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}, llm_kwargs=llm_kwargs)
+
+
+def vllm_cpu_build() -> bool:
+    """vLLM's own CPU-platform test (vllm.platforms.cpu_platform_plugin, 0.32), without importing vLLM: `kdlora serve`
+    decides its flags before vLLM's process starts, and `from vllm.platforms import current_platform` costs ~10 s."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if os.environ.get("VLLM_TARGET_DEVICE") == "cpu" or sys.platform.startswith("darwin"):
+        return True
+    for distribution, suffix in (("vllm", ""), ("vllm-cpu", "+cpu")):  # vLLM reads vllm-cpu's version with "+cpu"
+        try:
+            return "cpu" in version(distribution) + suffix
+        except PackageNotFoundError:
+            continue
+    return False
 
 
 def native_bf16() -> bool:

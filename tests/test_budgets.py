@@ -350,7 +350,7 @@ def test_lora_work_follows_the_servers_lora_path():
 
 
 def test_vllm_stats_feed_the_model_one_step_per_iteration():
-    """What StepLogger.record receives each iteration: running requests per LoRA name (the rest are base requests)
+    """What step_logger.StepLogger.record receives each iteration: running requests per LoRA name (the rest are base requests)
     and the inter-token latencies of the requests that got a token; iterations with none, or with a prompt finished
     (prefill), are not decode steps to learn."""
     model = StepModel(path="grouped", max_lora_rank=8)

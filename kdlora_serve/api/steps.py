@@ -12,7 +12,7 @@ largest rank: budget_bench found a rank-64 request beside others costs ~0.05 ms 
 while alone any rank costs the same); kdlora's CUDA kernels read each token's own rank (sum of ranks); vLLM's stock
 ops pad every LoRA request to --max-lora-rank.
 
-Its data come through vLLM's own stats path: `StepLogger`, a stat-logger plugin (entry point
+Its data come through vLLM's own stats path: `step_logger.StepLogger`, a stat-logger plugin (entry point
 `vllm.stat_logger_plugins`), receives every engine iteration's scheduler stats (the running requests per LoRA
 name: kdlora names carry the rank, kdlora_serve.rank) and iteration stats (inter-token latencies: what each running
 request waited for this step's token). Only decode steps are learned from: an iteration that finished a prompt
@@ -140,28 +140,3 @@ def observe_iteration(model: StepModel, scheduler_stats, iteration_stats) -> Non
         return  # the last step of a batch: its requests already counted as finished, the composition is lost
     step_ms = 1000 * float(np.median(iteration_stats.inter_token_latencies_iter))
     model.observe(running, step_ms)
-
-
-try:  # the stat-logger plugin needs vLLM; the model above does not
-    from vllm.v1.metrics.loggers import StatLoggerBase
-except ImportError:  # pragma: no cover
-    StatLoggerBase = object
-
-
-class StepLogger(StatLoggerBase):
-    """vLLM stat-logger plugin (entry point `vllm.stat_logger_plugins: kdlora`): every iteration into `STEPS`."""
-
-    def __init__(self, vllm_config, engine_index: int = 0):
-        from kdlora_serve import vllm_patches
-
-        lora_config = vllm_config.lora_config
-        if lora_config is not None:
-            rank_aware = vllm_patches.rank_aware(lora_config)
-            path = vllm_patches.LORA_PATHS[vllm_patches.backend()] if rank_aware else "stock"
-            STEPS.configure(path, lora_config.max_lora_rank)
-
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-        observe_iteration(STEPS, scheduler_stats, iteration_stats)
-
-    def log_engine_initialized(self):
-        pass
