@@ -1,4 +1,4 @@
-"""Push and pull adapters (and students) through `huggingface_hub`, or a local directory hub.
+"""Push and pull adapters (and students) through `huggingface_hub`, or a local directory hub; download a teacher.
 
 A repo spec is either a Hub repo id `ORG/NAME[@REVISION]` (endpoint from `--endpoint`, else
 `HF_ENDPOINT`; token from `HF_TOKEN` or the saved login), or a local directory hub: a path or
@@ -25,6 +25,7 @@ from hub.schema import METADATA_FILE, ModelRef, RankMetadata
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE)
 CARD_FILES = ("README.md", PLOT_FILE)
 PRUNING_REPORT = "pruning_report.json"  # written by `kdlora prune` into the student directory
+MODEL_FILES = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")  # config, tokenizer, weights: never pickles
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _MATERIALIZED = re.compile(r"^r\d+/")
 MAX_SPEC_CHARS = 4096  # PATH_MAX on Linux; Hub repo ids are far shorter
@@ -117,6 +118,18 @@ def pull_adapter(spec: str, out: Path, rank: int | None = None, endpoint=None, t
                 if (src / name).is_file():
                     shutil.copy2(src / name, tmp / name)
     return out
+
+
+def snapshot_model(ref: RepoRef, files=MODEL_FILES, endpoint=None, token=None) -> tuple[Path, str]:
+    """A Hub model's `files`, all at the one commit `ref.revision` (default main) resolves to, so that config,
+    tokenizer and weights agree: (the snapshot directory in the HF cache, that commit's sha)."""
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(ref, endpoint):
+        folder = snapshot_download(
+            ref.repo_id, revision=ref.revision, allow_patterns=list(files), endpoint=endpoint, token=token
+        )
+    return Path(folder), Path(folder).name  # the HF cache names a snapshot by its commit sha
 
 
 def read_remote_metadata(spec: str, endpoint=None, token=None) -> tuple[RankMetadata, dict]:
@@ -254,6 +267,7 @@ def _hub_errors(ref: RepoRef, endpoint):
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
+        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -265,6 +279,11 @@ def _hub_errors(ref: RepoRef, endpoint):
         raise NotFoundError(f"repo {ref.repo_id} has no revision '{ref.revision}' on {endpoint}") from err
     except RepositoryNotFoundError as err:
         raise NotFoundError(f"repo {ref.repo_id} not found on {endpoint} (if it is private, set HF_TOKEN)") from err
+    except LocalEntryNotFoundError as err:  # a download found neither the Hub nor a cached copy
+        raise KdloraError(
+            f"cannot reach the Hub at {endpoint} ({str(err).splitlines()[0]}) and {ref} is not in the local cache; "
+            "check --endpoint / HF_ENDPOINT and the network"
+        ) from err
     except EntryNotFoundError as err:
         raise KdloraError(f"repo {ref} is missing a file ({err}); it is incomplete or not a kdlora repo") from err
     except HfHubHTTPError as err:

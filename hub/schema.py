@@ -34,6 +34,9 @@ class ModelRef(_Strict):
     id: str = Field(description="Hub repo id or local path of the model")
     revision: str | None = Field(None, description="commit sha or branch the adapter was trained against")
 
+    def __str__(self) -> str:  # as the CLI takes it: ORG/NAME[@REVISION]
+        return self.id + (f"@{self.revision}" if self.revision else "")
+
 
 class ServingCost(_Strict):
     """Measured by a server, on its hardware, under its load; advisory for other machines."""

@@ -86,11 +86,11 @@ def run_distill(cfg: DistillConfig) -> dict:
     mode = MODES[cfg.train]
     accelerator = make_accelerator()
     say = _printer(accelerator)
-    teacher, teacher_tokenizer, teacher_id = load_teacher(cfg, accelerator.device)
+    teacher, teacher_tokenizer, teacher_ref = load_teacher(cfg, accelerator.device)
     student, tokenizer, nested = build_student(cfg, accelerator.device)
     check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer)
     data = load_data(cfg, tokenizer, accelerator.num_processes)
-    cache = open_cache(cfg, data, teacher, teacher_id)
+    cache = open_cache(cfg, data, teacher, teacher_ref)
 
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.learning_rate)
@@ -121,7 +121,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     reset_peak_memory()  # from here the peak is the training steps' own
 
     say(
-        f"distilling {teacher_id} -> {cfg.student} ({cfg.train}, {len(trainable)} trainable tensors, "
+        f"distilling {teacher_ref} -> {cfg.student} ({cfg.train}, {len(trainable)} trainable tensors, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M params) on {cfg.data}: {len(data.train)} blocks x {cfg.seq_len} tokens"
     )
     bar = tqdm(
@@ -184,9 +184,9 @@ def run_distill(cfg: DistillConfig) -> dict:
     student, nested = whole_student(cfg, accelerator, model, nested)
     if accelerator.is_main_process:
         if teacher is None:
-            teacher = load_teacher(cfg, accelerator.device)[0]
+            teacher = load_teacher(cfg, accelerator.device, pinned=teacher_ref)[0]
         after = _evaluate(cfg, student, nested, teacher, data, tokenizer, mode.eval_settings(cfg))
-        report = write_result(cfg, mode, student, nested, tokenizer, teacher_id, data, state, after, facts)
+        report = write_result(cfg, mode, student, nested, tokenizer, teacher_ref, data, state, after, facts)
         shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report
@@ -206,7 +206,7 @@ def load_data(cfg: DistillConfig, tokenizer, processes: int):
     return data
 
 
-def open_cache(cfg: DistillConfig, data, teacher, teacher_id: str):
+def open_cache(cfg: DistillConfig, data, teacher, teacher_ref):
     """The --teacher-cache, checked against this run (None without one)."""
     if cfg.teacher_cache is None:
         return None
@@ -215,10 +215,10 @@ def open_cache(cfg: DistillConfig, data, teacher, teacher_id: str):
     cache = TeacherCache(
         Path(cfg.teacher_cache), data, cfg.kd_temperature, teacher.get_output_embeddings().weight.shape[0]
     )
-    if cache.teacher != teacher_id:
+    if cache.teacher != teacher_ref:  # a revision too: a cache from `main` is stale once main moves
         raise KdloraError(
             f"--teacher-cache {cfg.teacher_cache} was made from teacher {cache.teacher}, this run's teacher is "
-            f"{teacher_id}; give the same --teacher (it evaluates), or rebuild the cache"
+            f"{teacher_ref}; give the same --teacher (it evaluates), or rebuild the cache"
         )
     return cache
 
@@ -260,13 +260,15 @@ def mixed_precision(cfg: DistillConfig, device):
     )
 
 
-def load_teacher(cfg: DistillConfig, device):
+def load_teacher(cfg: DistillConfig, device, pinned=None):
+    """`pinned`: the teacher this run loaded first, loaded again at the same Hub commit (`main` may have moved since)."""
     from training.teacher import load_causal_lm
 
-    teacher, tokenizer, teacher_id = load_causal_lm(
-        cfg.teacher, dtype=cfg.compute_dtype, device=device, quantize=cfg.teacher_quantize
+    spec = str(pinned) if pinned is not None and pinned.revision else cfg.teacher
+    teacher, tokenizer, teacher_ref = load_causal_lm(
+        spec, dtype=cfg.compute_dtype, device=device, quantize=cfg.teacher_quantize
     )
-    return teacher.requires_grad_(False), tokenizer, teacher_id
+    return teacher.requires_grad_(False), tokenizer, teacher_ref
 
 
 def make_optimizer(name: str, params: list, lr: float):
@@ -479,12 +481,13 @@ def whole_student(cfg, accelerator, model, nested):
 
 
 def write_result(
-    cfg, mode: Mode, student, nested, tokenizer, teacher_id, data, state: TrainState, after, facts
+    cfg, mode: Mode, student, nested, tokenizer, teacher_ref, data, state: TrainState, after, facts
 ) -> dict:
     steps = state.history
     report = {
         "mode": mode.name,
-        "teacher": teacher_id,
+        "teacher": teacher_ref.id,
+        "teacher_revision": teacher_ref.revision,
         "student": str(cfg.student),
         "config": cfg.fingerprint(),
         "data_fingerprint": data.fingerprint,
@@ -513,12 +516,12 @@ def write_result(
         else:
             nested.remove()
             student.save_pretrained(tmp)
-            _write_metadata(cfg, mode, tmp, teacher_id, data, state, after)
+            _write_metadata(cfg, mode, tmp, teacher_ref, data, state, after)
         (tmp / "distill_report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
-def _write_metadata(cfg, mode: Mode, out: Path, teacher_id, data, state: TrainState, after) -> None:
+def _write_metadata(cfg, mode: Mode, out: Path, teacher_ref, data, state: TrainState, after) -> None:
     from hub.adapter import adapter_bytes, read_adapter
     from hub.card import PLOT_FILE, adapter_card, plot_quality_vs_rank
     from hub.schema import ModelRef, Quality, RankMetadata, RankResult, TrainingRecipe
@@ -528,7 +531,7 @@ def _write_metadata(cfg, mode: Mode, out: Path, teacher_id, data, state: TrainSt
         default_rank=_default_rank(cfg, mode, after),
         nested=mode.nested,
         base_model=ModelRef(id=str(cfg.student)),
-        teacher=ModelRef(id=teacher_id),
+        teacher=teacher_ref,
         base_quality=Quality(**state.before),
         teacher_quality=Quality(task_metrics=state.teacher) if state.teacher else None,
         recipe=TrainingRecipe(
@@ -560,7 +563,8 @@ def _default_rank(cfg, mode: Mode, after) -> int:
     if not mode.nested:
         return mode.rank(cfg)
     best = min(v["kl_to_teacher"] for v in after.values())
-    return min(k for k, v in after.items() if v["kl_to_teacher"] <= best * 1.1)
+    # abs: a student that matches its teacher measures a KL of 0 or a rounding error below it
+    return min(k for k, v in after.items() if v["kl_to_teacher"] - best <= 0.1 * abs(best))
 
 
 def _printer(accelerator):

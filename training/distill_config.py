@@ -60,7 +60,10 @@ class DistillConfig:
     student: str = field(metadata={"help": "student checkpoint directory (e.g. from kdlora prune) or Hub id"})
     out: Path = field(metadata={"help": "new or empty directory for the adapter (or the student, --train full)"})
     teacher: str | None = field(
-        default=None, metadata={"help": "Hub id or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)"}
+        default=None,
+        metadata={
+            "help": "Hub id ORG/NAME[@REVISION] or checkpoint directory (default: the embedded SmolLM2-135M-Instruct)"
+        },
     )
     data: str = field(default="builtin:pydoc", metadata={"help": DATA_HELP, "metavar": "SPEC"})
     train: str = field(

@@ -193,10 +193,10 @@ def _table(title: str, items, device_bytes: float | None, options) -> str:
 
 
 def plan(cfg, devices: int = 1, sharding: str = "ddp", device_gb: float | None = None, cuda: bool | None = None) -> str:
-    from training.teacher import embedded_teacher
+    from training.teacher import resolve_model
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    teacher = None if cfg.teacher_cache is not None else Shapes.of(cfg.teacher or embedded_teacher())
+    teacher = None if cfg.teacher_cache is not None else Shapes.of(resolve_model(cfg.teacher, ["config.json"])[0])
     items = estimate(cfg, teacher, Shapes.of(cfg.student), devices, sharding, cuda)
     return format_plan(cfg, items, devices, sharding, device_gb * GIB if device_gb else None, cuda)
 

@@ -119,6 +119,9 @@ def choose_shape(teacher_config, target_params: int | None = None, **explicit) -
     given up is named in the report."""
     teacher = Shape.of(teacher_config)
     explicit = {k: v for k, v in explicit.items() if v is not None}
+    if teacher_config.model_type == "qwen2":  # its hidden size follows its heads (validate_shape says why)
+        heads = explicit.get("num_attention_heads", teacher.num_attention_heads)
+        explicit.setdefault("hidden_size", heads * head_dim(teacher_config))
     if target_params is None:
         shape = dataclasses.replace(teacher, **explicit)
         validate_shape(teacher_config, shape)
@@ -221,6 +224,13 @@ def validate_shape(teacher_config, shape: Shape) -> None:
         raise KdloraError(
             f"--num-heads {heads} with --num-kv-heads {kv} needs {heads // kv} query heads per KV group but the teacher has "
             f"{teacher_group}; use --num-heads <= {kv * teacher_group} or more --num-kv-heads"
+        )
+    width = heads * head_dim(teacher_config)
+    if teacher_config.model_type == "qwen2" and shape.hidden_size != width:
+        raise KdloraError(
+            f"--hidden-size {shape.hidden_size} with --num-heads {heads}: a Qwen2 student needs hidden size = heads x "
+            f"head_dim ({width}), because vLLM's Qwen2 ignores config.head_dim; give --hidden-size {width} or leave "
+            "it out (it follows --num-heads)"
         )
     if teacher_config.model_type == "llama" and shape.hidden_size % heads:
         raise KdloraError(
@@ -360,9 +370,9 @@ def plan_prune(
     from transformers import AutoConfig
 
     from training.plan import prune_plan
-    from training.teacher import embedded_teacher
+    from training.teacher import resolve_model
 
-    config = AutoConfig.from_pretrained(embedded_teacher() if teacher is None else teacher)
+    config = AutoConfig.from_pretrained(resolve_model(teacher, files=["config.json"])[0])
     check_supported(config)
     target = parse_param_count(target_params, count_params(config)) if target_params is not None else None
     shape, _ = choose_shape(config, target, **dims)
@@ -391,12 +401,12 @@ def run_prune(
         raise KdloraError(f"--calib-samples must be at least 1, got {calib_samples}")
     processes = process_state()  # several under `accelerate launch`: they share the calibration blocks
     device = processes.device
-    model, tokenizer, teacher_id = load_causal_lm(teacher, device=device, check_config=check_supported)
+    model, tokenizer, teacher_ref = load_causal_lm(teacher, device=device, check_config=check_supported)
     teacher_params = count_params(model.config)
     target = parse_param_count(target_params, teacher_params) if target_params is not None else None
     shape, rounding = choose_shape(model.config, target, **dims)
     student_params = count_params(student_config(model.config, shape))
-    _say(f"teacher  {teacher_id}: {Shape.of(model.config)} = {teacher_params / 1e6:.1f}M params")
+    _say(f"teacher  {teacher_ref}: {Shape.of(model.config)} = {teacher_params / 1e6:.1f}M params")
     _say(f"student  {shape} = {student_params / 1e6:.1f}M params ({student_params / teacher_params:.0%})")
     for axis, rounded in rounding.items():
         _say(f"         {axis} rounded to a multiple of {rounded['multiple']}: {rounded['why']}")
@@ -414,7 +424,8 @@ def run_prune(
     student, selection = build_student(model, importance, shape)
 
     report = {
-        "teacher": teacher_id,
+        "teacher": teacher_ref.id,
+        "teacher_revision": teacher_ref.revision,  # the Hub commit pruned (None for a local directory)
         "teacher_shape": dataclasses.asdict(Shape.of(model.config)),
         "student_shape": dataclasses.asdict(shape),
         "width_rounding": rounding,
@@ -434,7 +445,7 @@ def run_prune(
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / PRUNING_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        student_card(out.name, teacher_id, report).save(tmp / "README.md")
+        student_card(out.name, teacher_ref.id, report).save(tmp / "README.md")
     ppl = report["heldout_perplexity"]
     _say(
         f"held-out perplexity: teacher {ppl['teacher']:.2f}, student {ppl['student']:.2f} (distillation recovers this)"

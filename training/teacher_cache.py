@@ -27,6 +27,7 @@ import torch
 
 from hub.atomic import refuse_other_settings
 from hub.errors import KdloraError
+from hub.schema import ModelRef
 
 FORMAT = 1
 ROWS_PER_SHARD = 256
@@ -61,7 +62,7 @@ def build_cache(
     if sampling not in SAMPLINGS:
         raise KdloraError(f"--sampling {sampling}: use {' or '.join(SAMPLINGS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, teacher_id = load_causal_lm(teacher, device=device)
+    model, tokenizer, teacher_ref = load_causal_lm(teacher, device=device)
     model.requires_grad_(False).eval()
     vocab_size = model.get_output_embeddings().weight.shape[0]
     data = load_token_data(spec, tokenizer, seq_len)
@@ -71,7 +72,8 @@ def build_cache(
         "data": spec,
         "seq_len": seq_len,
         "data_fingerprint": data.fingerprint,
-        "teacher": teacher_id,
+        "teacher": teacher_ref.id,
+        "teacher_revision": teacher_ref.revision,  # distill refuses the cache for the same repo at another commit
         "top_k": min(top_k, vocab_size),
         "temperature": temperature,
         "vocab_size": vocab_size,
@@ -241,8 +243,8 @@ class TeacherCache:
         self.offsets = [shard.get_tensor("offsets") for shard in self.shards]
 
     @property
-    def teacher(self) -> str:
-        return self.settings["teacher"]
+    def teacher(self) -> ModelRef:
+        return ModelRef(id=self.settings["teacher"], revision=self.settings.get("teacher_revision"))
 
     def targets(self, rows: list[int], device=None) -> TopKTargets:
         logp, ids = [], []
