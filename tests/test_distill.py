@@ -15,6 +15,7 @@ from hub.errors import KdloraError
 from hub.schema import load_metadata
 from training import distill as distill_mod
 from training.distill import DistillConfig, run_distill
+from training.distill_config import MODES
 from training.nested_lora import NestedRank, sample_rank, step_ranks
 
 
@@ -447,6 +448,16 @@ def test_a_single_process_checkpoint_resumes_under_fsdp(two_process_runs, tiny_p
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "kl, default",
+    [({1: 0.30, 4: 0.26, 8: 0.25}, 4), ({1: 2e-7, 4: -3e-8, 8: -4e-8}, 8), ({1: 0.0, 4: 0.0, 8: 0.0}, 1)],
+    ids=["within-10%", "rounding-below-zero", "all-zero"],
+)
+def test_the_default_rank_is_the_smallest_within_10_percent_of_the_best_kl(kl, default):
+    after = {rank: {"kl_to_teacher": value} for rank, value in kl.items()}
+    assert distill_mod._default_rank(None, MODES["qdylora"], after) == default
+
+
 def test_fsdp_on_cpu_refuses_an_older_accelerate_and_warns_on_a_newer_one(caplog):
     from training.processes import _check_fsdp_on_cpu
 
@@ -574,8 +585,9 @@ def test_kd_alpha_zero_is_plain_fine_tuning(tiny_pair, tmp_path):
     assert all(h["loss"] == h["ce"] for h in report["history"])
 
 
-def test_the_chunked_loss_refuses_a_model_that_post_processes_its_logits():
-    """Gemma 2 soft-caps its logits after the LM head: training on head(hidden) would be training on other numbers."""
+def test_the_chunked_loss_soft_caps_gemma2_and_refuses_other_post_processed_logits():
+    """Gemma 2 soft-caps its logits after the LM head: the chunked loss must apply the same cap (a run on head(hidden)
+    would train on other numbers); a model that changes its logits in a way kdlora does not know is refused."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from training.losses import check_head_split, final_hidden_states
@@ -595,12 +607,26 @@ def test_the_chunked_loss_refuses_a_model_that_post_processes_its_logits():
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=8,
-            final_logit_softcapping=3.0,
+            final_logit_softcapping=0.5,  # small: every logit is capped (the real 30.0 caps only large ones)
         )
     ).eval()
+    with torch.no_grad():
+        logits = gemma(ids).logits
+        with final_hidden_states(gemma) as head:
+            torch.testing.assert_close(head(gemma(ids).logits), logits, rtol=1e-6, atol=1e-6)
+        assert logits.abs().max() < 0.5 and gemma.config.final_logit_softcapping == 0.5  # the cap is back
+    check_head_split(gemma, ids)
+
+    class LogSoftmaxed(type(llama)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits.log_softmax(-1)
+            return out
+
+    scaled = LogSoftmaxed(llama.config).eval()
     with pytest.raises(
         KdloraError,
-        match=r"^Gemma2ForCausalLM's logits are not its LM head applied to its final hidden states \(the "
+        match=r"^LogSoftmaxed's logits are not its LM head applied to its final hidden states \(the "
         r"model post-processes them\); kdlora's chunked distillation loss does not support it$",
     ):
-        check_head_split(gemma, ids)
+        check_head_split(scaled, ids)

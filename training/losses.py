@@ -123,21 +123,37 @@ class ChunkedKDLoss(nn.Module):
         return forward_kl(logits, teacher_logp, self.temperature, buckets).sum(), ce
 
 
+class SoftCappedHead(nn.Module):
+    """An LM head whose logits are soft-capped to (-cap, cap), as Gemma 2's forward does after its head."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        super().__init__()
+        self.head, self.cap = head, cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.cap * torch.tanh(self.head(hidden) / self.cap)
+
+
 @contextmanager
 def final_hidden_states(model):
     """Within: the model's forward returns its final hidden states where it returns logits (its LM head is an
-    Identity meanwhile), so that the loss applies the head chunk by chunk (ChunkedKDLoss). Yields the head."""
-    head = model.get_output_embeddings()
+    Identity meanwhile, its logit soft-capping off), so that the loss applies the head chunk by chunk
+    (ChunkedKDLoss). Yields the head, soft-capped where the model's config says so (Gemma 2)."""
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     model.set_output_embeddings(torch.nn.Identity())
+    if cap:
+        model.config.final_logit_softcapping = None
     try:
-        yield head
+        yield SoftCappedHead(head, cap) if cap else head
     finally:
         model.set_output_embeddings(head)
+        if cap:
+            model.config.final_logit_softcapping = cap
 
 
 def check_head_split(model, input_ids: torch.Tensor) -> None:
-    """The chunked loss needs logits == LM head(final hidden states); a model that post-processes its logits (e.g.
-    soft-capping) would be trained on the wrong numbers, so it is refused here, by name."""
+    """The chunked loss needs logits == LM head(final hidden states) (soft-capped where the config says so); a model
+    that post-processes its logits otherwise would be trained on the wrong numbers, so it is refused here, by name."""
     with torch.no_grad():
         logits = model(input_ids).logits
         with final_hidden_states(model) as head:
