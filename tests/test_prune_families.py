@@ -18,6 +18,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from hub.errors import KdloraError
 from training.importance import activation_importance
 from training.prune import Shape, build_student
 
@@ -37,19 +38,19 @@ FAMILIES = {  # (model class, config class, what the family's real configs set)
 STUDENT = Shape(24, 2, 1, 40, 1)  # every axis pruned: channels, heads, kv groups, neurons, a layer
 
 
-def tiny(family: str, seed: int = 0):
+def tiny(family: str, seed: int = 0, **sizes):
+    """A random `family` model: unit tests' sizes unless `sizes` says otherwise (tests/test_families_e2e.py)."""
     model_class, config_class, special = FAMILIES[family]
     torch.manual_seed(seed)
-    config = config_class(
+    settings = dict(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=64,
-        **special,
     )
-    model = model_class(config).eval()
+    model = model_class(config_class(**{**settings, **special, **sizes})).eval()
     with torch.no_grad():  # random biases and norms (a fresh model has zeros and ones: removing them would not show)
         model.model.embed_tokens.weight.normal_()  # hidden states of unit scale, as in trained models (not 0.02's)
         for name, param in model.named_parameters():
@@ -69,3 +70,20 @@ def test_every_family_prunes_to_the_teacher_with_removed_units_zeroed(family):
         original = teacher(tiny_input()).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, original, atol=1e-3)  # something really was removed
+
+
+def test_a_qwen2_students_hidden_size_follows_its_heads_for_vllm():
+    """vLLM's Qwen2 takes head_dim as hidden / heads (config.head_dim ignored): a student with another hidden size
+    would not load there (vLLM 0.32: "start (0) + length (48) exceeds dimension size (32)")."""
+    from training.prune import choose_shape
+
+    config = tiny("qwen2").config  # hidden 32, 4 heads of 8
+    assert choose_shape(config, None, num_attention_heads=2, num_key_value_heads=1)[0].hidden_size == 16
+    assert choose_shape(config, 15_000, num_attention_heads=2, num_key_value_heads=1)[0].hidden_size == 16
+    with pytest.raises(KdloraError) as refused:
+        choose_shape(config, None, hidden_size=24, num_attention_heads=2, num_key_value_heads=1)
+    assert str(refused.value) == (
+        "--hidden-size 24 with --num-heads 2: a Qwen2 student needs hidden size = heads x head_dim (16), because "
+        "vLLM's Qwen2 ignores config.head_dim; give --hidden-size 16 or leave it out (it follows --num-heads)"
+    )
+    assert choose_shape(tiny("qwen3").config, None, hidden_size=24, num_attention_heads=2)[0].hidden_size == 24
