@@ -45,14 +45,14 @@ BROUGHT = {  # families vLLM serves with LoRA that kdlora cannot prune: the user
     "phi3": dict(model_type="phi3", tie_word_embeddings=False),  # fused qkv_proj and gate_up_proj
     "gemma3": dict(model_type="gemma3_text", head_dim=32, sliding_window=64),  # q/k norms, local + global layers
 }
-# Served in the suite: Gemma 2 (a server costs ~50 s of the suite's 30 minutes); KDLORA_SERVE_EVERY_FAMILY=1 serves
+# Served in the suite: Gemma 2 (a family's server costs ~70 s of the suite's 30 minutes); KDLORA_SERVE_EVERY_FAMILY=1 serves
 # Phi-3 and Gemma 3 too (README: Model families says when that last passed)
 SERVED = tuple(BROUGHT) if os.environ.get("KDLORA_SERVE_EVERY_FAMILY") == "1" else ("gemma2",)
 BROUGHT_STUDENT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
 
 
 def save_with_tokenizer(model, out, tokenizer_dir):
-    with torch.no_grad():  # tiny's unit-scale embeddings make near one-hot logits: nothing for KD or a rank to move
+    with torch.no_grad():  # smaller embeddings: tiny's unit-scale ones make near one-hot logits, nothing for KD to move
         model.get_input_embeddings().weight.mul_(0.05)
     model.save_pretrained(out)
     for file in tokenizer_dir.iterdir():
@@ -68,9 +68,8 @@ def prunable_checkpoint(family: str, out, tokenizer_dir):
 def brought_checkpoint(family: str, out, tokenizer_dir, seed: int, **sizes):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = dict(BROUGHT[family])
     torch.manual_seed(seed)
-    shape = SERVABLE | dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2) | settings | sizes
+    shape = SERVABLE | dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2) | BROUGHT[family] | sizes
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
     return save_with_tokenizer(AutoModelForCausalLM.from_config(config).eval(), out, tokenizer_dir)
 
