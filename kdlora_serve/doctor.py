@@ -119,8 +119,9 @@ def check_lora_path() -> str:
         return f"{'CUDA' if cuda else 'CPU'}: vLLM's stock LoRA path, cost does not follow the rank ({reason})"
     if cuda:
         return (
-            "CUDA: kdlora's rank-aware Triton kernels (correctness verified on CPU under Triton's interpreter; "
-            "no GPU run recorded)"
+            "CUDA: kdlora's rank-aware Triton kernels, checked against vLLM's stock kernels at each engine start "
+            "(on a failure that engine serves vLLM's kernels; GET /v1/kdlora/adapters says which serve; no GPU run "
+            "recorded: benchmarks/gpu_check.sh)"
         )
     return "CPU: kdlora's grouped rank-aware path (base tokens exact, cost follows the rank)"
 

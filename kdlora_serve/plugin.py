@@ -5,7 +5,8 @@
   the workers include kdlora's rank-aware punica wrapper (CPU: grouped path that also keeps base tokens exact;
   CUDA: Triton kernels);
 - names the table through which the API server lowers elastic requests' ranks in the engine (kdlora_serve.elastic),
-  before the engine's processes are started, so they inherit it;
+  and the folder where each engine worker reports which LoRA kernels serve (kdlora_serve.lora_report), before the
+  engine's processes are started, so they inherit both;
 - makes vLLM's child processes (engine core, workers) end when their parent does, so a killed API server leaves no
   engine behind holding memory and ports.
 """
@@ -26,11 +27,12 @@ def register() -> None:
     _registered = True
     from vllm.lora.resolver import LoRAResolverRegistry
 
-    from kdlora_serve import elastic, vllm_patches
+    from kdlora_serve import elastic, lora_report, vllm_patches
     from kdlora_serve.api.resolver import KdloraResolver
 
     _end_with_parent()
     elastic.set_path()
+    lora_report.set_path()
     if "kdlora" not in LoRAResolverRegistry.get_supported_resolvers():
         LoRAResolverRegistry.register_resolver("kdlora", KdloraResolver())
     vllm_patches.install()

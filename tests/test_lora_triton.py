@@ -59,8 +59,9 @@ def test_doctor_says_which_lora_path_the_server_takes(monkeypatch):
     )
     monkeypatch.setattr(triton_utils, "HAS_TRITON", True)
     assert doctor.check_lora_path() == (
-        "CUDA: kdlora's rank-aware Triton kernels (correctness verified on CPU under Triton's "
-        "interpreter; no GPU run recorded)"
+        "CUDA: kdlora's rank-aware Triton kernels, checked against vLLM's stock kernels at each engine start "
+        "(on a failure that engine serves vLLM's kernels; GET /v1/kdlora/adapters says which serve; no GPU run "
+        "recorded: benchmarks/gpu_check.sh)"
     )
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
     assert doctor.check_lora_path() == (

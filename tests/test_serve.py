@@ -283,8 +283,9 @@ def test_discovery_and_metrics(client, vllm_server):
     for _ in range(2):  # a rank's first request (cold: it loaded the rank) is not a cost measurement
         text(client, f"{ALIAS}@r2")
     with urllib.request.urlopen(vllm_server + "/v1/kdlora/adapters") as response:
-        listing = json.loads(response.read())["data"]
-    entry = next(row for row in listing if row["id"] == ALIAS)
+        body = json.loads(response.read())
+    assert body["lora_path"] == {"backend": "cpu", "kernels": "kdlora-grouped"}  # which LoRA compute serves
+    entry = next(row for row in body["data"] if row["id"] == ALIAS)
     assert entry["max_rank"] == 16 and entry["default_rank"] == 4 and 2 in entry["warm_ranks"]
     assert [r["rank"] for r in entry["ranks"]] == [1, 2, 4, 16]
     assert entry["ranks"][1]["measured_ms_per_token"] > 0 and entry["ranks"][1]["task_metrics"] == {

@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from hub.errors import KdloraError
-from kdlora_serve import elastic
+from kdlora_serve import elastic, lora_report
 from kdlora_serve.api import metrics
 from kdlora_serve.api.policy import Load, choose_rank, lower_ranks, parse_budget
 from kdlora_serve.api.steps import STEPS
@@ -114,7 +114,8 @@ class KdloraMiddleware:
                 send, 401, _error("invalid or missing API key (send it as 'Authorization: Bearer KEY')", 401)
             )
         if scope["method"] == "GET" and path == LISTING_PATH:
-            return await _send_json(send, 200, {"object": "list", "data": get_store().listing()})
+            listing = {"object": "list", "data": get_store().listing(), "lora_path": lora_report.describe()}
+            return await _send_json(send, 200, listing)
         if scope["method"] == "GET" and path == STEPS_PATH:
             load = self.load()
             in_flight = {"requests": sum(load.running.values()), "bounds_ms_per_token": sorted(load.bounds)}

@@ -12,9 +12,12 @@ with the request), so a group reads its slot's weights up to the largest rank it
 masked to its own rank and scaled by its rank's alpha/k relative to the slot's alpha/R. Base-model tokens (slot
 -1) are in no group.
 
-`RankAwarePunicaGPU`, built by vLLM on CUDA only, for the vLLM versions tested (kdlora_serve.vllm_patches). Verified for correctness on CPU under
-Triton's interpreter (tests/triton_interp), never run on a GPU yet: the block sizes are not tuned.
-`KDLORA_RANK_AWARE=0` keeps vLLM's stock kernels.
+`RankAwarePunicaGPU`, built by vLLM on CUDA only, for the vLLM versions tested (kdlora_serve.vllm_patches). Verified for
+correctness on CPU under Triton's interpreter (tests/triton_interp), never run on a GPU yet: the block sizes are not
+tuned. So at engine start the wrapper checks its kernels against vLLM's on the model's layer shapes (kernel_check);
+if they fail, that engine serves with vLLM's stock kernels and each token's rank applied as a mask on the shrunk
+activations (zero past the rank, times the rank's scale): the same numbers, at the padded cost.
+`KDLORA_RANK_AWARE=0` keeps vLLM's stock kernels and each rank its own LoRA.
 """
 
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.triton_utils import tl, triton  # placeholders where Triton is unusable (vLLM's CPU build)
 
 from kdlora_serve import rank as rank_protocol
+from kdlora_serve.worker import kernel_check
 from kdlora_serve.worker.lora_slots import RankAwarePunica
 
 BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N = 16, 16, 64, 64  # tokens, ranks, hidden (shrink), outputs (expand); untuned
@@ -283,6 +287,11 @@ class Batch:
         self.token_scale[: len(slots)].copy_(rank_protocol.scale_ratio(wants, full))
         self.meta.prepare_tensors(token_slots)
 
+    def rank_mask(self, num_tokens: int, padded_rank: int) -> torch.Tensor:
+        """[tokens, padded rank] fp32: each token's rank scale up to its rank, zero past it (the stock fallback)."""
+        ranks = torch.arange(padded_rank, device=self.token_rank.device)
+        return (ranks < self.token_rank[:num_tokens, None]) * self.token_scale[:num_tokens, None]
+
     def groups(self, num_tokens: int) -> list[torch.Tensor]:
         meta = self.meta
         return [
@@ -325,6 +334,10 @@ class RankAwarePunicaGPU(RankAwarePunica, PunicaWrapperGPU):
         self.table = SlotTable.make(
             self.max_loras, self.lora_config.max_lora_rank, self._token_lora_indices.numel(), self.device
         )
+        self.stock_kernels = False  # set at engine start when kdlora's kernels fail their self-check
+
+    def prepare(self, modules) -> None:
+        self.stock_kernels = kernel_check.verdict(list(modules), self.lora_config, self.device) is not None
 
     def slots_changed(self, slot: int, slot_rank: int) -> None:
         super().slots_changed(slot, slot_rank)
@@ -341,11 +354,15 @@ class RankAwarePunicaGPU(RankAwarePunica, PunicaWrapperGPU):
         if self.lora_config.fully_sharded_loras:
             return super().add_shrink(y, x, lora_a_stacked, scale, **kwargs)
         x = x.view(-1, x.shape[-1])
+        if self.stock_kernels:
+            super().add_shrink(y, x, lora_a_stacked, scale)
+            y[:, : x.shape[0]].mul_(self.table.tokens.rank_mask(x.shape[0], y.shape[-1]))
+            return
         groups = self.table.tokens.groups(x.shape[0])
         lora_shrink(x, list(lora_a_stacked), y, groups, scale, _split_k(x.shape[-1], x.shape[0]))
 
     def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
-        if self.lora_config.fully_sharded_loras:
+        if self.lora_config.fully_sharded_loras or self.stock_kernels:  # stock: the shrink already applied the ranks
             return super().add_expand(y, x, lora_b_stacked, output_slices, offset_start, add_inputs, **kwargs)
         assert x.ndim == 3 and x.size(0) == len(output_slices) == len(lora_b_stacked)
         groups = self.table.tokens.groups(x.shape[1])
@@ -355,8 +372,17 @@ class RankAwarePunicaGPU(RankAwarePunica, PunicaWrapperGPU):
         if self.lora_config.fully_sharded_loras:
             return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
         y, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
-        groups = self.table.samples.groups(x.shape[0])
         shrunk = torch.empty((1, x.shape[0], lora_b_stacked.shape[-1]), dtype=torch.float32, device=x.device)
+        if self.stock_kernels:  # vLLM's add_lora_logits with the sampled tokens' ranks applied between its two kernels
+            from vllm.lora.ops import triton_ops as stock
+
+            meta = self.prompt_mapping_meta
+            specialize = self.lora_config.specialize_active_lora
+            stock.lora_shrink(x, [lora_a_stacked], shrunk, *meta.meta_args(x.shape[0], specialize), scale)
+            shrunk.mul_(self.table.samples.rank_mask(x.shape[0], shrunk.shape[-1]))
+            stock.lora_expand(shrunk, [lora_b_stacked], y, *meta.meta_args(x.shape[0], specialize), add_inputs=True)
+            return
+        groups = self.table.samples.groups(x.shape[0])
         lora_shrink(x, [lora_a_stacked], shrunk, groups, scale, _split_k(x.shape[-1], x.shape[0]))
         lora_expand(shrunk, [lora_b_stacked], y, groups, 0, True)
 

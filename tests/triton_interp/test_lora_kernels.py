@@ -5,6 +5,7 @@ rank 4 of the rank-16 adapter (rsLoRA scaling), in the layer shapes vLLM calls: 
 down_proj (shrink and expand called apart) and lm_head (sampled tokens)."""
 
 import inspect
+import logging
 import sys
 from types import SimpleNamespace
 
@@ -16,9 +17,9 @@ from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.platforms import current_platform
 from vllm.triton_utils import HAS_TRITON
 
+from kdlora_serve import lora_report, vllm_patches
 from kdlora_serve import rank as rank_protocol
-from kdlora_serve import vllm_patches
-from kdlora_serve.worker import lora_triton
+from kdlora_serve.worker import kernel_check, lora_triton
 from kdlora_serve.worker.lora_slots import RankAwarePunica
 
 pytestmark = pytest.mark.triton_interpreter
@@ -56,11 +57,11 @@ Y0 = {
 }
 
 
-def reference(name: str) -> torch.Tensor:
+def reference(name: str, token_slots=TOKEN_SLOTS) -> torch.Tensor:
     """y0 + x @ A_s^T @ B_s^T per token, s its slot, in fp32 on the slot's own (zero-padded) weights."""
     y = Y0[name].float().clone()
     lora_a, lora_b = WEIGHTS[name]
-    for token, slot in enumerate(TOKEN_SLOTS):
+    for token, slot in enumerate(token_slots):
         if slot >= 0:
             y[token] += torch.cat(
                 [(X[token].float() @ a[slot, 0].float().t()) @ b[slot, 0].float().t() for a, b in zip(lora_a, lora_b)]
@@ -72,13 +73,20 @@ def wrapper(wrapper_class=PunicaWrapperGPU, config=CONFIG) -> PunicaWrapperGPU:
     """A GPU punica wrapper on CPU tensors with the batch mapped: for stock vLLM rank 4 is slot 1's own copy; for
     kdlora's wrapper it is slot 0's adapter with the rank in the mapping, as lora_slots.set_active_loras writes it."""
     punica = wrapper_class(64, 8, "cpu", lora_config=config)
-    lora_ids = tuple(slot + 1 for slot in TOKEN_SLOTS)  # id 0 = no LoRA; slot s holds id s + 1
-    if isinstance(punica, RankAwarePunica) and not config.fully_sharded_loras:  # there ranks are served as stock does
+    if isinstance(punica, RankAwarePunica) and not config.fully_sharded_loras:
         for slot, rank in SLOT_RANKS.items():
             punica.slots_changed(slot, rank)
-        lora_ids = tuple(RANK_4_OF_SLOT_0 if slot == 1 else slot + 1 for slot in TOKEN_SLOTS)
-    punica.update_metadata(LoRAMapping(lora_ids, lora_ids, is_prefill=False), [1, 2, 3, 4], 4, VOCAB)
+    map_tokens(punica, TOKEN_SLOTS)
     return punica
+
+
+def map_tokens(punica: PunicaWrapperGPU, token_slots: list[int]) -> None:
+    """vLLM's metadata step for a batch (tokens by slot; kdlora's wrapper gets slot 1's tokens as rank 4 of slot 0,
+    except with fully sharded LoRAs, where ranks are served as stock vLLM serves them)."""
+    lora_ids = tuple(slot + 1 for slot in token_slots)  # id 0 = no LoRA; slot s holds id s + 1
+    if isinstance(punica, RankAwarePunica) and not punica.lora_config.fully_sharded_loras:
+        lora_ids = tuple(RANK_4_OF_SLOT_0 if slot == 1 else slot + 1 for slot in token_slots)
+    punica.update_metadata(LoRAMapping(lora_ids, lora_ids, is_prefill=False), [1, 2, 3, 4], 4, VOCAB)
 
 
 def apply(punica: PunicaWrapperGPU, name: str, weights=None) -> torch.Tensor:
@@ -240,3 +248,207 @@ def test_install_is_version_guarded(monkeypatch):
     finally:
         vllm_patches.uninstall()
     assert CudaPlatformBase.get_punica_wrapper() == stock_choice
+
+
+# --- the engine-start self-check and its fallback (kdlora_serve/worker/kernel_check.py) ---------------------------
+
+
+def modules_of_this_model() -> list[SimpleNamespace]:
+    """Stand-ins for vLLM's LoRA layers, holding what the self-check reads: the stacked weights and output slices."""
+    linear = [
+        SimpleNamespace(lora_a_stacked=WEIGHTS[name][0], lora_b_stacked=WEIGHTS[name][1], output_slices=LAYERS[name])
+        for name in ("qkv", "gate_up", "down")
+    ]
+    lm_head = SimpleNamespace(lora_a_stacked=WEIGHTS["lm_head"][0][0], lora_b_stacked=WEIGHTS["lm_head"][1][0])
+    return linear + [lm_head]
+
+
+class Lines(logging.Handler):
+    """kdlora's log lines (vLLM's logger does not propagate to pytest's capture)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def engine_start(kdlora, monkeypatch, tmp_path):
+    """Start an engine's wrapper as vLLM does (prepare on the model's LoRA layers): the wrapper, kdlora's log lines
+    and the report the API server reads."""
+    monkeypatch.setattr(kernel_check, "_verdicts", {})
+    monkeypatch.setenv(lora_report.ENV, str(tmp_path))
+    lines = Lines()
+    logger = logging.getLogger("vllm.kdlora")
+    logger.addHandler(lines)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+
+    def start(punica=None, modules=None):
+        punica = punica or wrapper(kdlora)
+        punica.prepare(modules or modules_of_this_model())
+        return punica, lines.lines, lora_report.read()
+
+    yield start
+    logger.removeHandler(lines)
+
+
+def broken_shrink(*args):
+    raise RuntimeError("PTX JIT compilation failed (injected)")
+
+
+def wrong_shrink(x, lora_a, out, groups, scale, split_k):
+    """The real kernel, then rank 0's column dropped: a kernel that compiles and runs and is wrong."""
+    REAL_SHRINK(x, lora_a, out, groups, scale, split_k)
+    out[:, :, 0] = 0
+
+
+REAL_SHRINK = lora_triton.lora_shrink
+
+
+@pytest.mark.parametrize(
+    "kernel, failure",
+    [
+        (
+            broken_shrink,
+            "linear 64->64+32+32, 8 tokens, float16: kdlora's kernels raised RuntimeError: PTX JIT compilation "
+            "failed (injected)",
+        ),
+        (
+            wrong_shrink,
+            "linear 64->64+32+32, 8 tokens, float16: kdlora's kernels differ from vLLM's stock kernels: 628 values "
+            "off, first at token 1 column 2",
+        ),
+    ],
+    ids=["failing", "wrong"],
+)
+def test_a_failing_or_wrong_kernel_makes_the_engine_serve_stock_kernels(
+    engine_start, stock, monkeypatch, kernel, failure
+):
+    monkeypatch.setattr(lora_triton, "lora_shrink", kernel)
+    punica, lines, reports = engine_start()
+    assert punica.stock_kernels
+    assert len(lines) == 1 and lines[0].startswith(f"kdlora: LoRA kernel self-check FAILED ({failure}")
+    assert lines[0].endswith(
+        "this engine serves with vLLM's stock LoRA kernels, each token's rank applied as a mask: correct, but the "
+        "cost no longer follows the rank"
+    )
+    assert [r["kernels"] for r in reports] == ["vllm-stock-masked"] and reports[0]["failure"].startswith(failure)
+    full_rank = [token for token, slot in enumerate(TOKEN_SLOTS) if slot != 1]  # base, and every adapter at its R
+    for name in LAYERS:  # served after the fallback: vLLM's stock numbers (rank 4 from slot 0, masked, not a copy)
+        served = apply(punica, name)
+        assert torch.equal(served[full_rank], stock[name][full_rank]), name
+        assert_close(served, stock[name])
+        assert_close(served, reference(name))
+
+
+def embedded_model_layers(max_rank: int) -> list[SimpleNamespace]:
+    """Stand-ins for the LoRA layers vLLM builds for the embedded SmolLM2 with an `all-linear` adapter (kdlora's:
+    q/k/v, o, gate/up, down; PEFT's all-linear leaves lm_head out, so vLLM builds no LoRA logits processor)."""
+    from transformers import AutoConfig
+
+    from training.teacher import embedded_teacher
+
+    config = AutoConfig.from_pretrained(embedded_teacher())
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * hidden // config.num_attention_heads
+
+    def layer(inputs, widths):
+        lora_a = tuple(torch.empty(1, 1, max_rank, inputs, dtype=torch.float16) for _ in widths)
+        lora_b = tuple(torch.empty(1, 1, width, max_rank, dtype=torch.float16) for width in widths)
+        return SimpleNamespace(lora_a_stacked=lora_a, lora_b_stacked=lora_b, output_slices=widths)
+
+    return [
+        layer(hidden, (hidden, kv, kv)),
+        layer(hidden, (hidden,)),
+        layer(hidden, (inter, inter)),
+        layer(inter, (hidden,)),
+    ]
+
+
+def test_the_real_kernels_pass_the_self_check_on_every_layer_shape_of_the_embedded_model(kdlora, engine_start):
+    """At R = 32 in fp16 (the interpreter has no bf16; R = 32 keeps it to ~1.5 min here): kdlora's kernels keep serving, one line says so, and the API
+    server's report says which kernels serve."""
+    config = SimpleNamespace(**{**vars(CONFIG), "max_lora_rank": 32})
+    punica, lines, reports = engine_start(kdlora(64, 8, "cpu", lora_config=config), embedded_model_layers(32))
+    assert not punica.stock_kernels
+    assert [line.split(" in ")[0] for line in lines] == [
+        "kdlora: LoRA kernel self-check passed (4 layer shapes, ranks 1/8/16/32, 8 and 96 tokens, float16)"
+    ]
+    assert [(r["kernels"], r["failure"]) for r in reports] == [("kdlora-triton", None)]
+
+
+class Launches:
+    """Every Triton launch of kdlora's two kernels, as a CUDA graph records it: the grid, the tensors' addresses
+    and the scalar arguments."""
+
+    def __init__(self, monkeypatch):
+        self.log: list[tuple] = []
+        for name in ("_shrink_kernel", "_expand_kernel"):
+            monkeypatch.setattr(lora_triton, name, self._recording(name, getattr(lora_triton, name)))
+
+    def _recording(self, name, kernel):
+        log = self.log
+
+        class Recording:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    values = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+                    log.append((name, grid, values, tuple(sorted(kwargs.items()))))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Recording()
+
+    def take(self) -> list[tuple]:
+        taken, self.log[:] = list(self.log), []
+        return taken
+
+
+def test_a_captured_step_replays_right_after_the_tables_change(kdlora, monkeypatch):
+    """What vLLM's CUDA graphs rely on: a decode step's launches for a new batch of the same size are the launches
+    recorded for the old one (same grids, same addresses, same scalars: the per-token ranks and groups change only
+    inside kdlora's device tables, filled in place), so replaying the captured step computes the new batch. The
+    interpreter cannot capture a graph; this shows the launches a graph would hold, and their results for both
+    batches. What only a GPU shows: the capture itself, and replay timing."""
+    launches = Launches(monkeypatch)
+    punica = wrapper(kdlora)
+    lora_a, lora_b = WEIGHTS["qkv"]
+    y = Y0["qkv"].clone()
+    shrunk = torch.zeros(3, len(X), MAX_RANK, dtype=torch.float32)  # persistent, as in a graph's memory pool
+
+    def step():
+        y.copy_(Y0["qkv"])
+        punica.add_shrink(shrunk, X, lora_a, 1.0)
+        punica.add_expand(y, shrunk, lora_b, LAYERS["qkv"], offset_start=0, add_inputs=True)
+        return y.clone()
+
+    assert_close(step(), reference("qkv"))
+    captured = launches.take()
+    other_batch = [3, 1, -1, 0, 0, 2, 1, 3, -1, 2]  # every token moved to another slot or rank
+    map_tokens(punica, other_batch)
+    assert_close(step(), reference("qkv", other_batch))
+    assert launches.take() == captured
+
+
+def test_the_layers_compile_once_for_every_batch(kdlora):
+    """torch.compile (fullgraph, as vLLM compiles the model on CUDA) traces the LoRA calls once; a new batch's tables
+    are data, not a reason to recompile."""
+    from torch._dynamo.testing import CompileCounter
+
+    punica = wrapper(kdlora)
+    lora_a, lora_b = WEIGHTS["qkv"]
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def layer(y, x):
+        punica.add_lora_linear(y, x, lora_a, lora_b, 1.0, LAYERS["qkv"])
+        return y
+
+    assert_close(layer(Y0["qkv"].clone(), X), reference("qkv"))
+    other_batch = [3, 1, -1, 0, 0, 2, 1, 3, -1, 2]
+    map_tokens(punica, other_batch)
+    assert_close(layer(Y0["qkv"].clone(), X), reference("qkv", other_batch))
+    assert counter.frame_count == 1
