@@ -15,6 +15,7 @@ speaking the Hub's HTTP protocol, on 127.0.0.1: the real Hub is out of reach her
 Writes JSON + PNG to benchmarks/results/ (serve.* on CPU, serve_gpu.* on CUDA).
 
     .venv/bin/python benchmarks/serve_bench.py [--dtypes float32,bfloat16] [--modes stock,rank-aware] [--tokens 64] [--rounds 2]
+        [--concurrency 1,8,32]
 """
 
 import argparse
@@ -152,7 +153,7 @@ def ttft(client, model: str) -> float:
     return elapsed
 
 
-def run_mode(adapter, rank_aware, dtype, tokens, rounds) -> dict:
+def run_mode(adapter, rank_aware, dtype, tokens, rounds, concurrencies=(1, 8)) -> dict:
     from openai import OpenAI
 
     name = f"{'rank-aware' if rank_aware else 'stock'}-{dtype}"
@@ -180,13 +181,14 @@ def run_mode(adapter, rank_aware, dtype, tokens, rounds) -> dict:
                 [copy.name for copy in copies],
                 tokens,
                 rounds,
+                concurrencies,
             )
         finally:
             proc.terminate()
             proc.wait(timeout=120)
 
 
-def measure(client, name, alias, given, tokens, rounds) -> dict:
+def measure(client, name, alias, given, tokens, rounds, concurrencies=(1, 8)) -> dict:
     """TTFTs (each first request once per server, so three of each, medians kept with the values) and throughput."""
     firsts = {"new_adapter_given_at_start": [ttft(client, f"{other}@r2") for other in given]}
     ttft(client, f"{alias}@r8")  # the adapter in use (its default rank) ...
@@ -200,15 +202,15 @@ def measure(client, name, alias, given, tokens, rounds) -> dict:
     for model in models:
         throughput(client, model, 1, 4)  # warm-up: every rank resident before timing
     mixed = [f"{alias}@r{k}" for k in RANKS]  # one batch of 8 requests over all ranks, vs its largest rank alone
-    rates = {(m, c): [] for m in models for c in (1, 8)} | {("mixed", 8): []}
+    rates = {(m, c): [] for m in models for c in concurrencies} | {("mixed", 8): []}
     for _ in range(rounds):
-        for concurrency in (1, 8):
+        for concurrency in concurrencies:
             for model in models:
                 rates[(model, concurrency)].append(throughput(client, model, concurrency, tokens))
         rates[("mixed", 8)].append(throughput(client, mixed, 8, tokens))
     mean = {key: sum(v) / len(v) for key, v in rates.items()}
     rows = {}
-    for concurrency in (1, 8):
+    for concurrency in concurrencies:
         base = mean[("base", concurrency)]
         rows[f"c{concurrency}"] = {
             "base_tok_s": base,
@@ -236,11 +238,13 @@ def main() -> None:
     parser.add_argument("--modes", default="stock,rank-aware")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", default="1,8", help="client concurrencies measured (1 and 8 always)")
     args = parser.parse_args()
+    concurrencies = sorted({1, 8, *map(int, args.concurrency.split(","))})
     WORK.mkdir(parents=True, exist_ok=True)
     adapter = make_adapter()
     results = [
-        run_mode(adapter, rank_aware, dtype, args.tokens, args.rounds)
+        run_mode(adapter, rank_aware, dtype, args.tokens, args.rounds, concurrencies)
         for dtype in args.dtypes.split(",")
         for rank_aware in [mode == "rank-aware" for mode in args.modes.split(",")]
     ]
