@@ -84,7 +84,7 @@ def run(shapes, max_rank: int, dtype: torch.dtype, device, graphs: bool) -> str 
     return None
 
 
-def _check(shape: "LayerShape", weights, x, y0, config, graphs: bool) -> str | None:
+def _check(shape: LayerShape, weights, x, y0, config, graphs: bool) -> str | None:
     """One layer shape at one token count: kdlora's wrapper (eager, then replayed from a CUDA graph with another
     batch's tables) against vLLM's on the same batches; None, or what differs."""
     from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
