@@ -1,6 +1,7 @@
 """Model cards: the adapter's (per-rank results as `model-index`, a table, a quality-vs-rank plot)
 and the student's (`base_model` = teacher, the pruning report). Lineage: teacher -> student -> adapter."""
 
+import re
 from pathlib import Path
 
 from hub.schema import RankMetadata
@@ -9,9 +10,20 @@ PLOT_FILE = "quality_vs_rank.png"
 # (metadata field, model-index metric type, table header); one entry per quality number kdlora records
 _METRICS = [
     ("kl_to_teacher", "kl_divergence", "KL to teacher (nats/token)"),
-    ("teacher_top1_agreement", "accuracy", "top-1 agreement with teacher"),
+    ("teacher_top1_agreement", "teacher_top1_agreement", "top-1 agreement with teacher"),  # not a task's accuracy
     ("perplexity", "perplexity", "perplexity"),
 ]
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def model_link(model: str) -> str:
+    """Markdown for a model: a Hub link for an `org/name` id, the plain name for anything else (a local path has
+    no page on the Hub)."""
+    if _HUB_ID.fullmatch(model) and not Path(model).exists():
+        return f"[{model}](https://huggingface.co/{model})"
+    return f"`{model}`"
 
 
 def task_metric_names(metadata: RankMetadata) -> list[str]:
@@ -75,7 +87,15 @@ def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
 def rank_table(metadata: RankMetadata) -> str:
     """Markdown table, one row per evaluated rank (also what `kdlora hub inspect` prints)."""
     tasks = task_metric_names(metadata)
-    header = ["rank", *(title for _, _, title in _METRICS), *tasks, "adapter MB", "ms/token (served)"]
+    served = any(result.serving for result in metadata.ranks)  # the column only where a serving cost was measured
+    unserved = ["–"] if served else []
+    header = [
+        "rank",
+        *(title for _, _, title in _METRICS),
+        *tasks,
+        "adapter MB",
+        *(["ms/token (served)"] if served else []),
+    ]
     rows = [header, ["---"] * len(header)]
     if metadata.base_quality is not None:
         base = metadata.base_quality
@@ -85,7 +105,7 @@ def rank_table(metadata: RankMetadata) -> str:
                 *(_fmt(getattr(base, field)) for field, _, _ in _METRICS),
                 *(_fmt(base.task_metrics.get(t)) for t in tasks),
                 "0",
-                "–",
+                *unserved,
             ]
         )
     if metadata.teacher_quality is not None and metadata.teacher_quality.task_metrics:
@@ -95,7 +115,7 @@ def rank_table(metadata: RankMetadata) -> str:
                 *(["–"] * len(_METRICS)),
                 *(_fmt(metadata.teacher_quality.task_metrics.get(t)) for t in tasks),
                 "–",
-                "–",
+                *unserved,
             ]
         )
     for result in metadata.ranks:
@@ -104,7 +124,8 @@ def rank_table(metadata: RankMetadata) -> str:
             _fmt(result.task_metrics.get(t)) for t in tasks
         ]
         cells.append(_fmt(result.adapter_bytes / 1e6 if result.adapter_bytes is not None else None))
-        cells.append(_fmt(result.serving.ms_per_token if result.serving else None))
+        if served:
+            cells.append(_fmt(result.serving.ms_per_token if result.serving else None))
         rows.append(cells)
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
@@ -161,7 +182,7 @@ def adapter_card(metadata: RankMetadata, repo_id: str, base_model: str, plot: st
     body = f"""
 # {repo_id}
 
-One **nested-rank LoRA adapter** for [{base_model}](https://huggingface.co/{base_model}), trained with
+One **nested-rank LoRA adapter** for {model_link(base_model)}, trained with
 kdlora by knowledge distillation from
 {f"`{metadata.teacher.id}`" if metadata.teacher else "its teacher"}. Every rank 1..{metadata.max_rank} works:
 rank k is the first k rank components (`lora_A[:k]`, `lora_B[:, :k]`, `r=k`, same `lora_alpha` and `use_rslora`).
@@ -210,7 +231,7 @@ def student_card(repo_id: str, teacher: str, report: dict | None):
     body = f"""
 # {repo_id}
 
-A student of [{teacher}](https://huggingface.co/{teacher}), made by kdlora:
+A student of {model_link(teacher)}, made by kdlora:
 Minitron-style structured pruning (heads, MLP neurons, embedding channels, layers ranked by activation
 importance) followed by knowledge distillation. It loads with `AutoModelForCausalLM` and vLLM.
 

@@ -1,0 +1,47 @@
+"""hub/card.py: what the adapter's and the student's cards say (links, model-index metric types, table columns)."""
+
+from huggingface_hub import ModelCard
+
+from hub.card import adapter_card, rank_table, student_card
+from hub.schema import ModelRef, RankMetadata, RankResult, ServingCost
+
+
+def metadata(serving: bool = False) -> RankMetadata:
+    cost = ServingCost(ms_per_token=12.5) if serving else None
+    return RankMetadata(
+        max_rank=4,
+        default_rank=2,
+        base_model=ModelRef(id="kd/student"),
+        ranks=[
+            RankResult(rank=1, kl_to_teacher=0.5, teacher_top1_agreement=0.8),
+            RankResult(rank=4, kl_to_teacher=0.25, teacher_top1_agreement=0.9, serving=cost),
+        ],
+    )
+
+
+def test_a_hub_id_is_linked_and_a_local_path_is_not(tmp_path):
+    local = str(tmp_path / "student")
+    assert "[kd/student](https://huggingface.co/kd/student)" in str(adapter_card(metadata(), "kd/a", "kd/student"))
+    card = str(adapter_card(metadata(), "a", local))
+    assert f"for `{local}`, trained" in card and "huggingface.co" not in card.split("---", 2)[2]
+    assert "A student of `./teacher`, made" in str(student_card("s", "./teacher", None))
+    assert "A student of [org/t](https://huggingface.co/org/t), made" in str(student_card("s", "org/t", None))
+
+
+def test_teacher_agreement_is_not_labelled_accuracy():
+    card = ModelCard(str(adapter_card(metadata(), "kd/a", "kd/student")))
+    types = {(r.metric_type, r.metric_config, r.metric_value) for r in card.data.eval_results}
+    assert ("teacher_top1_agreement", "rank=4", 0.9) in types
+    assert not any(metric_type == "accuracy" for metric_type, _, _ in types)
+
+
+def test_the_served_cost_column_appears_only_where_a_rank_was_measured():
+    assert rank_table(metadata()).splitlines()[:3] == [
+        "| rank | KL to teacher (nats/token) | top-1 agreement with teacher | perplexity | adapter MB |",
+        "| --- | --- | --- | --- | --- |",
+        "| 1 | 0.5 | 0.8 | – | – |",
+    ]
+    assert rank_table(metadata(serving=True)).splitlines()[2:] == [
+        "| 1 | 0.5 | 0.8 | – | – | – |",
+        "| 4 | 0.25 | 0.9 | – | – | 12.5 |",
+    ]
