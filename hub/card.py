@@ -192,7 +192,7 @@ Default rank: {metadata.default_rank}.
 
 {rank_table(metadata) if metadata.ranks else "No ranks were evaluated."}
 {f"{chr(10)}![quality vs rank]({plot}){chr(10)}" if plot else ""}
-## Use it
+{_prompt_format(metadata)}## Use it
 
 Serve every rank from one vLLM process with kdlora and pick the rank per request:
 
@@ -200,9 +200,7 @@ Serve every rank from one vLLM process with kdlora and pick the rank per request
 kdlora serve --adapter {repo_id}
 ```
 ```python
-from openai import OpenAI
-client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
-client.chat.completions.create(model="{repo_id}@r{metadata.default_rank}", messages=[{{"role": "user", "content": "Hi"}}])
+{_usage_snippet(metadata, repo_id)}
 ```
 
 Without kdlora: `kdlora hub truncate {repo_id} --rank K --out DIR` or a pre-truncated `r<k>/` folder
@@ -215,6 +213,44 @@ Without kdlora: `kdlora hub truncate {repo_id} --rank K --out DIR` or a pre-trun
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _prompt_format(metadata: RankMetadata) -> str:
+    """The card's prompt-format section: one held-out example as the adapter was trained on it ("" without one)."""
+    example = metadata.usage_example
+    if example is None:
+        return ""
+    return f"""## Prompt format
+
+Trained on prompts like this held-out one (the answer it was trained to give follows the prompt directly):
+
+```text
+{example.prompt}
+```
+Expected answer: `{example.completion}`
+
+"""
+
+
+def _usage_snippet(metadata: RankMetadata, repo_id: str) -> str:
+    """Python that asks the served adapter for its default rank: the held-out example's prompt where there is one."""
+    import json
+
+    model = f"{repo_id}@r{metadata.default_rank}"
+    lines = ["from openai import OpenAI", 'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")']
+    example = metadata.usage_example
+    if example is None:
+        return "\n".join(
+            [*lines, f'client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi"}}])']
+        )
+    return "\n".join(
+        [
+            *lines,
+            f"prompt = {json.dumps(example.prompt)}",
+            f'answer = client.completions.create(model="{model}", prompt=prompt, max_tokens=16, temperature=0)',
+            f"print(answer.choices[0].text)  # expected: {json.dumps(example.completion)}",
+        ]
+    )
 
 
 def student_card(repo_id: str, teacher: str, report: dict | None):

@@ -20,7 +20,7 @@ METADATA_FILE = "kdlora.json"
 # "MAJOR.MINOR". A new optional field is a minor change: readers of the same major ignore fields they do
 # not know, so older kdlora keeps reading newer files. A major change (a field's meaning or a required
 # field) makes older readers refuse the file and say "upgrade". Files from kdlora <= 0.1 say 1 (= "1.0").
-SCHEMA_VERSION = "1.2"  # 1.2: teacher_quality
+SCHEMA_VERSION = "1.3"  # 1.2: teacher_quality; 1.3: usage_example
 _VERSION = re.compile(r"^(\d+)\.(\d+)$")
 
 
@@ -80,6 +80,13 @@ class TrainingRecipe(_Strict):
     data_fingerprint: str | None = Field(None, description="sha256 of the training token stream")
 
 
+class UsageExample(_Strict):
+    """One held-out example as the adapter was trained on it: the prompt format, and the answer expected."""
+
+    prompt: str
+    completion: str
+
+
 class RankMetadata(_Strict):
     schema_version: str = SCHEMA_VERSION
     nested: bool = Field(True, description="every prefix rank 1..max_rank is a valid adapter")
@@ -95,6 +102,9 @@ class RankMetadata(_Strict):
     teacher: ModelRef | None = None
     recipe: TrainingRecipe | None = None
     truncated_from: int | None = Field(None, ge=1, description="max_rank of the adapter this one was cut from")
+    usage_example: UsageExample | None = Field(
+        None, description="one held-out example (examples data): how to prompt the adapter, and its answer"
+    )
 
     @model_validator(mode="after")
     def _ranks_consistent(self):

@@ -45,3 +45,23 @@ def test_the_served_cost_column_appears_only_where_a_rank_was_measured():
         "| 1 | 0.5 | 0.8 | – | – | – |",
         "| 4 | 0.25 | 0.9 | – | – | 12.5 |",
     ]
+
+
+def test_the_card_shows_the_prompt_format_and_a_snippet_that_sends_it():
+    from hub.schema import UsageExample
+
+    meta = metadata()
+    chat = str(adapter_card(meta, "kd/a", "kd/student"))
+    assert "## Prompt format" not in chat and '"content": "Hi"' in chat  # documents data: no example to show
+    meta.usage_example = UsageExample(prompt='Headline: "Rates rise"\nTopic:', completion=" business")
+    card = str(adapter_card(meta, "kd/a", "kd/student"))
+    assert '```text\nHeadline: "Rates rise"\nTopic:\n```\nExpected answer: ` business`' in card
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert snippet.splitlines()[2:] == [
+        'prompt = "Headline: \\"Rates rise\\"\\nTopic:"',
+        'answer = client.completions.create(model="kd/a@r2", prompt=prompt, max_tokens=16, temperature=0)',
+        'print(answer.choices[0].text)  # expected: " business"',
+    ]
+    namespace = {}
+    exec(snippet.splitlines()[2], namespace)  # the snippet's prompt is the example's, exactly
+    assert namespace["prompt"] == meta.usage_example.prompt

@@ -568,6 +568,11 @@ def test_examples_train_on_the_answer_and_report_accuracy(tiny_pair, tmp_path):
     assert meta.base_quality.task_metrics == {"accuracy": accuracy(student)}
     assert all(set(r.task_metrics) == {"accuracy"} for r in meta.ranks)
     assert "| teacher |" in (cfg.out / "README.md").read_text()
+    # the card's prompt format: the first held-out example, as text, and its tokens are the first held-out row's
+    assert (
+        tokenizer(meta.usage_example.prompt, add_special_tokens=False)["input_ids"] == data.heldout_examples[0].prompt
+    )
+    assert f"Expected answer: `{meta.usage_example.completion}`" in (cfg.out / "README.md").read_text()
 
 
 def test_kd_alpha_zero_is_plain_fine_tuning(tiny_pair, tmp_path):

@@ -60,6 +60,7 @@ class TokenData:
     )  # [n_train, seq_len] bool: the tokens the loss predicts (blocks: all; examples: the answer)
     heldout_mask: torch.Tensor
     heldout_examples: list[Example] | None = None  # examples data: one per held-out row; None for documents
+    heldout_text: TextExample | None = None  # examples data: the first held-out example as text (the card shows it)
 
 
 def load_records(spec: str, tokenizer=None) -> list[str | TextExample]:
@@ -218,6 +219,7 @@ def load_token_data(spec: str, tokenizer, seq_len: int) -> TokenData:
         train_mask=masks[kept],
         heldout_mask=masks[held],
         heldout_examples=[examples[i] for i in held.tolist()] if examples else None,
+        heldout_text=records[int(held[0])] if examples else None,
     )
 
 

@@ -524,7 +524,7 @@ def write_result(
 def _write_metadata(cfg, mode: Mode, out: Path, teacher_ref, data, state: TrainState, after) -> None:
     from hub.adapter import adapter_bytes, read_adapter
     from hub.card import PLOT_FILE, adapter_card, plot_quality_vs_rank
-    from hub.schema import ModelRef, Quality, RankMetadata, RankResult, TrainingRecipe
+    from hub.schema import ModelRef, Quality, RankMetadata, RankResult, TrainingRecipe, UsageExample
 
     metadata = RankMetadata(
         max_rank=mode.rank(cfg),
@@ -547,6 +547,9 @@ def _write_metadata(cfg, mode: Mode, out: Path, teacher_ref, data, state: TrainS
             data=cfg.data,
             data_fingerprint=data.fingerprint,
         ),
+        usage_example=UsageExample(prompt=data.heldout_text.prompt, completion=data.heldout_text.completion)
+        if data.heldout_text
+        else None,
     )
     metadata.save(out)  # written first so read_adapter can check the tensors against it
     adapter = read_adapter(out)
