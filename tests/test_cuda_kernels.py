@@ -16,14 +16,5 @@ def test_kdlora_kernels_equal_vllms_on_the_gpu(dtype):
     from kdlora_serve.worker import kernel_check
     from training.teacher import embedded_teacher
 
-    config = AutoConfig.from_pretrained(embedded_teacher())
-    hidden, inter = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * hidden // config.num_attention_heads
-    shapes = [
-        kernel_check.LayerShape(hidden, (hidden, kv, kv)),
-        kernel_check.LayerShape(hidden, (hidden,)),
-        kernel_check.LayerShape(hidden, (inter, inter)),
-        kernel_check.LayerShape(inter, (hidden,)),
-        kernel_check.LayerShape(hidden, (config.vocab_size,), logits=True),
-    ]
+    shapes = kernel_check.decoder_shapes(AutoConfig.from_pretrained(embedded_teacher()), lm_head=True)
     assert kernel_check.run(shapes, 64, dtype, "cuda", graphs=True) is None

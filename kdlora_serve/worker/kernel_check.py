@@ -59,6 +59,21 @@ def layer_shapes(modules) -> list[LayerShape]:
     return shapes
 
 
+def decoder_shapes(config, lm_head: bool = False) -> list[LayerShape]:
+    """The LoRA'd layer shapes vLLM builds for a Llama-style decoder (transformers config) with an `all-linear`
+    adapter: q/k/v, o, gate/up, down; lm_head only if the adapter targets it (PEFT's all-linear does not)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = [
+        LayerShape(hidden, (q, kv, kv)),
+        LayerShape(q, (hidden,)),
+        LayerShape(hidden, (inter, inter)),
+        LayerShape(inter, (hidden,)),
+    ]
+    return shapes + [LayerShape(hidden, (config.vocab_size,), logits=True)] if lm_head else shapes
+
+
 def module_dtype(modules) -> torch.dtype | None:
     for module in modules:
         lora_b = getattr(module, "lora_b_stacked", None)

@@ -350,21 +350,19 @@ def embedded_model_layers(max_rank: int) -> list[SimpleNamespace]:
 
     from training.teacher import embedded_teacher
 
-    config = AutoConfig.from_pretrained(embedded_teacher())
-    hidden, inter = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * hidden // config.num_attention_heads
+    def layer(shape):
+        lora_a = tuple(torch.empty(1, 1, max_rank, shape.hidden, dtype=torch.float16) for _ in shape.widths)
+        lora_b = tuple(torch.empty(1, 1, width, max_rank, dtype=torch.float16) for width in shape.widths)
+        return SimpleNamespace(lora_a_stacked=lora_a, lora_b_stacked=lora_b, output_slices=shape.widths)
 
-    def layer(inputs, widths):
-        lora_a = tuple(torch.empty(1, 1, max_rank, inputs, dtype=torch.float16) for _ in widths)
-        lora_b = tuple(torch.empty(1, 1, width, max_rank, dtype=torch.float16) for width in widths)
-        return SimpleNamespace(lora_a_stacked=lora_a, lora_b_stacked=lora_b, output_slices=widths)
-
-    return [
-        layer(hidden, (hidden, kv, kv)),
-        layer(hidden, (hidden,)),
-        layer(hidden, (inter, inter)),
-        layer(inter, (hidden,)),
+    shapes = kernel_check.decoder_shapes(AutoConfig.from_pretrained(embedded_teacher()))
+    assert [str(shape) for shape in shapes] == [  # SmolLM2-135M: 9 heads of 64, 3 KV heads, MLP 1536
+        "linear 576->576+192+192",
+        "linear 576->576",
+        "linear 576->1536+1536",
+        "linear 1536->576",
     ]
+    return [layer(shape) for shape in shapes]
 
 
 def test_the_real_kernels_pass_the_self_check_on_every_layer_shape_of_the_embedded_model(kdlora, engine_start):
