@@ -50,14 +50,12 @@ def read() -> list[dict]:
 
 def describe() -> dict:
     """The LoRA path this server serves with: its backend, the kernels, and on CUDA each worker's self-check."""
-    from vllm.platforms import current_platform
-
     from kdlora_serve import vllm_patches
 
     backend = vllm_patches.backend()
     if backend == "cpu":
         return {"backend": "cpu", "kernels": "kdlora-grouped"}
-    platform = "cuda" if current_platform.is_cuda() else "cpu" if current_platform.is_cpu() else "other"
+    platform = vllm_patches.platform()
     if backend is None:
         return {"backend": platform, "kernels": "vllm-stock", "reason": vllm_patches.unsupported_reason(platform)}
     workers = read()

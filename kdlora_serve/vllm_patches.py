@@ -123,11 +123,16 @@ def unsupported_reason(backend: str) -> str | None:
     return None
 
 
-def lora_backend() -> str | None:
-    """The platform's rank-aware LoRA path ("cpu" or "cuda"), None where vLLM's stock ops serve (and why, logged)."""
+def platform() -> str | None:
+    """This process's vLLM platform as kdlora's LoRA paths name it ("cpu" or "cuda"); None for any other."""
     from vllm.platforms import current_platform
 
-    backend = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else None
+    return "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else None
+
+
+def lora_backend() -> str | None:
+    """The platform's rank-aware LoRA path ("cpu" or "cuda"), None where vLLM's stock ops serve (and why, logged)."""
+    backend = platform()
     reason = backend and unsupported_reason(backend)
     if reason and reason != SWITCHED_OFF:
         cost = "LoRA cost will not follow the rank" + (
