@@ -67,12 +67,19 @@ def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
     for name, color in zip(
         task_metric_names(metadata), ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:gray")
     ):
-        agreement_axis.plot(
+        estimates = [r.interval(name) for r in points]
+        means = [r.task_metrics.get(name, nan) for r in points]
+        agreement_axis.errorbar(  # the 95% interval where per-example scores were kept, no bar where not
             ranks,
-            [r.task_metrics.get(name, nan) for r in points],
-            "^--",
+            means,
+            yerr=[
+                [nan if e is None else m - e.low for m, e in zip(means, estimates)],
+                [nan if e is None else e.high - m for m, e in zip(means, estimates)],
+            ],
+            fmt="^--",
             color=color,
-            label=f"{name} (higher is better)",
+            capsize=3,
+            label=f"{name} (higher is better)" + (", 95% interval" if any(estimates) else ""),
         )
     agreement_axis.set_ylabel("agreement / task metrics (0-1)", color="tab:blue")
     kl_axis.set_title(f"quality vs rank, base {metadata.base_model.id}", fontsize=9)
@@ -103,7 +110,7 @@ def rank_table(metadata: RankMetadata) -> str:
             [
                 "0 (no adapter)",
                 *(_fmt(getattr(base, field)) for field, _, _ in _METRICS),
-                *(_fmt(base.task_metrics.get(t)) for t in tasks),
+                *(_task_cell(base, t) for t in tasks),
                 "0",
                 *unserved,
             ]
@@ -113,16 +120,14 @@ def rank_table(metadata: RankMetadata) -> str:
             [
                 "teacher",
                 *(["–"] * len(_METRICS)),
-                *(_fmt(metadata.teacher_quality.task_metrics.get(t)) for t in tasks),
+                *(_task_cell(metadata.teacher_quality, t) for t in tasks),
                 "–",
                 *unserved,
             ]
         )
     for result in metadata.ranks:
         cells = [str(result.rank) + (" (default)" if result.rank == metadata.default_rank else "")]
-        cells += [_fmt(getattr(result, field)) for field, _, _ in _METRICS] + [
-            _fmt(result.task_metrics.get(t)) for t in tasks
-        ]
+        cells += [_fmt(getattr(result, field)) for field, _, _ in _METRICS] + [_task_cell(result, t) for t in tasks]
         cells.append(_fmt(result.adapter_bytes / 1e6 if result.adapter_bytes is not None else None))
         if served:
             cells.append(_fmt(result.serving.ms_per_token if result.serving else None))
@@ -132,6 +137,37 @@ def rank_table(metadata: RankMetadata) -> str:
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.4g}"
+
+
+def _task_cell(quality, metric: str) -> str:
+    """A task metric, with its 95% interval where per-example scores were kept: `0.752 [0.694, 0.806]`."""
+    estimate = quality.interval(metric)
+    return str(estimate) if estimate else _fmt(quality.task_metrics.get(metric))
+
+
+def rank_gain(metadata: RankMetadata, metric: str) -> str | None:
+    """One line: does the top evaluated rank beat rank 1's `metric` beyond noise? Paired over the same held-out
+    examples (hub/intervals.py); None without two ranks' per-example scores."""
+    from hub.intervals import paired_difference
+
+    if len(metadata.ranks) < 2:
+        return None
+    low, top = metadata.ranks[0], metadata.ranks[-1]
+    scores = [(r.task_outcomes or {}).get(metric) for r in (top, low)]
+    if not all(scores):
+        return None
+    difference = paired_difference(*scores)
+    verdict = (
+        f"rank buys {metric} beyond noise"
+        if difference.low > 0
+        else f"rank {top.rank} is worse beyond noise"
+        if difference.high < 0
+        else "no difference beyond noise"
+    )
+    return (
+        f"rank {top.rank} vs rank {low.rank}, paired over the same {len(scores[0])} held-out examples: {metric} "
+        f"{difference.signed()} (95% interval): {verdict}"
+    )
 
 
 def adapter_card(metadata: RankMetadata, repo_id: str, base_model: str, plot: str | None = PLOT_FILE):
@@ -191,7 +227,7 @@ Default rank: {metadata.default_rank}.
 ## Quality per rank (held-out)
 
 {rank_table(metadata) if metadata.ranks else "No ranks were evaluated."}
-{f"{chr(10)}![quality vs rank]({plot}){chr(10)}" if plot else ""}
+{evidence(metadata)}{f"{chr(10)}![quality vs rank]({plot}){chr(10)}" if plot else ""}
 {_prompt_format(metadata)}## Use it
 
 Serve every rank from one vLLM process with kdlora and pick the rank per request:
@@ -213,6 +249,17 @@ Without kdlora: `kdlora hub truncate {repo_id} --rank K --out DIR` or a pre-trun
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def evidence(metadata: RankMetadata) -> str:
+    """Below `rank_table`: what its intervals are, and whether rank buys each task metric beyond noise ("" without
+    per-example scores)."""
+    tasks = [t for t in task_metric_names(metadata) if any(r.interval(t) for r in metadata.ranks)]
+    if not tasks:
+        return ""
+    lines = ["", "Task metrics: mean over the held-out examples [95% bootstrap interval over examples]."]
+    lines += [f"{line}." for t in tasks if (line := rank_gain(metadata, t))]
+    return "\n".join(lines) + "\n"
 
 
 def _prompt_format(metadata: RankMetadata) -> str:

@@ -20,7 +20,7 @@ METADATA_FILE = "kdlora.json"
 # "MAJOR.MINOR". A new optional field is a minor change: readers of the same major ignore fields they do
 # not know, so older kdlora keeps reading newer files. A major change (a field's meaning or a required
 # field) makes older readers refuse the file and say "upgrade". Files from kdlora <= 0.1 say 1 (= "1.0").
-SCHEMA_VERSION = "1.3"  # 1.2: teacher_quality; 1.3: usage_example
+SCHEMA_VERSION = "1.4"  # 1.2: teacher_quality; 1.3: usage_example; 1.4: task_outcomes
 _VERSION = re.compile(r"^(\d+)\.(\d+)$")
 
 
@@ -53,6 +53,30 @@ class Quality(_Strict):
     teacher_top1_agreement: float | None = Field(None, ge=0, le=1)
     perplexity: float | None = Field(None, gt=0)
     task_metrics: dict[str, float] = Field(default_factory=dict, description="e.g. {'bbc_accuracy': 0.91}")
+    task_outcomes: dict[str, list[float]] | None = Field(
+        None,
+        description="each task metric's score per held-out example (accuracy: 1 or 0), in one order shared by every "
+        "rank, the base and the teacher: what intervals and paired differences are computed from (hub/intervals.py)",
+    )
+
+    @model_validator(mode="after")
+    def _outcomes_match_metrics(self):
+        for name, scores in (self.task_outcomes or {}).items():
+            if name not in self.task_metrics:
+                raise ValueError(f"task_outcomes has '{name}' but task_metrics does not")
+            if not scores or abs(sum(scores) / len(scores) - self.task_metrics[name]) > 1e-6:
+                raise ValueError(
+                    f"task_outcomes['{name}'] ({len(scores)} scores) does not average to task_metrics['{name}'] "
+                    f"= {self.task_metrics[name]}"
+                )
+        return self
+
+    def interval(self, metric: str):
+        """`metric`'s mean and 95% bootstrap interval over the held-out examples; None without per-example scores."""
+        from hub.intervals import interval
+
+        scores = (self.task_outcomes or {}).get(metric)
+        return interval(scores) if scores else None
 
     def quality_metrics(self) -> dict[str, float]:
         """The higher-is-better numbers in [0, 1] a `min_quality` budget can name: top-1 agreement and the task metrics."""

@@ -76,7 +76,7 @@ def _quickstart(args) -> int:
 
 
 def _hub_inspect(args) -> int:
-    from hub.card import rank_table
+    from hub.card import evidence, rank_table
     from hub.remote import read_remote_metadata
 
     meta, config = read_remote_metadata(args.src, endpoint=args.endpoint)
@@ -91,7 +91,7 @@ def _hub_inspect(args) -> int:
     if meta.recipe:
         print(f"recipe     {meta.recipe.model_dump_json(exclude_none=True)}")
     print()
-    print(rank_table(meta) if meta.ranks else "(no evaluated ranks)")
+    print(rank_table(meta) + evidence(meta) if meta.ranks else "(no evaluated ranks)")
     return 0
 
 

@@ -39,9 +39,10 @@ PLANS = {
     "smoke": Plan(
         calib_samples=16, teacher_steps=2, heal_steps=2, adapter_steps=2, eval_samples=8, eval_ranks=(1, 8, 64)
     ),  # tests only
+    # eval_samples 222: every held-out article (a tenth of 2,225); one article moves accuracy by 0.0045
     "fast": Plan(
-        calib_samples=64, teacher_steps=60, heal_steps=30, adapter_steps=80, eval_samples=100
-    ),  # 52 min measured on 2 AVX2-only cores (README "Times")
+        calib_samples=64, teacher_steps=60, heal_steps=30, adapter_steps=80, eval_samples=222
+    ),  # 52 min measured on 2 AVX2-only cores with 100 articles (README "Times")
     "full": Plan(
         calib_samples=256, teacher_steps=120, heal_steps=250, adapter_steps=400, eval_samples=222
     ),  # never run as it is now: no measured time
@@ -49,24 +50,44 @@ PLANS = {
 STAGES = 7
 
 
-def _stage(number: int, title: str) -> None:
-    print(f"\n[{number}/{STAGES}] {title}", file=sys.stderr, flush=True)
+class _StageClock:
+    """Prints each stage's header, and the time the last stage took when the next begins (quickstart.json keeps
+    them: where a first run's time goes). A stage whose result was already there takes ~0 s."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._running: tuple[str, float] | None = None
+
+    def start(self, number: int, name: str, title: str) -> None:
+        self.stop()
+        print(f"\n[{number}/{STAGES}] {title}", file=sys.stderr, flush=True)
+        self._running = (name, time.perf_counter())
+
+    def stop(self) -> None:
+        if self._running:
+            name, started = self._running
+            self.seconds[name] = round(time.perf_counter() - started, 1)
+            print(f"      {name}: {self.seconds[name] / 60:.1f} min", file=sys.stderr, flush=True)
+            self._running = None
 
 
 def run_quickstart(out: Path, mode: str = "fast") -> int:
+    from hub.card import rank_gain
     from hub.remote import push
     from hub.schema import load_metadata
     from training.distill import DistillConfig, run_distill
     from training.prune import run_prune
     from training.teacher import embedded_teacher
 
-    plan, out = PLANS[mode], Path(out).resolve()
+    plan, out, clock = PLANS[mode], Path(out).resolve(), _StageClock()
     out.mkdir(parents=True, exist_ok=True)
-    _stage(1, "embedded teacher (exported once into the cache)")
+    clock.start(1, "teacher export", "embedded teacher (exported once into the cache)")
     teacher = embedded_teacher()
 
-    _stage(
-        2, f"the task teacher: fine-tune it on BBC News topics (every weight, labels only), {plan.teacher_steps} steps"
+    clock.start(
+        2,
+        "task teacher",
+        f"the task teacher: fine-tune it on BBC News topics (every weight, labels only), {plan.teacher_steps} steps",
     )
     task_teacher = out / "teacher-bbc"
     if not (task_teacher / "distill_report.json").exists():
@@ -87,12 +108,13 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
                 resume=True,
             )
         )
-    _stage(3, "prune the (original) teacher to ~50% of its parameters")
+    clock.start(3, "prune", "prune the (original) teacher to ~50% of its parameters")
     pruned = out / "student-pruned"
     if not (pruned / "pruning_report.json").exists():
         run_prune(pruned, target_params="0.5", calib_samples=plan.calib_samples, seq_len=128)
-    _stage(
+    clock.start(
         4,
+        "heal",
         f"heal the pruned student on generic text (builtin:pydoc): full-parameter distillation, {plan.heal_steps} steps",
     )
     student = out / "student"
@@ -112,8 +134,9 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
                 resume=True,
             )
         )
-    _stage(
+    clock.start(
         5,
+        "adapter",
         f"distil the task into ONE nested-rank adapter (QDyLoRA, NF4 base, max rank 64, sandwich ranks), {plan.adapter_steps} steps",
     )
     adapter = out / "adapter"
@@ -140,8 +163,9 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
             )
         )
 
-    _stage(
+    clock.start(
         6,
+        "publish",
         "publish student + adapter to the local directory hub"
         + (" and $HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else ""),
     )
@@ -158,20 +182,27 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
         ):
             print(f"      {where}", file=sys.stderr)
 
-    _stage(7, "serve with vLLM (kdlora serve) and query every evaluated rank through the openai client")
+    clock.start(
+        7, "serve and query", "serve with vLLM (kdlora serve) and query every evaluated rank through the openai client"
+    )
     meta = load_metadata(published)
     rows, budgets = _serve_and_query(published, meta, out)
-    teacher_quality = meta.teacher_quality
-    teacher_accuracy = teacher_quality.task_metrics.get("accuracy") if teacher_quality else None
-    print("\n" + _table(published, rows, teacher_accuracy))
+    clock.stop()
+    if meta.teacher_quality:  # the task teacher: its accuracy on the same articles, not served
+        rows.append({"rank": None, "quality": meta.teacher_quality})
+    for row in rows:
+        row["evidence"] = _accuracy_evidence(row["quality"], rank_1=meta.ranks[0], alone=meta.base_quality)
+    print("\n" + _table(published, rows))
+    gain = rank_gain(meta, "accuracy")
+    print(gain or "no per-article scores in this adapter's kdlora.json: retrain it to see intervals")
     for budget in budgets:
         print(
             f"budget request {budget['asked']} -> served at rank {budget['rank']} (budget met: {budget['met']}), "
             f"answer {budget['answer']!r} (label {budget['label']!r})"
         )
-    _plot(rows, teacher_accuracy, out / "quickstart.png")
+    _plot(rows, out / "quickstart.png")
     numbers = out / "quickstart.json.partial"  # written whole, then renamed: never half a file
-    numbers.write_text(json.dumps(_table_json(rows, teacher_accuracy, budgets), indent=1, default=str))
+    numbers.write_text(json.dumps(_table_json(rows, gain, budgets, clock.seconds), indent=1, default=str))
     os.replace(numbers, out / "quickstart.json")
     print(
         f"\nplots: {published / 'quality_vs_rank.png'}, {out / 'quickstart.png'} (numbers: {out / 'quickstart.json'})"
@@ -254,58 +285,98 @@ def _tok_s(client, model: str) -> float:
     return reply.usage.completion_tokens / (time.perf_counter() - started)
 
 
-def _table_json(rows, teacher_accuracy: float | None, budgets) -> dict:
-    """The printed table's numbers (tok/s included, which the plot alone showed before) and the budget answers."""
+def _accuracy_evidence(quality, rank_1, alone) -> dict:
+    """Accuracy with its 95% interval, and its paired differences to rank 1 and to the student alone (the same
+    held-out articles, so the noise they share cancels: hub/intervals.py). None where scores per article are missing
+    (an adapter trained before kdlora kept them)."""
+    from hub.intervals import paired_difference
+
+    def scores(q):
+        return (q.task_outcomes or {}).get("accuracy") if q else None
+
+    mine = scores(quality)
+    return {
+        "interval": quality.interval("accuracy"),
+        **{
+            name: paired_difference(mine, scores(other)) if mine and scores(other) and other is not quality else None
+            for name, other in (("vs_rank_1", rank_1), ("vs_student_alone", alone))
+        },
+    }
+
+
+def _table_json(rows, gain: str | None, budgets, stage_seconds: dict[str, float]) -> dict:
+    """The printed table's numbers (tok/s included, which the plot alone showed before), the budget answers and
+    each stage's seconds (this run's: a reused stage's are ~0)."""
+    from dataclasses import asdict
+
+    def evidence(row):
+        return {name: asdict(e) if e else None for name, e in row["evidence"].items()}
+
+    served = [row for row in rows if row["rank"] is not None]
+    teacher = next((row for row in rows if row["rank"] is None), None)
     return {
         "ranks": [
             {
                 "rank": row["rank"],
                 "accuracy": row["quality"].task_metrics["accuracy"],
+                **evidence(row),
+                "articles": len((row["quality"].task_outcomes or {}).get("accuracy", [])),
                 "kl_to_teacher": row["quality"].kl_to_teacher,
                 "tok_s": row["tok_s"],
                 "adapter_mb": row.get("mb", 0),
             }
-            for row in rows
+            for row in served
         ],
-        "task_teacher_accuracy": teacher_accuracy,
+        "task_teacher_accuracy": teacher["quality"].task_metrics.get("accuracy") if teacher else None,
+        "task_teacher": evidence(teacher) if teacher else None,
+        "rank_gain": gain,
         "budgets": budgets,
+        "stage_seconds": stage_seconds,
     }
 
 
-def _table(adapter: Path, rows, teacher_accuracy: float | None) -> str:
+def _table(adapter: Path, rows) -> str:
     lines = [
-        f"{adapter.name}: held-out BBC News topic accuracy and KL to the task teacher (answer token) per rank, "
-        f"served throughput (1 request, {TOKENS} tokens)",
-        "| rank | accuracy | KL to teacher | tok/s | adapter MB |",
-        "| --- | --- | --- | --- | --- |",
+        f"{adapter.name}: held-out BBC News topic accuracy [95% interval, bootstrap over articles], its paired "
+        f"differences, KL to the task teacher (answer token) per rank, served throughput (1 request, {TOKENS} tokens)",
+        "| rank | accuracy | vs rank 1 (paired) | vs student alone (paired) | KL to teacher | tok/s | adapter MB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        q = row["quality"]
-        name = "0 (student alone)" if row["rank"] == 0 else str(row["rank"])
-        lines.append(
-            f"| {name} | {q.task_metrics['accuracy']:.3f} | {q.kl_to_teacher:.3f} | {row['tok_s']:.1f} | {row.get('mb', 0):.2f} |"
-        )
-    lines.append(
-        f"| task teacher (135M) | {'–' if teacher_accuracy is None else f'{teacher_accuracy:.3f}'} | 0 | – | – |"
-    )
+        q, evidence = row["quality"], row["evidence"]
+        name = {None: "task teacher (135M)", 0: "0 (student alone)"}.get(row["rank"], str(row["rank"]))
+        accuracy = evidence["interval"] or f"{q.task_metrics['accuracy']:.3f}"
+        differences = [e.signed() if e else "–" for e in (evidence["vs_rank_1"], evidence["vs_student_alone"])]
+        kl = "0" if row["rank"] is None else f"{q.kl_to_teacher:.3f}"
+        speed = "–" if row["rank"] is None else f"{row['tok_s']:.1f}"
+        size = "–" if row["rank"] is None else f"{row.get('mb', 0):.2f}"
+        lines.append(f"| {name} | {accuracy} | {' | '.join(differences)} | {kl} | {speed} | {size} |")
     return "\n".join(lines)
 
 
-def _plot(rows, teacher_accuracy: float | None, path: Path) -> None:
+def _plot(rows, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranked = [r for r in rows if r["rank"] > 0]
+    ranked = [r for r in rows if r["rank"]]
     fig, quality_axis = plt.subplots(figsize=(6, 3.6), dpi=120)
     ranks = [r["rank"] for r in ranked]
-    quality_axis.plot(
+    accuracy = [r["quality"].task_metrics["accuracy"] for r in ranked]
+    intervals = [r["evidence"]["interval"] for r in ranked]
+    nan = float("nan")
+    quality_axis.errorbar(
         ranks,
-        [r["quality"].task_metrics["accuracy"] for r in ranked],
-        "o-",
+        accuracy,
+        yerr=[
+            [nan if e is None else a - e.low for a, e in zip(accuracy, intervals)],
+            [nan if e is None else e.high - a for a, e in zip(accuracy, intervals)],
+        ],
+        fmt="o-",
         color="tab:green",
-        label="held-out accuracy",
+        capsize=3,
+        label="held-out accuracy, 95% interval",
     )
     quality_axis.set_xscale("log", base=2)
     quality_axis.set_xticks(ranks, [str(r) for r in ranks])
@@ -315,10 +386,12 @@ def _plot(rows, teacher_accuracy: float | None, path: Path) -> None:
     speed.plot(ranks, [r["tok_s"] for r in ranked], "s--", color="tab:blue", label="served tok/s")
     speed.set_ylabel("tok/s (1 request)", color="tab:blue")
     # the student alone and the teacher are named, not drawn: lines far outside the ranks' range flatten them
-    alone = rows[0]
+    named = {r["rank"]: r for r in rows if not r["rank"]}
+    alone, teacher = named[0], named.get(None)
+    teacher_accuracy = teacher["quality"].task_metrics.get("accuracy", nan) if teacher else nan
     quality_axis.set_title(
         f"quickstart: quality and cost per rank\nstudent alone: accuracy {alone['quality'].task_metrics['accuracy']:.3f}, "
-        f"{alone['tok_s']:.1f} tok/s; task teacher: accuracy {teacher_accuracy or float('nan'):.3f}",
+        f"{alone['tok_s']:.1f} tok/s; task teacher: accuracy {teacher_accuracy:.3f}",
         fontsize=9,
     )
     fig.legend(loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=7, frameon=False)

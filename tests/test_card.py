@@ -1,6 +1,8 @@
 """hub/card.py: what the adapter's and the student's cards say (links, model-index metric types, table columns)."""
 
+import pytest
 from huggingface_hub import ModelCard
+from pydantic import ValidationError
 
 from hub.card import adapter_card, rank_table, student_card
 from hub.schema import ModelRef, RankMetadata, RankResult, ServingCost
@@ -65,3 +67,35 @@ def test_the_card_shows_the_prompt_format_and_a_snippet_that_sends_it():
     namespace = {}
     exec(snippet.splitlines()[2], namespace)  # the snippet's prompt is the example's, exactly
     assert namespace["prompt"] == meta.usage_example.prompt
+
+
+def test_task_metrics_carry_their_interval_and_the_paired_rank_gain(tmp_path):
+    from hub.card import plot_quality_vs_rank
+    from hub.intervals import interval, paired_difference
+    from hub.schema import Quality
+
+    rank1 = [1.0] * 150 + [0.0] * 44 + [0.0] * 20 + [1.0] * 8  # 158 of 222 right
+    rank4 = [1.0] * 150 + [0.0] * 44 + [1.0] * 20 + [0.0] * 8  # 170: 20 articles gained, 8 lost
+    meta = metadata()
+    for result, scores in zip(meta.ranks, (rank1, rank4)):
+        result.task_metrics = {"accuracy": sum(scores) / len(scores)}
+        result.task_outcomes = {"accuracy": scores}
+    meta.base_quality = Quality(task_metrics={"accuracy": 0.2})  # no per-example scores: the mean alone
+    table = rank_table(meta).splitlines()
+    assert table[0].endswith("| accuracy | adapter MB |") and table[2].split(" | ")[4] == "0.2"
+    assert (
+        table[3].split(" | ")[4]
+        == str(interval(rank1))
+        == f"0.712 [{interval(rank1).low:.3f}, {interval(rank1).high:.3f}]"
+    )
+    card = str(adapter_card(meta, "kd/a", "kd/student"))
+    gain = paired_difference(rank4, rank1)
+    assert gain.low > 0  # beyond noise, though the two ranks' own intervals overlap
+    assert (
+        f"rank 4 vs rank 1, paired over the same 222 held-out examples: accuracy {gain.signed()} (95% interval): "
+        "rank buys accuracy beyond noise." in card
+    )
+    assert plot_quality_vs_rank(meta, tmp_path / "plot.png").stat().st_size > 0
+    meta.ranks[1].task_outcomes = {"accuracy": rank1[:-1] + [0.0]}  # 157 of 222 does not average to 170 / 222
+    with pytest.raises(ValidationError, match=r"task_outcomes\['accuracy'\] \(222 scores\) does not average to"):
+        RankResult.model_validate(meta.ranks[1].model_dump())

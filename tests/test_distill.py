@@ -560,13 +560,29 @@ def test_examples_train_on_the_answer_and_report_accuracy(tiny_pair, tmp_path):
     examples = data.heldout_examples[:8]  # 4: a tenth of 40 is held out
 
     # (same batches as distill: a tiny random model scores both options nearly equal, so batch numerics could flip a tie)
-    def accuracy(model):
-        predictions = predicted_choices(model, examples, cfg.batch_size)
-        return sum(p == e.label for p, e in zip(predictions, examples)) / len(examples)
+    def outcomes(predictions):
+        return [float(p == e.label) for p, e in zip(predictions, examples)]
 
-    assert meta.teacher_quality.task_metrics == {"accuracy": accuracy(teacher)}
-    assert meta.base_quality.task_metrics == {"accuracy": accuracy(student)}
-    assert all(set(r.task_metrics) == {"accuracy"} for r in meta.ranks)
+    def from_rows(model):  # the student's, from the KL forward: each held-out row's logits after its prompt
+        predicted = []
+        for start in range(0, len(examples), cfg.batch_size):
+            batch, _ = trimmed(
+                data.heldout[start : start + cfg.batch_size], data.heldout_mask[start : start + cfg.batch_size]
+            )
+            with torch.no_grad():
+                logits = model(batch).logits
+            for row, e in enumerate(examples[start : start + cfg.batch_size]):
+                scores = logits[row, len(e.prompt) - 1, [c[0] for c in e.choices]].tolist()
+                predicted.append(scores.index(max(scores)))
+        return predicted
+
+    teacher_outcomes = outcomes(
+        predicted_choices(teacher, examples, cfg.batch_size)
+    )  # the teacher's: its prompts alone
+    assert meta.teacher_quality.task_outcomes == {"accuracy": teacher_outcomes}
+    assert meta.teacher_quality.task_metrics == {"accuracy": sum(teacher_outcomes) / len(examples)}
+    assert meta.base_quality.task_outcomes == {"accuracy": outcomes(from_rows(student))}
+    assert all(set(r.task_metrics) == {"accuracy"} and len(r.task_outcomes["accuracy"]) == 4 for r in meta.ranks)
     assert "| teacher |" in (cfg.out / "README.md").read_text()
     # the card's prompt format: the first held-out example, as text, and its tokens are the first held-out row's
     assert (

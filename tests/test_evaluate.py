@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from training.data import Example
-from training.evaluate import choice_accuracy, greedy, greedy_agreement, predicted_choices, token_f1
+from training.evaluate import (
+    choice_accuracy,
+    greedy,
+    greedy_agreement,
+    predicted_choices,
+    quality_against_teacher,
+    token_f1,
+)
 
 
 @pytest.mark.parametrize(
@@ -62,11 +69,12 @@ def test_greedy_agreement_by_hand():
         student, teacher, prompts.tolist(), list(answers), student.configured.append, new_tokens=4, eos_token_id=0
     )
     assert student.configured[1:] == list(answers)  # after the constructor's default
-    assert results == {
+    assert {setting: result["task_metrics"] for setting, result in results.items()} == {
         "exact": {"greedy_exact_match": 1.0, "greedy_token_f1": 1.0},
         "half": {"greedy_exact_match": 0.5, "greedy_token_f1": 0.75},  # (1 + F1 of 2 shared of 4) / 2
         "reordered": {"greedy_exact_match": 0.0, "greedy_token_f1": 1.0},
     }
+    assert results["half"]["task_outcomes"] == {"greedy_exact_match": [1.0, 0.0], "greedy_token_f1": [1.0, 0.5]}
 
 
 class _Answers(torch.nn.Module):
@@ -108,8 +116,33 @@ def test_choice_accuracy_by_hand():
     several = [Example([1], [8, 7, 0], [[8, 7], [4]], 0), Example([6], [8, 7, 0], [[8, 7], [4]], 0)]
     assert predicted_choices(model, several, batch_size=3) == [1, 0]  # 0.3 * 0.9 < 0.4; 0.5 * 0.9 > 0.4
     configured = []
+    per_setting = {"task_metrics": {"accuracy": 0.5}, "task_outcomes": {"accuracy": [1.0, 0.0, 0.0, 1.0]}}
     assert choice_accuracy(model, one_token + several, ["r1", "r2"], configured.append) == {
-        "r1": {"accuracy": 0.5},
-        "r2": {"accuracy": 0.5},
+        "r1": per_setting,
+        "r2": per_setting,
     }
     assert configured == ["r1", "r2"]
+
+
+def test_accuracy_from_the_kl_forward_equals_scoring_the_prompt_alone():
+    """The held-out rows (prompt + answer, right-padded) give each example's accuracy from the forward that
+    measures KL: the same choice `predicted_choices` makes from the prompt alone, and the same KL as without it."""
+    model = _Bigram({2: {3: 0.6, 4: 0.3}, 5: {3: 0.5, 4: 0.4}, 7: {3: 0.2, 4: 0.7}, 6: {3: 0.1}}, vocab=10)
+    teacher = _Bigram({2: {3: 0.9}, 5: {4: 0.9}, 7: {4: 0.9}, 6: {3: 0.9}}, vocab=10)
+    examples = [
+        Example([1, 2], [3, 0], [[3], [4]], 0),  # predicted 0: right
+        Example([5], [4, 0], [[3], [4]], 1),  # predicted 0: wrong
+        Example([6, 6, 7], [4, 0], [[3], [4]], 1),  # predicted 1: right
+        Example([6], [3, 0], [[4], [3]], 1),  # options in the other order; predicted 1 (token 3): right
+    ]
+    rows = torch.zeros((4, 6), dtype=torch.long)
+    masks = torch.zeros((4, 6), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        rows[i, : len(e.prompt) + len(e.answer)] = torch.tensor(e.prompt + e.answer)
+        masks[i, len(e.prompt) : len(e.prompt) + len(e.answer)] = True
+    with_accuracy = quality_against_teacher(model, teacher, rows, masks, ["r"], lambda _: None, 3, examples)
+    without = quality_against_teacher(model, teacher, rows, masks, ["r"], lambda _: None, 3)
+    assert predicted_choices(model, examples) == [0, 0, 1, 1]
+    assert with_accuracy["r"]["task_outcomes"] == {"accuracy": [1.0, 0.0, 1.0, 1.0]}
+    assert with_accuracy["r"]["task_metrics"] == {"accuracy": 0.75}
+    assert {k: v for k, v in with_accuracy["r"].items() if not k.startswith("task_")} == without["r"]

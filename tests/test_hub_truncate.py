@@ -138,7 +138,7 @@ def test_newer_major_schema_version_says_upgrade(nested, version):
         read_adapter(nested)
 
 
-@pytest.mark.parametrize("version", [1, "1.0", "1.1", "1.2", "1.3", "1.9"])
+@pytest.mark.parametrize("version", [1, "1.0", "1.1", "1.2", "1.3", "1.4", "1.9"])
 def test_same_major_schema_reads_and_ignores_fields_it_does_not_know(nested, version, tmp_path):
     meta = json.loads((nested / "kdlora.json").read_text())
     meta |= {"schema_version": version, "added_later": {"x": 1}}
@@ -148,7 +148,7 @@ def test_same_major_schema_reads_and_ignores_fields_it_does_not_know(nested, ver
     read = read_adapter(nested).metadata
     assert read.ranks[0].kl_to_teacher == meta["ranks"][0]["kl_to_teacher"] and read.recipe.method == "kd-qdylora"
     saved = json.loads(read.save(tmp_path).read_text())  # this kdlora writes its own version and fields only
-    assert saved["schema_version"] == "1.3" and "added_later" not in saved and "energy_joules" not in saved["ranks"][0]
+    assert saved["schema_version"] == "1.4" and "added_later" not in saved and "energy_joules" not in saved["ranks"][0]
 
 
 def test_writers_stay_strict():

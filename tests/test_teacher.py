@@ -80,7 +80,11 @@ def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     out = tmp_path / "qs"
     first = kdlora_cli("quickstart", "--smoke", "--out", str(out), timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "| rank | accuracy | KL to teacher | tok/s | adapter MB |" in first.stdout
+    assert (
+        "| rank | accuracy | vs rank 1 (paired) | vs student alone (paired) | KL to teacher | tok/s | adapter MB |"
+        in first.stdout
+    )
+    assert "rank 64 vs rank 1, paired over the same 8 held-out examples: accuracy " in first.stdout
     for row in ("| 0 (student alone) |", "| 1 |", "| 8 |", "| 64 |", "| task teacher (135M) | "):
         assert row in first.stdout
     assert "budget request {'min_quality': " in first.stdout and "budget request {'max_rank': 16" in first.stdout
@@ -91,6 +95,21 @@ def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     numbers = json.loads((out / "quickstart.json").read_text())  # the table's numbers, tok/s included
     assert [row["rank"] for row in numbers["ranks"]] == [0, 1, 8, 64] and all(r["tok_s"] > 0 for r in numbers["ranks"])
     assert len(numbers["budgets"]) == 3 and numbers["task_teacher_accuracy"] is not None
+    for row in numbers["ranks"]:  # every row's accuracy with its interval, from the same 8 held-out articles
+        assert row["articles"] == 8 and row["interval"]["low"] <= row["accuracy"] == row["interval"]["mean"]
+        assert (row["vs_student_alone"] is None) == (row["rank"] == 0) and (row["vs_rank_1"] is None) == (
+            row["rank"] == 1
+        )
+    assert numbers["task_teacher"]["interval"]["mean"] == numbers["task_teacher_accuracy"]
+    assert list(numbers["stage_seconds"]) == [
+        "teacher export",
+        "task teacher",
+        "prune",
+        "heal",
+        "adapter",
+        "publish",
+        "serve and query",
+    ]
     assert (published / "r8" / "adapter_model.safetensors").is_file()
     assert (out / "hub" / "kdlora" / "smollm2-half" / "pruning_report.json").is_file()
     second = kdlora_cli("quickstart", "--smoke", "--out", str(out), timeout=1500)

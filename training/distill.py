@@ -44,7 +44,9 @@ class TrainState:
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     before: dict | None = None  # the student alone, evaluated before the first step
-    teacher: dict | None = None  # the teacher's own task metrics (labelled data), what the student is measured against
+    teacher: dict | None = (
+        None  # the teacher's task metrics and outcomes (labelled data): what the student is measured against
+    )
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -365,16 +367,21 @@ def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
     """Per setting, on the first `eval_samples` held-out rows: KL / top-1 agreement / perplexity on the tokens the
     loss covers, and `task_metrics`: accuracy for labelled examples; otherwise how well greedy answers match the
     teacher's (examples: to each prompt; blocks: to each block's first half, seq_len / 4 tokens)."""
-    from training.evaluate import choice_accuracy, greedy_agreement, quality_against_teacher
+    from training.evaluate import choice_accuracy, greedy_agreement, quality_against_teacher, single_token_choices
 
     was_training = model.training
     model.eval()
     configure = nested.set if nested is not None else (lambda setting: None)
     rows, masks = data.heldout[: cfg.eval_samples], data.heldout_mask[: cfg.eval_samples]
     examples = (data.heldout_examples or [])[: cfg.eval_samples]
-    results = quality_against_teacher(model, teacher, rows, masks, settings, configure, batch_size=cfg.batch_size)
     labelled = _labelled_examples(cfg, data)
-    if labelled:
+    one_forward = bool(labelled) and single_token_choices(labelled)  # accuracy from the KL forward (half the work)
+    results = quality_against_teacher(
+        model, teacher, rows, masks, settings, configure, cfg.batch_size, examples=labelled if one_forward else None
+    )
+    if one_forward:
+        task = {}
+    elif labelled:
         task = choice_accuracy(model, labelled, settings, configure, batch_size=cfg.batch_size)
     elif examples:
         task = greedy_agreement(
@@ -397,7 +404,7 @@ def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
             eos_token_id=tokenizer.eos_token_id,
         )
     for setting, metrics in task.items():
-        results[setting]["task_metrics"] = metrics
+        results[setting].update(metrics)
     model.train(was_training)
     return results
 
@@ -533,7 +540,7 @@ def _write_metadata(cfg, mode: Mode, out: Path, teacher_ref, data, state: TrainS
         base_model=ModelRef(id=str(cfg.student)),
         teacher=teacher_ref,
         base_quality=Quality(**state.before),
-        teacher_quality=Quality(task_metrics=state.teacher) if state.teacher else None,
+        teacher_quality=Quality(**state.teacher) if state.teacher else None,
         recipe=TrainingRecipe(
             method="kd-qdylora" if mode.nested else "kd-lora",
             quantization=cfg.quantize,

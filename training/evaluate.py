@@ -25,17 +25,22 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, desc: str = "pe
 
 @torch.no_grad()
 def quality_against_teacher(
-    model, teacher, rows: torch.Tensor, masks: torch.Tensor, settings, configure, batch_size: int = 8
+    model, teacher, rows: torch.Tensor, masks: torch.Tensor, settings, configure, batch_size: int = 8, examples=None
 ) -> dict:
     """Held-out quality of `model` under each setting: {setting: {kl_to_teacher, teacher_top1_agreement,
     perplexity}}, over the tokens `masks` marks (TokenData's rows and masks). `configure(setting)` switches
-    the model (e.g. to a nested rank) before its forward; the teacher runs once per batch for all settings."""
+    the model (e.g. to a nested rank) before its forward; the teacher runs once per batch for all settings.
+
+    With `examples` (one per row, each option one token: `single_token_choices`), each setting's accuracy too, from
+    the same forward: the position that predicts the answer's first token ranks the options, as `predicted_choices`
+    does from the prompt alone (a row is prompt + answer; causal attention: the answer changes nothing before it)."""
     import torch.nn.functional as F
 
     from training.data import trimmed
 
     device = next(model.parameters()).device
     sums = {s: {"kl": 0.0, "agree": 0.0, "nll": 0.0} for s in settings}
+    correct = {s: [] for s in settings}
     tokens = 0
     for start in tqdm(range(0, len(rows), batch_size), desc=f"evaluating {len(settings)} setting(s)", leave=False):
         batch, mask = trimmed(rows[start : start + batch_size], masks[start : start + batch_size])
@@ -44,20 +49,39 @@ def quality_against_teacher(
         teacher_logp = F.log_softmax(teacher_logits[learned].float(), dim=-1)
         labels = batch[:, 1:][learned]
         tokens += labels.numel()
+        chunk = examples[start : start + batch_size] if examples else []
+        prompt_ends = torch.tensor([len(e.prompt) - 1 for e in chunk], dtype=torch.long, device=device)
         for setting in settings:
             configure(setting)
-            logp = F.log_softmax(model(batch).logits[:, :-1][learned].float(), dim=-1)
+            logits = model(batch).logits[:, :-1]
+            logp = F.log_softmax(logits[learned].float(), dim=-1)
             sums[setting]["kl"] += (teacher_logp.exp() * (teacher_logp - logp)).sum().item()
             sums[setting]["agree"] += (teacher_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             sums[setting]["nll"] -= logp.gather(-1, labels.unsqueeze(-1)).sum().item()
+            if chunk:
+                at_prompt_end = F.log_softmax(logits[torch.arange(len(chunk), device=device), prompt_ends].float(), -1)
+                correct[setting] += _correct(_best_single_token_options(at_prompt_end, chunk), chunk)
     return {
         s: {
             "kl_to_teacher": v["kl"] / tokens,
             "teacher_top1_agreement": v["agree"] / tokens,
             "perplexity": math.exp(v["nll"] / tokens),
+            **(_task({"accuracy": correct[s]}) if examples else {}),
         }
         for s, v in sums.items()
     }
+
+
+def _task(outcomes: dict[str, list[float]]) -> dict:
+    """Task metrics as kdlora.json's Quality holds them: each metric's mean, and its per-example scores."""
+    return {
+        "task_metrics": {name: sum(scores) / len(scores) for name, scores in outcomes.items()},
+        "task_outcomes": outcomes,
+    }
+
+
+def _correct(predicted: list[int], examples) -> list[float]:
+    return [float(p == e.label) for p, e in zip(predicted, examples)]
 
 
 def token_f1(predicted: list[int], reference: list[int]) -> float:
@@ -96,17 +120,20 @@ def greedy(model, prompts: list[list[int]], new_tokens: int, eos_token_id: int) 
 def greedy_agreement(
     model, teacher, prompts: list[list[int]], settings, configure, new_tokens: int, eos_token_id: int
 ) -> dict:
-    """How far each setting's greedy answers match the teacher's: {setting: {greedy_exact_match,
-    greedy_token_f1}}, means over prompts. What a user of the generated text sees, next to per-token KL."""
+    """How far each setting's greedy answers match the teacher's: {setting: {task_metrics: {greedy_exact_match,
+    greedy_token_f1} (means over prompts), task_outcomes: the same per prompt}}. What a user of the generated text
+    sees, next to per-token KL."""
     reference = greedy(teacher, prompts, new_tokens, eos_token_id)
     results = {}
     for setting in settings:
         configure(setting)
         answers = greedy(model, prompts, new_tokens, eos_token_id)
-        results[setting] = {
-            "greedy_exact_match": sum(a == r for a, r in zip(answers, reference)) / len(reference),
-            "greedy_token_f1": sum(token_f1(a, r) for a, r in zip(answers, reference)) / len(reference),
-        }
+        results[setting] = _task(
+            {
+                "greedy_exact_match": [float(a == r) for a, r in zip(answers, reference)],
+                "greedy_token_f1": [token_f1(a, r) for a, r in zip(answers, reference)],
+            }
+        )
     return results
 
 
@@ -118,7 +145,7 @@ def predicted_choices(model, examples, batch_size: int = 8) -> list[int]:
 
     device = next(model.parameters()).device
     # one sequence per (example, option); options of one token all share the prompt's last position
-    single = all(len(option) == 1 for e in examples for option in e.choices)
+    single = single_token_choices(examples)
     sequences = [
         (i, j, e.prompt + ([] if single else option))
         for i, e in enumerate(examples)
@@ -135,18 +162,32 @@ def predicted_choices(model, examples, batch_size: int = 8) -> list[int]:
         for row, (i, j, _) in enumerate(chunk):
             at = len(examples[i].prompt) - 1  # predicts the first option token
             if single:
-                scores[i] = [logp[row, at, option[0]].item() for option in examples[i].choices]
+                scores[i] = logp[row, at, [option[0] for option in examples[i].choices]].tolist()
             else:
                 option = examples[i].choices[j]
                 scores[i][j] = sum(logp[row, at + k, token].item() for k, token in enumerate(option))
-    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+    return [_first_best(s) for s in scores]
+
+
+def single_token_choices(examples) -> bool:
+    """Whether every option of every example is one token (then one position's log-probabilities rank them)."""
+    return all(len(option) == 1 for e in examples for option in e.choices)
+
+
+def _best_single_token_options(logp: torch.Tensor, examples) -> list[int]:
+    """For each example, its best option by the log-probabilities `logp[i]` at the position after its prompt."""
+    return [_first_best(logp[i, [option[0] for option in e.choices]].tolist()) for i, e in enumerate(examples)]
+
+
+def _first_best(scores: list[float]) -> int:
+    return max(range(len(scores)), key=scores.__getitem__)  # a tie goes to the first option
 
 
 def choice_accuracy(model, examples, settings, configure, batch_size: int = 8) -> dict:
-    """{setting: {"accuracy": share of `examples` whose label the model ranks first}}."""
+    """{setting: {task_metrics: {accuracy: share of `examples` whose label the model ranks first}, task_outcomes:
+    {accuracy: 1 or 0 per example}}}."""
     results = {}
     for setting in tqdm(settings, desc="accuracy", leave=False):
         configure(setting)
-        predicted = predicted_choices(model, examples, batch_size)
-        results[setting] = {"accuracy": sum(p == e.label for p, e in zip(predicted, examples)) / len(examples)}
+        results[setting] = _task({"accuracy": _correct(predicted_choices(model, examples, batch_size), examples)})
     return results
