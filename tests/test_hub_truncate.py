@@ -133,7 +133,7 @@ def test_newer_major_schema_version_says_upgrade(nested, version):
     (nested / "kdlora.json").write_text(json.dumps(meta))
     with pytest.raises(
         KdloraError,
-        match=r"field 'schema_version' is 2(\.0)?, a newer major version than this kdlora understands \(1\.3\); upgrade kdlora",
+        match=r"field 'schema_version' is 2(\.0)?, a newer major version than this kdlora understands \(1\.4\); upgrade kdlora",
     ):
         read_adapter(nested)
 
