@@ -195,6 +195,7 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
     print("\n" + _table(published, rows))
     gain = rank_gain(meta, "accuracy")
     print(gain or "no per-article scores in this adapter's kdlora.json: retrain it to see intervals")
+    print(_unseen_wording_line(rows))
     for budget in budgets:
         print(
             f"budget request {budget['asked']} -> served at rank {budget['rank']} (budget met: {budget['met']}), "
@@ -286,10 +287,12 @@ def _tok_s(client, model: str) -> float:
 
 
 def _accuracy_evidence(quality, rank_1, alone) -> dict:
-    """Accuracy with its 95% interval, and its paired differences to rank 1 and to the student alone (the same
-    held-out articles, so the noise they share cancels: hub/intervals.py). None where scores per article are missing
-    (an adapter trained before kdlora kept them)."""
+    """Accuracy with its 95% interval, its paired differences to rank 1 and to the student alone (the same
+    held-out articles, so the noise they share cancels: hub/intervals.py), and the accuracy on those articles asked
+    in a wording training never used. None where scores per article are missing (an adapter from before kdlora kept
+    them)."""
     from hub.intervals import paired_difference
+    from training.evaluate import UNSEEN_WORDING_ACCURACY
 
     def scores(q):
         return (q.task_outcomes or {}).get("accuracy") if q else None
@@ -297,11 +300,25 @@ def _accuracy_evidence(quality, rank_1, alone) -> dict:
     mine = scores(quality)
     return {
         "interval": quality.interval("accuracy"),
+        "unseen_wording": quality.interval(UNSEEN_WORDING_ACCURACY),
         **{
             name: paired_difference(mine, scores(other)) if mine and scores(other) and other is not quality else None
             for name, other in (("vs_rank_1", rank_1), ("vs_student_alone", alone))
         },
     }
+
+
+def _unseen_wording_line(rows) -> str:
+    """The top rank's accuracy in the unseen wording as a share of the task teacher's in that same wording."""
+    top = max((row for row in rows if row["rank"]), key=lambda row: row["rank"])
+    teacher = next((row for row in rows if row["rank"] is None), None)
+    mine, theirs = (r["evidence"]["unseen_wording"] if r else None for r in (top, teacher))
+    if mine is None or theirs is None:
+        return "unseen wording: not evaluated (data without one, or an adapter trained before kdlora asked it)"
+    return (
+        f"unseen wording (never trained on): rank {top['rank']} {mine.mean:.3f}, the task teacher {theirs.mean:.3f}: "
+        f"{mine.mean / theirs.mean:.0%} of the teacher's accuracy"
+    )
 
 
 def _table_json(rows, gain: str | None, budgets, stage_seconds: dict[str, float]) -> dict:
@@ -338,9 +355,11 @@ def _table_json(rows, gain: str | None, budgets, stage_seconds: dict[str, float]
 def _table(adapter: Path, rows) -> str:
     lines = [
         f"{adapter.name}: held-out BBC News topic accuracy [95% interval, bootstrap over articles], its paired "
-        f"differences, KL to the task teacher (answer token) per rank, served throughput (1 request, {TOKENS} tokens)",
-        "| rank | accuracy | vs rank 1 (paired) | vs student alone (paired) | KL to teacher | tok/s | adapter MB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "differences, accuracy on the same articles asked in a wording training never used, KL to the task teacher "
+        f"(answer token) per rank, served throughput (1 request, {TOKENS} tokens)",
+        "| rank | accuracy | vs rank 1 (paired) | vs student alone (paired) | unseen wording | KL to teacher | tok/s "
+        "| adapter MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         q, evidence = row["quality"], row["evidence"]
@@ -350,7 +369,8 @@ def _table(adapter: Path, rows) -> str:
         kl = "0" if row["rank"] is None else f"{q.kl_to_teacher:.3f}"
         speed = "–" if row["rank"] is None else f"{row['tok_s']:.1f}"
         size = "–" if row["rank"] is None else f"{row.get('mb', 0):.2f}"
-        lines.append(f"| {name} | {accuracy} | {' | '.join(differences)} | {kl} | {speed} | {size} |")
+        unseen = evidence["unseen_wording"] or "–"
+        lines.append(f"| {name} | {accuracy} | {' | '.join(differences)} | {unseen} | {kl} | {speed} | {size} |")
     return "\n".join(lines)
 
 

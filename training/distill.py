@@ -134,7 +134,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         while state.step < cfg.steps:
             started = time.perf_counter()
             rows = rows_for_step(len(data.train), state.step, cfg.batch_size, cfg.seed)
-            batch, mask = trimmed(data.train[rows], data.train_mask[rows])
+            batch, mask = trimmed(*data.train_rows(rows, state.step, cfg.seed))
             mine = slice(
                 accelerator.process_index, None, accelerator.num_processes
             )  # this process's share of the batch
@@ -212,6 +212,11 @@ def open_cache(cfg: DistillConfig, data, teacher, teacher_ref):
     """The --teacher-cache, checked against this run (None without one)."""
     if cfg.teacher_cache is None:
         return None
+    if data.train_wordings is not None:
+        raise KdloraError(
+            f"--teacher-cache holds the teacher's targets for each row in one wording, and data {cfg.data} trains each "
+            f"row in {len(data.train_wordings)} wordings; drop --teacher-cache (the teacher then runs online)"
+        )
     from training.teacher_cache import TeacherCache
 
     cache = TeacherCache(
@@ -249,7 +254,11 @@ def _quality_before(cfg, mode: Mode, student, nested, teacher, data, tokenizer) 
 
     alone = _evaluate(cfg, student, nested, teacher, data, tokenizer, [mode.alone])[mode.alone]
     labelled = _labelled_examples(cfg, data)
-    return alone, choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.batch_size)[None] if labelled else None
+    if not labelled:
+        return alone, None
+    own = choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.batch_size)
+    _add_unseen_wording(cfg, data, teacher, [None], lambda _: None, own)
+    return alone, own[None]
 
 
 def mixed_precision(cfg: DistillConfig, device):
@@ -405,8 +414,22 @@ def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
         )
     for setting, metrics in task.items():
         results[setting].update(metrics)
+    _add_unseen_wording(cfg, data, model, settings, configure, results)
     model.train(was_training)
     return results
+
+
+def _add_unseen_wording(cfg, data, model, settings, configure, results) -> None:
+    """Labelled data with an unseen wording: each setting's accuracy on the held-out examples asked in it, as task
+    metric UNSEEN_WORDING_ACCURACY beside `accuracy` (the same examples, in the wording training used)."""
+    from training.evaluate import UNSEEN_WORDING_ACCURACY, choice_accuracy
+
+    unseen = (data.unseen_examples or [])[: cfg.eval_samples]
+    if not (unseen and unseen[0].choices):
+        return
+    for setting, task in choice_accuracy(model, unseen, settings, configure, cfg.batch_size).items():
+        results[setting].setdefault("task_metrics", {})[UNSEEN_WORDING_ACCURACY] = task["task_metrics"]["accuracy"]
+        results[setting].setdefault("task_outcomes", {})[UNSEEN_WORDING_ACCURACY] = task["task_outcomes"]["accuracy"]
 
 
 def _labelled_examples(cfg, data) -> list:

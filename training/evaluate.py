@@ -6,6 +6,9 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+# The task metric of labelled examples asked in a wording training never used (training.data.TextExample.unseen_wording)
+UNSEEN_WORDING_ACCURACY = "accuracy_unseen_wording"
+
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, desc: str = "perplexity") -> float:
