@@ -72,10 +72,7 @@ def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
         agreement_axis.errorbar(  # the 95% interval where per-example scores were kept, no bar where not
             ranks,
             means,
-            yerr=[
-                [nan if e is None else m - e.low for m, e in zip(means, estimates)],
-                [nan if e is None else e.high - m for m, e in zip(means, estimates)],
-            ],
+            yerr=error_bars(means, estimates),
             fmt="^--",
             color=color,
             capsize=3,
@@ -89,6 +86,17 @@ def plot_quality_vs_rank(metadata: RankMetadata, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def error_bars(means: list[float], estimates: list) -> list[list[float]]:
+    """matplotlib's `yerr` for 95% intervals (hub.intervals.Estimate or None: no bar) around `means`. Clamped at 0:
+    a mean summed in another order can sit a rounding error outside its interval, and matplotlib refuses a
+    negative bar."""
+    nan = float("nan")
+    return [
+        [nan if e is None else max(0.0, m - e.low) for m, e in zip(means, estimates)],
+        [nan if e is None else max(0.0, e.high - m) for m, e in zip(means, estimates)],
+    ]
 
 
 def rank_table(metadata: RankMetadata) -> str:
@@ -153,17 +161,14 @@ def rank_gain(metadata: RankMetadata, metric: str) -> str | None:
     if len(metadata.ranks) < 2:
         return None
     low, top = metadata.ranks[0], metadata.ranks[-1]
-    scores = [(r.task_outcomes or {}).get(metric) for r in (top, low)]
+    scores = [r.scores(metric) for r in (top, low)]
     if not all(scores):
         return None
     difference = paired_difference(*scores)
-    verdict = (
-        f"rank buys {metric} beyond noise"
-        if difference.low > 0
-        else f"rank {top.rank} is worse beyond noise"
-        if difference.high < 0
-        else "no difference beyond noise"
-    )
+    if not difference.excludes_zero():
+        verdict = "no difference beyond noise"
+    else:
+        verdict = f"rank buys {metric} beyond noise" if difference.low > 0 else f"rank {top.rank} is worse beyond noise"
     return (
         f"rank {top.rank} vs rank {low.rank}, paired over the same {len(scores[0])} held-out examples: {metric} "
         f"{difference.signed()} (95% interval): {verdict}"
@@ -254,7 +259,7 @@ Without kdlora: `kdlora hub truncate {repo_id} --rank K --out DIR` or a pre-trun
 def evidence(metadata: RankMetadata) -> str:
     """Below `rank_table`: what its intervals are, and whether rank buys each task metric beyond noise ("" without
     per-example scores)."""
-    tasks = [t for t in task_metric_names(metadata) if any(r.interval(t) for r in metadata.ranks)]
+    tasks = [t for t in task_metric_names(metadata) if any(t in (r.task_outcomes or {}) for r in metadata.ranks)]
     if not tasks:
         return ""
     lines = ["", "Task metrics: mean over the held-out examples [95% bootstrap interval over examples]."]

@@ -71,11 +71,15 @@ class Quality(_Strict):
                 )
         return self
 
+    def scores(self, metric: str) -> list[float] | None:
+        """`metric`'s score per held-out example; None where they were not kept."""
+        return (self.task_outcomes or {}).get(metric)
+
     def interval(self, metric: str):
         """`metric`'s mean and 95% bootstrap interval over the held-out examples; None without per-example scores."""
         from hub.intervals import interval
 
-        scores = (self.task_outcomes or {}).get(metric)
+        scores = self.scores(metric)
         return interval(scores) if scores else None
 
     def quality_metrics(self) -> dict[str, float]:
@@ -101,7 +105,9 @@ class TrainingRecipe(_Strict):
     learning_rate: float | None = Field(None, gt=0)
     seed: int | None = None
     data: str | None = Field(None, description="data SPEC as given to `kdlora distill`")
-    data_fingerprint: str | None = Field(None, description="sha256 of the training token stream")
+    data_fingerprint: str | None = Field(
+        None, description="sha256 of the data's rows and masks (training and held-out, in every wording)"
+    )
 
 
 class UsageExample(_Strict):
@@ -139,6 +145,11 @@ class RankMetadata(_Strict):
             raise ValueError(f"ranks must be ascending and unique, got {ranks}")
         if ranks and ranks[-1] > self.max_rank:
             raise ValueError(f"evaluated rank {ranks[-1]} is above max_rank {self.max_rank}")
+        scored = [q for q in (*self.ranks, self.base_quality, self.teacher_quality) if q and q.task_outcomes]
+        for metric in {m for q in scored for m in q.task_outcomes}:
+            counts = sorted({len(q.task_outcomes[metric]) for q in scored if metric in q.task_outcomes})
+            if len(counts) > 1:  # paired differences need one set of examples
+                raise ValueError(f"task_outcomes['{metric}'] covers different numbers of examples: {counts}")
         return self
 
     def result(self, rank: int) -> RankResult | None:

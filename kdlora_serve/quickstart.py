@@ -295,7 +295,7 @@ def _accuracy_evidence(quality, rank_1, alone) -> dict:
     from training.evaluate import UNSEEN_WORDING_ACCURACY
 
     def scores(q):
-        return (q.task_outcomes or {}).get("accuracy") if q else None
+        return q.scores("accuracy") if q else None
 
     mine = scores(quality)
     return {
@@ -313,12 +313,11 @@ def _unseen_wording_line(rows) -> str:
     top = max((row for row in rows if row["rank"]), key=lambda row: row["rank"])
     teacher = next((row for row in rows if row["rank"] is None), None)
     mine, theirs = (r["evidence"]["unseen_wording"] if r else None for r in (top, teacher))
-    if mine is None or theirs is None:
+    if mine is None:
         return "unseen wording: not evaluated (data without one, or an adapter trained before kdlora asked it)"
-    return (
-        f"unseen wording (never trained on): rank {top['rank']} {mine.mean:.3f}, the task teacher {theirs.mean:.3f}: "
-        f"{mine.mean / theirs.mean:.0%} of the teacher's accuracy"
-    )
+    share = f": {mine.mean / theirs.mean:.0%} of the teacher's accuracy" if theirs and theirs.mean > 0 else ""
+    teacher_part = f"the task teacher {theirs.mean:.3f}" if theirs else "the task teacher was not asked it"
+    return f"unseen wording (never trained on): rank {top['rank']} {mine.mean:.3f}, {teacher_part}{share}"
 
 
 def _table_json(rows, gain: str | None, budgets, stage_seconds: dict[str, float]) -> dict:
@@ -380,24 +379,32 @@ def _plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from hub.card import error_bars
+
     ranked = [r for r in rows if r["rank"]]
-    fig, quality_axis = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, quality_axis = plt.subplots(figsize=(6, 4.0), dpi=120)
     ranks = [r["rank"] for r in ranked]
-    accuracy = [r["quality"].task_metrics["accuracy"] for r in ranked]
-    intervals = [r["evidence"]["interval"] for r in ranked]
     nan = float("nan")
-    quality_axis.errorbar(
-        ranks,
-        accuracy,
-        yerr=[
-            [nan if e is None else a - e.low for a, e in zip(accuracy, intervals)],
-            [nan if e is None else e.high - a for a, e in zip(accuracy, intervals)],
-        ],
-        fmt="o-",
-        color="tab:green",
-        capsize=3,
-        label="held-out accuracy, 95% interval",
-    )
+    for key, title, style, color in (
+        ("interval", "held-out accuracy", "o-", "tab:green"),
+        ("unseen_wording", "in a wording never trained on", "^:", "tab:orange"),
+    ):
+        intervals = [r["evidence"][key] for r in ranked]
+        if key == "interval":
+            means = [r["quality"].task_metrics["accuracy"] for r in ranked]
+        elif any(intervals):
+            means = [nan if e is None else e.mean for e in intervals]
+        else:
+            continue  # no unseen wording: no line
+        quality_axis.errorbar(
+            ranks,
+            means,
+            yerr=error_bars(means, intervals),
+            fmt=style,
+            color=color,
+            capsize=3,
+            label=f"{title}, 95% interval",
+        )
     quality_axis.set_xscale("log", base=2)
     quality_axis.set_xticks(ranks, [str(r) for r in ranks])
     quality_axis.set_xlabel("rank served (one nested adapter)")
@@ -411,10 +418,15 @@ def _plot(rows, path: Path) -> None:
     teacher_accuracy = teacher["quality"].task_metrics.get("accuracy", nan) if teacher else nan
     quality_axis.set_title(
         f"quickstart: quality and cost per rank\nstudent alone: accuracy {alone['quality'].task_metrics['accuracy']:.3f}, "
-        f"{alone['tok_s']:.1f} tok/s; task teacher: accuracy {teacher_accuracy:.3f}",
+        f"{alone['tok_s']:.1f} tok/s\ntask teacher: accuracy {teacher_accuracy:.3f}"
+        + (
+            f" ({unseen.mean:.3f} unseen wording)"
+            if teacher and (unseen := teacher["evidence"]["unseen_wording"])
+            else ""
+        ),
         fontsize=9,
     )
     fig.legend(loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path)
     plt.close(fig)

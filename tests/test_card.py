@@ -99,3 +99,9 @@ def test_task_metrics_carry_their_interval_and_the_paired_rank_gain(tmp_path):
     meta.ranks[1].task_outcomes = {"accuracy": rank1[:-1] + [0.0]}  # 157 of 222 does not average to 170 / 222
     with pytest.raises(ValidationError, match=r"task_outcomes\['accuracy'\] \(222 scores\) does not average to"):
         RankResult.model_validate(meta.ranks[1].model_dump())
+    meta.ranks[1].task_outcomes = {"accuracy": rank4[:-1]}  # 221 articles beside 222: nothing to pair
+    meta.ranks[1].task_metrics = {"accuracy": sum(rank4[:-1]) / 221}
+    with pytest.raises(
+        ValidationError, match=r"task_outcomes\['accuracy'\] covers different numbers of examples: \[221, 222\]"
+    ):
+        RankMetadata.model_validate(meta.model_dump())

@@ -178,6 +178,7 @@ def test_rewordings_train_each_row_in_a_drawn_wording(tmp_path):
         {
             "prompt": f"q{i}?",
             "completion": " yes",
+            "choices": [" yes", " no"],
             "rewordings": [f"Q{i}!", f"question {i}:"],
             "unseen_wording": f"new {i}",
         }
@@ -196,6 +197,10 @@ def test_rewordings_train_each_row_in_a_drawn_wording(tmp_path):
     assert rows.tolist() == data.train_rows([3, 1], step=7, seed=0)[0].tolist()  # a pure function of (seed, step)
     assert all(row.tolist() in data.train_wordings[:, i].tolist() for row, i in zip(rows, [3, 1]))
     assert masks.sum(1).tolist() == [5, 5]  # " yes" (4 characters) + EOS, in any wording
+    unscored = [{k: v for k, v in r.items() if k != "choices"} for r in records]
+    (tmp_path / "r.jsonl").write_text("\n".join(map(json.dumps, unscored)))
+    with pytest.raises(KdloraError, match=r'an unseen wording is scored by accuracy, so its examples need "choices"$'):
+        load_token_data(str(tmp_path / "r.jsonl"), CharTokenizer(), seq_len=16)
     records[1]["rewordings"] = ["only one"]
     (tmp_path / "r.jsonl").write_text("\n".join(map(json.dumps, records)))
     with pytest.raises(KdloraError, match=r"every example needs the same number of rewordings, got \[1, 2\]$"):

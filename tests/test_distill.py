@@ -309,6 +309,17 @@ def test_resume_with_other_settings_is_refused(tiny_pair, tmp_path, monkeypatch)
         run_distill(tiny_config(tiny_pair, tmp_path / "a", resume=True, kd_alpha=0.9))
     with pytest.raises(KdloraError, match="holds an unfinished run for this --out; add --resume to continue it"):
         run_distill(tiny_config(tiny_pair, tmp_path / "a"))
+    # the same SPEC giving other data (a builtin changed, a file was edited), or a checkpoint that did not record it
+    state_file = tmp_path / "a.checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    for fingerprint in ("0" * 64, None):
+        state_file.write_text(json.dumps({**state, "data_fingerprint": fingerprint}))
+        with pytest.raises(
+            KdloraError,
+            match=r"^--resume: the checkpoint in .*a.checkpoint was made from other data than builtin:pydoc gives now "
+            r"\(or by a kdlora that did not record it\); delete the checkpoint to start over$",
+        ):
+            run_distill(tiny_config(tiny_pair, tmp_path / "a", resume=True))
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,9 @@ def test_rows_show_intervals_and_paired_differences(tmp_path):
     assert numbers["ranks"][2]["articles"] == 6 and numbers["task_teacher"]["interval"] is None
     assert numbers["task_teacher_accuracy"] == 0.9 and numbers["rank_gain"] == "gain"
     assert numbers["stage_seconds"] == {"prune": 1.5}
-    assert _unseen_wording_line(rows).startswith("unseen wording: not evaluated")  # the teacher was not asked it
+    assert _unseen_wording_line(rows) == (
+        "unseen wording (never trained on): rank 8 0.667, the task teacher was not asked it"
+    )
     rows[3]["evidence"]["unseen_wording"] = interval([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
     assert _unseen_wording_line(rows) == (
         "unseen wording (never trained on): rank 8 0.667, the task teacher 0.833: 80% of the teacher's accuracy"

@@ -234,6 +234,18 @@ def test_a_cache_made_for_another_run_is_refused(tiny_pair, text_data, tmp_path)
         build_cache(str(text_data), cache, teacher=str(tiny_pair[0]), seq_len=16)
 
 
+def test_data_trained_in_several_wordings_is_refused_before_any_work(tiny_pair, tmp_path):
+    rows = [{"prompt": f"q{i}?", "completion": " a", "rewordings": [f"Q{i}!"]} for i in range(20)]
+    (tmp_path / "r.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    with pytest.raises(
+        KdloraError,
+        match=r"^--teacher-cache holds the teacher's targets for each row in one wording, and data .*r.jsonl trains "
+        r"each row in 2 wordings; drop --teacher-cache \(the teacher then runs online\)$",
+    ):
+        build_cache(str(tmp_path / "r.jsonl"), tmp_path / "cache", teacher=str(tiny_pair[0]), seq_len=16)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_reading_targets_of_rows_across_shards(tiny_pair, text_data, tmp_path):
     """targets(rows) == the teacher's own top-k at those rows' learned tokens, in the order given."""
     from training.data import load_token_data

@@ -72,9 +72,7 @@ class TokenData:
     # examples with rewordings: [n_wordings, n_train, seq_len], every training row in each wording (0: `train`)
     train_wordings: torch.Tensor | None = None
     train_wordings_mask: torch.Tensor | None = None
-    # examples with an unseen wording: the held-out rows asked in it (same order as `heldout`)
-    unseen: torch.Tensor | None = None
-    unseen_mask: torch.Tensor | None = None
+    # labelled examples with an unseen wording: the held-out examples asked in it (same order as `heldout_examples`)
     unseen_examples: list[Example] | None = None
 
     def train_rows(self, indices: list[int], step: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,9 +277,7 @@ def load_token_data(spec: str, tokenizer, seq_len: int) -> TokenData:
         data.train_wordings = torch.cat([rows[None], reworded_rows])[:, kept]
         data.train_wordings_mask = torch.cat([masks[None], reworded_masks])[:, kept]
     if "unseen" in wordings:
-        unseen_rows, unseen_masks, unseen_examples = wordings["unseen"]
-        data.unseen, data.unseen_mask = unseen_rows[held], unseen_masks[held]
-        data.unseen_examples = [unseen_examples[i] for i in held.tolist()]
+        data.unseen_examples = [wordings["unseen"][2][i] for i in held.tolist()]
     return data
 
 
@@ -304,6 +300,10 @@ def _wordings(spec: str, records: list[TextExample], tokenizer, seq_len: int) ->
     if any(w is not None for w in unseen):
         if not all(w is not None for w in unseen):
             raise KdloraError(f"data SPEC '{spec}': an unseen wording is needed for every example or for none")
+        if not all(r.choices for r in records):
+            raise KdloraError(
+                f"data SPEC '{spec}': an unseen wording is scored by accuracy, so its examples need \"choices\""
+            )
         found["unseen"] = _example_rows([replace(r, prompt=w) for r, w in zip(records, unseen)], tokenizer, seq_len)
     return found
 

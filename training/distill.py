@@ -43,10 +43,11 @@ class TrainState:
     step: int = 0
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    data_fingerprint: str | None = None  # the data trained on (a resume refuses other data)
     before: dict | None = None  # the student alone, evaluated before the first step
-    teacher: dict | None = (
-        None  # the teacher's task metrics and outcomes (labelled data): what the student is measured against
-    )
+    # the teacher's task metrics and per-example scores (labelled data): what the student is measured against
+    teacher: dict | None = None
+    before_samples: int | None = None  # the --eval-samples `before` and `teacher` were measured on
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -98,12 +99,13 @@ def run_distill(cfg: DistillConfig) -> dict:
     optimizer = make_optimizer(cfg.optimizer, trainable, cfg.learning_rate)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, cfg.steps)
-    state = TrainState()
+    state = TrainState(data_fingerprint=data.fingerprint)
     if cfg.resume and cfg.checkpoint_dir.exists():
-        state = read_checkpoint_state(cfg)
+        state = read_checkpoint_state(cfg, data)
         say(f"resuming from step {state.step} ({cfg.checkpoint_dir})")
-    if state.before is None:
+    if state.before is None or state.before_samples != cfg.eval_samples:  # the weights are still the initial ones
         state.before, state.teacher = _quality_before(cfg, mode, student, nested, teacher, data, tokenizer)
+        state.before_samples = cfg.eval_samples
     for lm in (student, teacher):
         check_head_split(lm, data.train[:1, :8].to(accelerator.device))
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
@@ -212,12 +214,9 @@ def open_cache(cfg: DistillConfig, data, teacher, teacher_ref):
     """The --teacher-cache, checked against this run (None without one)."""
     if cfg.teacher_cache is None:
         return None
-    if data.train_wordings is not None:
-        raise KdloraError(
-            f"--teacher-cache holds the teacher's targets for each row in one wording, and data {cfg.data} trains each "
-            f"row in {len(data.train_wordings)} wordings; drop --teacher-cache (the teacher then runs online)"
-        )
-    from training.teacher_cache import TeacherCache
+    from training.teacher_cache import TeacherCache, refuse_rewordings
+
+    refuse_rewordings(data)
 
     cache = TeacherCache(
         Path(cfg.teacher_cache), data, cfg.kd_temperature, teacher.get_output_embeddings().weight.shape[0]
@@ -374,8 +373,9 @@ def rows_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 
 def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
     """Per setting, on the first `eval_samples` held-out rows: KL / top-1 agreement / perplexity on the tokens the
-    loss covers, and `task_metrics`: accuracy for labelled examples; otherwise how well greedy answers match the
-    teacher's (examples: to each prompt; blocks: to each block's first half, seq_len / 4 tokens)."""
+    loss covers, and `task_metrics` with their per-example scores (`task_outcomes`): accuracy for labelled
+    examples (and in their unseen wording, if they have one); otherwise how well greedy answers match the teacher's
+    (examples: to each prompt; blocks: to each block's first half, seq_len / 4 tokens)."""
     from training.evaluate import choice_accuracy, greedy_agreement, quality_against_teacher, single_token_choices
 
     was_training = model.training
@@ -384,7 +384,7 @@ def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
     rows, masks = data.heldout[: cfg.eval_samples], data.heldout_mask[: cfg.eval_samples]
     examples = (data.heldout_examples or [])[: cfg.eval_samples]
     labelled = _labelled_examples(cfg, data)
-    one_forward = bool(labelled) and single_token_choices(labelled)  # accuracy from the KL forward (half the work)
+    one_forward = bool(labelled) and single_token_choices(labelled)  # accuracy from the KL forward: no second one
     results = quality_against_teacher(
         model, teacher, rows, masks, settings, configure, cfg.batch_size, examples=labelled if one_forward else None
     )
@@ -457,8 +457,9 @@ def save_checkpoint(cfg, accelerator, model, optimizer, scheduler, state) -> Non
     accelerator.wait_for_everyone()
 
 
-def read_checkpoint_state(cfg) -> TrainState:
-    """The checkpoint's TrainState, refused when it was made with other settings (weights: restore_checkpoint)."""
+def read_checkpoint_state(cfg, data) -> TrainState:
+    """The checkpoint's TrainState, refused when it was made with other settings or data (weights:
+    restore_checkpoint)."""
     state = json.loads((cfg.checkpoint_dir / "state.json").read_text())
     saved, now = state.pop("config"), cfg.fingerprint()
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
@@ -467,6 +468,11 @@ def read_checkpoint_state(cfg) -> TrainState:
         raise KdloraError(
             f"--resume: the checkpoint in {cfg.checkpoint_dir} was made with other settings ({details}); "
             "rerun with the original settings, or delete the checkpoint to start over"
+        )
+    if state.get("data_fingerprint") != data.fingerprint:
+        raise KdloraError(
+            f"--resume: the checkpoint in {cfg.checkpoint_dir} was made from other data than {cfg.data} gives now (or "
+            "by a kdlora that did not record it); delete the checkpoint to start over"
         )
     return TrainState(**state)
 

@@ -41,6 +41,8 @@ def quality_against_teacher(
 
     from training.data import trimmed
 
+    if examples and len(examples) != len(rows):
+        raise ValueError(f"one example per row: {len(examples)} examples for {len(rows)} rows")
     device = next(model.parameters()).device
     sums = {s: {"kl": 0.0, "agree": 0.0, "nll": 0.0} for s in settings}
     correct = {s: [] for s in settings}
@@ -53,17 +55,20 @@ def quality_against_teacher(
         labels = batch[:, 1:][learned]
         tokens += labels.numel()
         chunk = examples[start : start + batch_size] if examples else []
-        prompt_ends = torch.tensor([len(e.prompt) - 1 for e in chunk], dtype=torch.long, device=device)
+        prompt_ends = (torch.arange(len(chunk)), torch.tensor([len(e.prompt) - 1 for e in chunk], dtype=torch.long))
         for setting in settings:
             configure(setting)
             logits = model(batch).logits[:, :-1]
             logp = F.log_softmax(logits[learned].float(), dim=-1)
+            at_prompt_end = F.log_softmax(logits[prompt_ends].float(), dim=-1) if chunk else None
+            del logits  # [batch, tokens, vocab]: not kept beside the next setting's
             sums[setting]["kl"] += (teacher_logp.exp() * (teacher_logp - logp)).sum().item()
             sums[setting]["agree"] += (teacher_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             sums[setting]["nll"] -= logp.gather(-1, labels.unsqueeze(-1)).sum().item()
             if chunk:
-                at_prompt_end = F.log_softmax(logits[torch.arange(len(chunk), device=device), prompt_ends].float(), -1)
-                correct[setting] += _correct(_best_single_token_options(at_prompt_end, chunk), chunk)
+                correct[setting] += _correct(
+                    [_first_best(_option_scores(at_prompt_end[i], e)) for i, e in enumerate(chunk)], chunk
+                )
     return {
         s: {
             "kl_to_teacher": v["kl"] / tokens,
@@ -165,7 +170,7 @@ def predicted_choices(model, examples, batch_size: int = 8) -> list[int]:
         for row, (i, j, _) in enumerate(chunk):
             at = len(examples[i].prompt) - 1  # predicts the first option token
             if single:
-                scores[i] = logp[row, at, [option[0] for option in examples[i].choices]].tolist()
+                scores[i] = _option_scores(logp[row, at], examples[i])
             else:
                 option = examples[i].choices[j]
                 scores[i][j] = sum(logp[row, at + k, token].item() for k, token in enumerate(option))
@@ -177,9 +182,9 @@ def single_token_choices(examples) -> bool:
     return all(len(option) == 1 for e in examples for option in e.choices)
 
 
-def _best_single_token_options(logp: torch.Tensor, examples) -> list[int]:
-    """For each example, its best option by the log-probabilities `logp[i]` at the position after its prompt."""
-    return [_first_best(logp[i, [option[0] for option in e.choices]].tolist()) for i, e in enumerate(examples)]
+def _option_scores(logp: torch.Tensor, example) -> list[float]:
+    """Each one-token option's log-probability, from `logp` [vocab] at the position after the example's prompt."""
+    return logp[[option[0] for option in example.choices]].tolist()
 
 
 def _first_best(scores: list[float]) -> int:

@@ -66,6 +66,7 @@ def build_cache(
     model.requires_grad_(False).eval()
     vocab_size = model.get_output_embeddings().weight.shape[0]
     data = load_token_data(spec, tokenizer, seq_len)
+    refuse_rewordings(data)
     check_head_split(model, data.train[:1, :8].to(device))
     settings = {
         "format": FORMAT,
@@ -200,6 +201,15 @@ def _with_tail(logp: torch.Tensor) -> torch.Tensor:
     log(-expm1(logsumexp)) to keep precision when the k entries hold nearly all the mass (floored at 1e-12)."""
     covered = torch.logsumexp(logp, dim=-1, keepdim=True).clamp(max=-1e-12)
     return torch.cat([logp, torch.log(-torch.expm1(covered))], dim=-1)
+
+
+def refuse_rewordings(data) -> None:
+    """A cache holds the teacher's targets for each row in one wording: data that trains rows in several cannot use one."""
+    if data.train_wordings is not None:
+        raise KdloraError(
+            f"--teacher-cache holds the teacher's targets for each row in one wording, and data {data.spec} trains each "
+            f"row in {len(data.train_wordings)} wordings; drop --teacher-cache (the teacher then runs online)"
+        )
 
 
 class TeacherCache:
