@@ -279,6 +279,20 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tiny_pair, tmp
         assert load_metadata(tmp_path / "resumed").ranks == load_metadata(tmp_path / "straight").ranks
 
 
+def test_a_resume_with_other_eval_samples_measures_the_start_again(tiny_pair, tmp_path, monkeypatch):
+    """The student alone and the teacher are scored on the same held-out examples as every rank (paired
+    differences need that), so a resume that evaluates fewer examples measures them again on the initial weights."""
+    data = str(_labelled_data(tmp_path / "parity.jsonl"))
+    interrupted_run(tiny_config(tiny_pair, tmp_path / "out", data=data, eval_samples=4), monkeypatch, at_step=2)
+    run_distill(tiny_config(tiny_pair, tmp_path / "out", data=data, eval_samples=2, resume=True))
+    meta = load_metadata(tmp_path / "out")
+    for quality in [meta.base_quality, meta.teacher_quality, *meta.ranks]:
+        assert len(quality.task_outcomes["accuracy"]) == 2
+    run_distill(tiny_config(tiny_pair, tmp_path / "straight", data=data, eval_samples=2))
+    straight = load_metadata(tmp_path / "straight")
+    assert meta.base_quality == straight.base_quality and meta.teacher_quality == straight.teacher_quality
+
+
 def test_a_checkpoint_of_an_older_kdlora_is_refused_by_name(tiny_pair, tmp_path, monkeypatch):
     """Before checkpoints were keyed by parameter name, optimizer.pt held torch's own state dict (by position)."""
     interrupted_run(tiny_config(tiny_pair, tmp_path / "out"), monkeypatch, at_step=2)

@@ -85,6 +85,7 @@ def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path):
         in first.stdout
     )
     assert "rank 64 vs rank 1, paired over the same 8 held-out examples: accuracy " in first.stdout
+    assert "unseen wording (never trained on): rank 64 " in first.stdout
     for row in ("| 0 (student alone) |", "| 1 |", "| 8 |", "| 64 |", "| task teacher (135M) | "):
         assert row in first.stdout
     assert "budget request {'min_quality': " in first.stdout and "budget request {'max_rank': 16" in first.stdout
@@ -97,6 +98,7 @@ def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     assert len(numbers["budgets"]) == 3 and numbers["task_teacher_accuracy"] is not None
     for row in numbers["ranks"]:  # every row's accuracy with its interval, from the same 8 held-out articles
         assert row["articles"] == 8 and row["interval"]["low"] <= row["accuracy"] == row["interval"]["mean"]
+        assert 0 <= row["unseen_wording"]["mean"] <= 1  # the same 8 articles, asked in BBC_UNSEEN_WORDING
         assert (row["vs_student_alone"] is None) == (row["rank"] == 0) and (row["vs_rank_1"] is None) == (
             row["rank"] == 1
         )
