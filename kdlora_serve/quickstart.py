@@ -50,6 +50,26 @@ PLANS = {
 STAGES = 7
 
 
+DTYPE_REASONS = {
+    "bf16": "this CPU computes bf16 natively: ~3x fp32's speed, benchmarks/dtype_bench.py",
+    "auto": "a GPU: bf16 where it has it",
+    "fp32": "this CPU emulates bf16, slower than fp32",
+}
+
+
+def training_dtype() -> str:
+    """The distillation stages' --dtype: bf16 autocast on a CPU that computes bf16 natively (AVX512-BF16 / AMX),
+    fp32 on one that emulates it (AVX2-only); on a GPU, distill's own auto (bf16 where the GPU has it). The
+    ladder therefore differs, within its noise, between the two kinds of CPU."""
+    import torch
+
+    from kdlora_serve.engine import native_bf16
+
+    if torch.cuda.is_available():
+        return "auto"
+    return "bf16" if native_bf16() else "fp32"
+
+
 class _StageClock:
     """Prints each stage's header, and the time the last stage took when the next begins (quickstart.json keeps
     them: where a first run's time goes). A stage whose result was already there takes ~0 s."""
@@ -79,8 +99,9 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
     from training.prune import run_prune
     from training.teacher import embedded_teacher
 
-    plan, out, clock = PLANS[mode], Path(out).resolve(), _StageClock()
+    plan, out, clock, dtype = PLANS[mode], Path(out).resolve(), _StageClock(), training_dtype()
     out.mkdir(parents=True, exist_ok=True)
+    print(f"training and evaluating in {dtype} ({DTYPE_REASONS[dtype]})", file=sys.stderr)
     clock.start(1, "teacher export", "embedded teacher (exported once into the cache)")
     teacher = embedded_teacher()
 
@@ -105,6 +126,7 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
                 seq_len=128,
                 lr=1e-4,
                 eval_samples=plan.eval_samples,
+                dtype=dtype,
                 resume=True,
             )
         )
@@ -131,6 +153,7 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
                 seq_len=128,
                 lr=5e-4,
                 eval_samples=16,
+                dtype=dtype,
                 resume=True,
             )
         )
@@ -159,6 +182,7 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
                 lr=1e-3,
                 eval_ranks=plan.eval_ranks,
                 eval_samples=plan.eval_samples,
+                dtype=dtype,
                 resume=True,
             )
         )

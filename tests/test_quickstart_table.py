@@ -1,5 +1,7 @@
 """The quickstart's table: accuracy with its interval and paired differences, for rows built by hand."""
 
+import pytest
+
 from hub.intervals import interval, paired_difference
 from hub.schema import Quality, RankResult
 from kdlora_serve.quickstart import _accuracy_evidence, _plot, _table, _table_json, _unseen_wording_line
@@ -50,3 +52,18 @@ def test_rows_show_intervals_and_paired_differences(tmp_path):
     )
     _plot(rows, tmp_path / "quickstart.png")  # error bars where intervals exist
     assert (tmp_path / "quickstart.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "native, cuda, expected", [(True, False, "bf16"), (False, False, "fp32"), (False, True, "auto")]
+)
+def test_training_dtype_follows_the_device(monkeypatch, native, cuda, expected):
+    """Both CPU kinds, forced: bf16 autocast only where the CPU computes bf16 natively; a GPU keeps distill's auto."""
+    import torch
+
+    from kdlora_serve import engine
+    from kdlora_serve.quickstart import training_dtype
+
+    monkeypatch.setattr(engine, "native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert training_dtype() == expected

@@ -1,0 +1,99 @@
+"""fp32 vs bf16 autocast on this CPU, for the quickstart's two kinds of work on the embedded SmolLM2-135M: a full
+fine-tuning step (forward + backward, 16 rows x 100 tokens, the task teacher's) and an evaluation forward (8 rows x
+100 tokens). The two dtypes alternate --runs times in one run (the machine is shared: compare the columns, not the
+digits). On CPUs without native bf16 (AVX2-only) bf16 is emulated and slower; the quickstart then stays fp32.
+Writes JSON + PNG to benchmarks/results/. Usage:
+
+    .venv/bin/python benchmarks/dtype_bench.py [--runs 3]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from distill_bench import RESULTS
+
+DTYPES = ("fp32", "bf16")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kdlora_serve.engine import native_bf16
+    from training.teacher import embedded_teacher
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(embedded_teacher(), dtype=torch.float32)
+    rows = torch.randint(0, model.config.vocab_size, (16, 100))
+
+    def train_step(dtype: str) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = model(rows).logits[:, -2:].float().logsumexp(-1).mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def eval_forward(dtype: str) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            model(rows[:8])
+
+    seconds = {work: {dtype: [] for dtype in DTYPES} for work in ("train step", "eval forward")}
+    for work, call in (("train step", train_step), ("eval forward", eval_forward)):
+        for dtype in DTYPES:
+            call(dtype)  # warm-up: oneDNN picks its kernels on the first call
+        for _ in range(args.runs):
+            for dtype in DTYPES:
+                started = time.perf_counter()
+                call(dtype)
+                seconds[work][dtype].append(time.perf_counter() - started)
+    summary = {
+        "machine": {"platform": platform.platform(), "native_bf16": native_bf16(), "torch": torch.__version__},
+        "runs": args.runs,
+        "seconds": seconds,
+        "median_seconds": {w: {d: statistics.median(v) for d, v in by.items()} for w, by in seconds.items()},
+        "fp32_over_bf16": {
+            w: statistics.median(by["fp32"]) / statistics.median(by["bf16"]) for w, by in seconds.items()
+        },
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "dtype.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, RESULTS / "dtype.png")
+    print(json.dumps({k: summary[k] for k in ("machine", "median_seconds", "fp32_over_bf16")}, indent=1))
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    works = list(summary["median_seconds"])
+    fig, axis = plt.subplots(figsize=(5.5, 3.4), dpi=110)
+    for offset, dtype in ((-0.2, "fp32"), (0.2, "bf16")):
+        axis.bar(
+            [i + offset for i in range(len(works))],
+            [summary["median_seconds"][w][dtype] for w in works],
+            width=0.4,
+            label=dtype if dtype == "fp32" else "bf16 autocast",
+        )
+    axis.set_xticks(range(len(works)), works)
+    axis.set_ylabel("seconds (median)")
+    native = "native bf16" if summary["machine"]["native_bf16"] else "bf16 emulated"
+    axis.set_title(f"SmolLM2-135M on this CPU ({native}), median of {summary['runs']}", fontsize=9)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
