@@ -622,6 +622,29 @@ def test_examples_train_on_the_answer_and_report_accuracy(tiny_pair, tmp_path):
     assert f"Expected answer: `{meta.usage_example.completion}`" in (cfg.out / "README.md").read_text()
 
 
+def test_full_training_measures_the_teacher_only_through_the_student(tiny_pair, tmp_path, monkeypatch):
+    """A full run's report has no row for the teacher's own scores (an adapter's kdlora.json has), so it spends no
+    evaluation on them: a task teacher (the teacher fine-tuned on labels) is measured once before training, as the
+    student alone."""
+
+    def no_teacher_evaluation(*args, **kwargs):
+        raise AssertionError("the teacher was evaluated on its own")
+
+    cfg = tiny_config(
+        (tiny_pair[0], tiny_pair[0]),
+        tmp_path / "task-teacher",
+        train="full",
+        kd_alpha=0.0,
+        data=str(_labelled_data(tmp_path / "parity.jsonl")),
+        steps=1,
+        eval_samples=8,
+    )
+    monkeypatch.setattr("training.evaluate.choice_accuracy", no_teacher_evaluation)  # one-token options: KL forward
+    report = run_distill(cfg)
+    assert report["before"]["kl_to_teacher"] == pytest.approx(0, abs=1e-6)  # the student is the teacher
+    assert len(report["before"]["task_outcomes"]["accuracy"]) == 4
+
+
 def test_reworded_examples_train_in_each_wording_and_report_the_unseen_one(tiny_pair, tmp_path):
     from transformers import AutoModelForCausalLM
 

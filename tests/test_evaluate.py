@@ -92,7 +92,8 @@ class _Answers(torch.nn.Module):
 
 
 class _Bigram(torch.nn.Module):
-    """A model whose next-token log-probabilities depend only on the current token: given by hand."""
+    """A model whose next-token log-probabilities depend only on the current token: given by hand. Its "hidden state"
+    is the token's one-hot vector and its LM head the table, so that evaluation can apply the head where it needs."""
 
     def __init__(self, probabilities: dict[int, dict[int, float]], vocab: int = 8):
         super().__init__()
@@ -100,10 +101,19 @@ class _Bigram(torch.nn.Module):
         for token, following in probabilities.items():
             for nxt, p in following.items():
                 table[token, nxt] = p
-        self.table = torch.nn.Parameter(table.log(), requires_grad=False)
+        self.vocab, self.config = vocab, type("Config", (), {})()  # no logit soft-capping
+        self.head = torch.nn.Linear(vocab, vocab, bias=False)
+        self.head.weight = torch.nn.Parameter(table.log().T, requires_grad=False)  # one_hot @ W.T = table.log()[ids]
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # a device without the head too
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def set_output_embeddings(self, head):
+        self.head = head
 
     def forward(self, ids):
-        return type("Out", (), {"logits": self.table[ids]})
+        return type("Out", (), {"logits": self.head(torch.nn.functional.one_hot(ids, self.vocab).float())})
 
 
 def test_choice_accuracy_by_hand():
@@ -146,3 +156,18 @@ def test_accuracy_from_the_kl_forward_equals_scoring_the_prompt_alone():
     assert with_accuracy["r"]["task_outcomes"] == {"accuracy": [1.0, 0.0, 1.0, 1.0]}
     assert with_accuracy["r"]["task_metrics"] == {"accuracy": 0.75}
     assert {k: v for k, v in with_accuracy["r"].items() if not k.startswith("task_")} == without["r"]
+
+
+def test_logits_at_equals_the_full_logits_there(tiny_models):
+    from training.evaluate import logits_at
+
+    model = tiny_models[0]
+    ids = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros((2, 9), dtype=torch.bool)
+    mask[0, 3], mask[1, 5:8] = True, True
+    with torch.no_grad():
+        full = model(ids).logits
+        assert torch.allclose(logits_at(model, ids, mask), full[mask], atol=1e-5)
+        rows, columns = torch.tensor([1, 0]), torch.tensor([8, 2])
+        assert torch.allclose(logits_at(model, ids, (rows, columns)), full[rows, columns], atol=1e-5)
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is put back

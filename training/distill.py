@@ -248,12 +248,13 @@ def target_source(cfg: DistillConfig, teacher, cache, device):
 
 
 def _quality_before(cfg, mode: Mode, student, nested, teacher, data, tokenizer) -> tuple[dict, dict | None]:
-    """(the student alone, the teacher's own task metrics on labelled data or None), before training."""
+    """(the student alone, the teacher's own task metrics on labelled data or None), before training. The teacher's
+    are an adapter card's row (kdlora.json); a full run's report has no place for them, so they are not measured."""
     from training.evaluate import choice_accuracy
 
     alone = _evaluate(cfg, student, nested, teacher, data, tokenizer, [mode.alone])[mode.alone]
     labelled = _labelled_examples(cfg, data)
-    if not labelled:
+    if not (labelled and mode.adapter):
         return alone, None
     own = choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.batch_size)
     _add_unseen_wording(cfg, data, teacher, [None], lambda _: None, own)
@@ -376,10 +377,17 @@ def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
     loss covers, and `task_metrics` with their per-example scores (`task_outcomes`): accuracy for labelled
     examples (and in their unseen wording, if they have one); otherwise how well greedy answers match the teacher's
     (examples: to each prompt; blocks: to each block's first half, seq_len / 4 tokens)."""
-    from training.evaluate import choice_accuracy, greedy_agreement, quality_against_teacher, single_token_choices
-
     was_training = model.training
     model.eval()
+    with mixed_precision(cfg, next(model.parameters()).device):  # evaluated in the dtype it trains in
+        results = _evaluate_settings(cfg, model, nested, teacher, data, tokenizer, settings)
+    model.train(was_training)
+    return results
+
+
+def _evaluate_settings(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
+    from training.evaluate import choice_accuracy, greedy_agreement, quality_against_teacher, single_token_choices
+
     configure = nested.set if nested is not None else (lambda setting: None)
     rows, masks = data.heldout[: cfg.eval_samples], data.heldout_mask[: cfg.eval_samples]
     examples = (data.heldout_examples or [])[: cfg.eval_samples]
@@ -415,7 +423,6 @@ def _evaluate(cfg, model, nested, teacher, data, tokenizer, settings) -> dict:
     for setting, metrics in task.items():
         results[setting].update(metrics)
     _add_unseen_wording(cfg, data, model, settings, configure, results)
-    model.train(was_training)
     return results
 
 

@@ -6,6 +6,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from training.losses import final_hidden_states
+
 # The task metric of labelled examples asked in a wording training never used (training.data.TextExample.unseen_wording)
 UNSEEN_WORDING_ACCURACY = "accuracy_unseen_wording"
 
@@ -43,25 +45,26 @@ def quality_against_teacher(
 
     if examples and len(examples) != len(rows):
         raise ValueError(f"one example per row: {len(examples)} examples for {len(rows)} rows")
-    device = next(model.parameters()).device
+    device, teacher_device = next(model.parameters()).device, next(teacher.parameters()).device
     sums = {s: {"kl": 0.0, "agree": 0.0, "nll": 0.0} for s in settings}
     correct = {s: [] for s in settings}
     tokens = 0
     for start in tqdm(range(0, len(rows), batch_size), desc=f"evaluating {len(settings)} setting(s)", leave=False):
         batch, mask = trimmed(rows[start : start + batch_size], masks[start : start + batch_size])
         batch, learned = batch.to(device), mask[:, 1:].to(device)
-        teacher_logits = teacher(batch.to(next(teacher.parameters()).device)).logits[:, :-1].to(device)
-        teacher_logp = F.log_softmax(teacher_logits[learned].float(), dim=-1)
+        at_learned = F.pad(learned, (0, 1))  # the positions that predict a learned token
+        teacher_logits = logits_at(teacher, batch.to(teacher_device), at_learned.to(teacher_device)).to(device)
+        teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
         labels = batch[:, 1:][learned]
         tokens += labels.numel()
         chunk = examples[start : start + batch_size] if examples else []
         prompt_ends = (torch.arange(len(chunk)), torch.tensor([len(e.prompt) - 1 for e in chunk], dtype=torch.long))
         for setting in settings:
             configure(setting)
-            logits = model(batch).logits[:, :-1]
-            logp = F.log_softmax(logits[learned].float(), dim=-1)
-            at_prompt_end = F.log_softmax(logits[prompt_ends].float(), dim=-1) if chunk else None
-            del logits  # [batch, tokens, vocab]: not kept beside the next setting's
+            with final_hidden_states(model) as head:
+                hidden = model(batch).logits
+            logp = F.log_softmax(head(hidden[at_learned]).float(), dim=-1)
+            at_prompt_end = F.log_softmax(head(hidden[prompt_ends]).float(), dim=-1) if chunk else None
             sums[setting]["kl"] += (teacher_logp.exp() * (teacher_logp - logp)).sum().item()
             sums[setting]["agree"] += (teacher_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             sums[setting]["nll"] -= logp.gather(-1, labels.unsqueeze(-1)).sum().item()
@@ -78,6 +81,15 @@ def quality_against_teacher(
         }
         for s, v in sums.items()
     }
+
+
+def logits_at(model, ids: torch.Tensor, positions) -> torch.Tensor:
+    """`model(ids).logits[positions]` ([batch, tokens] bool mask or (rows, columns) index), computed by applying the
+    LM head to those positions' final hidden states only: the head is a [tokens, vocab] product, ~40% of a small
+    student's forward over a 49k vocabulary, and evaluation needs it at the answer tokens alone."""
+    with final_hidden_states(model) as head:
+        hidden = model(ids).logits
+    return head(hidden[positions])
 
 
 def _task(outcomes: dict[str, list[float]]) -> dict:
@@ -166,14 +178,19 @@ def predicted_choices(model, examples, batch_size: int = 8) -> list[int]:
         ids = torch.tensor(
             [s + [0] * (width - len(s)) for _, _, s in chunk], device=device
         )  # right padding: causal, changes nothing before it
-        logp = F.log_softmax(model(ids).logits.float(), dim=-1)
-        for row, (i, j, _) in enumerate(chunk):
-            at = len(examples[i].prompt) - 1  # predicts the first option token
+        # the positions that predict each option token: from the prompt's last one (one position: one-token options)
+        wanted = [
+            (row, len(examples[i].prompt) - 1 + k)
+            for row, (i, j, _) in enumerate(chunk)
+            for k in range(1 if single else len(examples[i].choices[j]))
+        ]
+        rows, columns = (torch.tensor(c, device=device) for c in zip(*wanted))
+        logp = iter(F.log_softmax(logits_at(model, ids, (rows, columns)).float(), dim=-1))
+        for i, j, _ in chunk:
             if single:
-                scores[i] = _option_scores(logp[row, at], examples[i])
+                scores[i] = _option_scores(next(logp), examples[i])
             else:
-                option = examples[i].choices[j]
-                scores[i][j] = sum(logp[row, at + k, token].item() for k, token in enumerate(option))
+                scores[i][j] = sum(next(logp)[token].item() for token in examples[i].choices[j])
     return [_first_best(s) for s in scores]
 
 
