@@ -85,8 +85,8 @@ def quality_against_teacher(
 
 def logits_at(model, ids: torch.Tensor, positions) -> torch.Tensor:
     """`model(ids).logits[positions]` ([batch, tokens] bool mask or (rows, columns) index), computed by applying the
-    LM head to those positions' final hidden states only: the head is a [tokens, vocab] product, ~40% of a small
-    student's forward over a 49k vocabulary, and evaluation needs it at the answer tokens alone."""
+    LM head to those positions' final hidden states only: the head is a [tokens, vocab] product (49k columns for
+    SmolLM2), and evaluation reads it at the answer tokens alone."""
     with final_hidden_states(model) as head:
         hidden = model(ids).logits
     return head(hidden[positions])
