@@ -622,6 +622,25 @@ def test_examples_train_on_the_answer_and_report_accuracy(tiny_pair, tmp_path):
     assert f"Expected answer: `{meta.usage_example.completion}`" in (cfg.out / "README.md").read_text()
 
 
+def test_a_full_run_evaluates_in_the_dtype_it_trains_in(tiny_pair, tmp_path):
+    """--dtype bf16 (what the quickstart picks on CPUs with native bf16; AVX2-only CPUs run it emulated): the student,
+    held in fp32, is evaluated under the same bf16 autocast its steps run in, not in fp32."""
+    from training.distill import _evaluate, build_student, load_data, load_teacher
+
+    cfg = tiny_config(tiny_pair, tmp_path / "bf16", train="full", dtype="bf16")
+    device = torch.device("cpu")
+    student, tokenizer, nested = build_student(cfg, device)
+    teacher = load_teacher(cfg, device)[0]
+    data = load_data(cfg, tokenizer, 1)
+    seen = []
+    hook = student.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    bf16 = _evaluate(cfg, student, nested, teacher, data, tokenizer, [None])[None]
+    fp32 = _evaluate(dataclasses.replace(cfg, dtype="fp32"), student, nested, teacher, data, tokenizer, [None])[None]
+    hook.remove()
+    assert student.dtype == torch.float32 and seen[0] == torch.bfloat16 and seen[-1] == torch.float32
+    assert bf16["perplexity"] == pytest.approx(fp32["perplexity"], rel=0.05)
+
+
 def test_full_training_measures_the_teacher_only_through_the_student(tiny_pair, tmp_path, monkeypatch):
     """A full run's report has no row for the teacher's own scores (an adapter's kdlora.json has), so it spends no
     evaluation on them: a task teacher (the teacher fine-tuned on labels) is measured once before training, as the
