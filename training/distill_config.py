@@ -90,6 +90,13 @@ class DistillConfig:
             "choices": RANK_SCHEDULES,
         },
     )
+    inplace_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "sandwich: the step's smaller ranks distil the largest rank's outputs of that step instead of the "
+            "teacher's (the sandwich rule's in-place distillation); the largest rank distils the teacher"
+        },
+    )
     quantize: str = field(
         default="nf4", metadata={"help": "frozen base of the adapter modes", "choices": ("nf4", "none")}
     )
