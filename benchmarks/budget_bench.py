@@ -21,7 +21,7 @@ A request is within budget when its decode ms/token (first to last streamed toke
 and its served quality >= its floor (elastic: every rank it passed through); a 429 is not within budget. Quality of
 a request = its ranks' quality weighted by the tokens each generated (elastic requests report them). Goodput =
 tokens of requests within budget per second of the run. The server's step model is checked on held-out steps: each
-run's last 32 decode steps, predicted with the fit taken before the run. JSON + PNG to benchmarks/results/budget[-<dtype>].*.
+run's last 32 steps (and the decode-only ones among them), predicted with the fit taken before the run. JSON + PNG to benchmarks/results/budget[-<dtype>].*.
 
     .venv/bin/python benchmarks/budget_bench.py [--dtype float32] [--rates 0.25,0.5,0.8] [--requests 40] [--tokens 32]
 """
@@ -307,19 +307,26 @@ def get_json(url: str) -> dict:
 
 
 def heldout_check(pairs: list[tuple[dict, dict]]) -> dict:
-    """The server's step model against decode steps it had not seen when fitted: each run's last 32 steps
-    (GET /v1/kdlora/steps) predicted with the fit taken before that run."""
-    errors = sorted(
-        abs(fit["base"] + fit["requests"] * step["requests"] + fit["lora_work"] * step["lora_work"] - step["ms"])
-        / step["ms"]
-        for fit, step in pairs
-    )
-    if not errors:
-        return {"steps": 0}
-    return {
-        "steps": len(errors),
-        "median_abs_error_pct": 100 * errors[len(errors) // 2],
-        "p90_abs_error_pct": 100 * errors[int(0.9 * len(errors))],
+    """The server's step model against steps it had not seen when fitted: each run's last 32 steps
+    (GET /v1/kdlora/steps) predicted with the fit taken before that run; all of them, and the decode-only ones (no
+    prompt prefilled beside them: what a budget's steady decode is priced at)."""
+
+    def error(fit: dict, step: dict) -> float:
+        predicted = fit["base"] + sum(fit.get(term, 0.0) * step.get(term, 0.0) for term in step if term != "ms")
+        return abs(predicted - step["ms"]) / step["ms"]
+
+    def percentiles(errors: list[float]) -> dict:
+        errors = sorted(errors)
+        if not errors:
+            return {"steps": 0}
+        return {
+            "steps": len(errors),
+            "median_abs_error_pct": 100 * errors[len(errors) // 2],
+            "p90_abs_error_pct": 100 * errors[int(0.9 * len(errors))],
+        }
+
+    return percentiles([error(fit, step) for fit, step in pairs]) | {
+        "decode_only": percentiles([error(fit, step) for fit, step in pairs if not step.get("prefill_tokens")])
     }
 
 

@@ -8,9 +8,12 @@
   and the folder where each engine worker reports which LoRA kernels serve (kdlora_serve.lora_report), before the
   engine's processes are started, so they inherit both;
 - makes vLLM's child processes (engine core, workers) end when their parent does, so a killed API server leaves no
-  engine behind holding memory and ports.
+  engine behind holding memory and ports;
+- keeps vLLM from logging a line per engine step: `kdlora serve` turns on vLLM's iteration details for its step
+  model (kdlora_serve.api.steps), and vLLM's logging stat logger would print each one.
 """
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -31,11 +34,16 @@ def register() -> None:
     from kdlora_serve.api.resolver import KdloraResolver
 
     _end_with_parent()
+    logging.getLogger("vllm.v1.metrics.loggers").addFilter(_not_an_iteration_line)
     elastic.set_path()
     lora_report.set_path()
     if "kdlora" not in LoRAResolverRegistry.get_supported_resolvers():
         LoRAResolverRegistry.register_resolver("kdlora", KdloraResolver())
     vllm_patches.install()
+
+
+def _not_an_iteration_line(record: logging.LogRecord) -> bool:
+    return "Iteration(%d)" not in str(record.msg)  # vLLM 0.32's LoggingStatLogger._log_iteration_details
 
 
 def _end_with_parent() -> None:

@@ -62,6 +62,7 @@ def serve_command(
         str(max_loras),
         "--middleware",
         "kdlora_serve.api.middleware.KdloraMiddleware",
+        "--enable-logging-iteration-details",  # each step's batch and prefill, for the step model (api/steps.py)
         "--host",
         host,
         "--port",

@@ -369,3 +369,43 @@ def test_vllm_stats_feed_the_model_one_step_per_iteration():
     observe_iteration(model, gone, SimpleNamespace(inter_token_latencies_iter=[5.0], num_prompt_tokens=0))
     assert model.describe()["steps"] == 16
     assert model.predict(Counter({None: 1, "a@r4": 2})) == pytest.approx(10 + 3 * 3 + 2 * 4, abs=1e-2)
+
+
+def test_vllms_iteration_details_are_the_batch_the_engine_ran():
+    """With vLLM's iteration details (`kdlora serve` turns them on), a step's batch is what the engine computed:
+    requests that finished in it still count, the last step of a batch is learned, and a step that prefilled prompts
+    beside the decodes is learned with its prompt tokens (the decode requests waited for them). Dummy steps are not
+    steps. Steps made from ms = 10 + 3 x requests + 0.5 x lora_work + 0.2 x prefill tokens give back that fit."""
+    model = StepModel(path="grouped", max_lora_rank=8)
+
+    def step(decoding: int, prefilling: int, prompt_tokens: int, still_running: dict, dummy: bool = False) -> None:
+        details = SimpleNamespace(
+            is_dummy=dummy,
+            num_ctx_requests=prefilling,
+            num_ctx_tokens=prompt_tokens,
+            num_generation_requests=decoding,
+            num_generation_tokens=decoding,
+        )
+        running = Counter(still_running)
+        running[None] = decoding + prefilling - sum(still_running.values())  # finished LoRA requests: as base
+        ms = 10 + 3 * (decoding + prefilling) + 0.5 * lora_work(running, "grouped", 8) + 0.2 * prompt_tokens
+        stats = SimpleNamespace(
+            running_lora_adapters=still_running, num_running_reqs=sum(still_running.values()), iteration_details=details
+        )
+        iteration = SimpleNamespace(inter_token_latencies_iter=[ms / 1000] * decoding, num_prompt_tokens=prompt_tokens)
+        observe_iteration(model, stats, iteration)
+
+    for decoding in (1, 2, 4):
+        for rank in (1, 8):
+            step(decoding, 0, 0, {f"a@r{rank}": decoding})  # decode only
+            step(decoding, 1, 40 * rank, {f"a@r{rank}": decoding + 1})  # a prompt prefilled beside them
+            step(decoding, 0, 0, {f"a@r{rank}": decoding - 1})  # one of them finished in this step
+    step(2, 0, 0, {})  # the batch's last step: every request finished in it
+    step(0, 1, 30, {"a@r8": 1})  # a prompt alone: no request waited for it, nothing to learn
+    step(3, 0, 0, {"a@r8": 3}, dummy=True)
+    described = model.describe()
+    assert described["steps"] == 19
+    assert described["ms_per_step"] == pytest.approx(
+        {"base": 10, "requests": 3, "lora_work": 0.5, "prefill_tokens": 0.2}, abs=1e-3
+    )
+    assert model.predict(Counter({None: 1, "a@r4": 2})) == pytest.approx(10 + 3 * 3 + 0.5 * 2 * 4, abs=1e-2)

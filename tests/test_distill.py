@@ -151,6 +151,26 @@ def test_sandwich_run_trains_every_rank_it_names(tiny_pair, tmp_path):
     assert [h["ranks"][0] for h in report["history"]] == [8] * 3 and all(h["ranks"][-1] == 1 for h in report["history"])
 
 
+def test_inplace_kd_distils_the_smaller_ranks_from_the_largest_of_the_same_step(tiny_pair, tmp_path):
+    """At step 1 every rank is still the student itself (B = 0), so the smallest rank's KL to the largest rank's
+    outputs is 0, while its KL to the teacher is not; the largest rank distils the teacher either way."""
+    sandwich = tiny_config(
+        tiny_pair, tmp_path / "teacher-target", rank_distribution="sandwich", steps=1, eval_ranks=(1,)
+    )
+    to_teacher = run_distill(sandwich)["history"][0]
+    inplace = run_distill(dataclasses.replace(sandwich, out=tmp_path / "inplace", inplace_kd=True))["history"][0]
+    assert inplace["ranks"] == to_teacher["ranks"] and inplace["ranks"][-1] == 1
+    assert inplace["kl"] == pytest.approx(0, abs=1e-6) and to_teacher["kl"] > 0.01
+    with pytest.raises(
+        KdloraError,
+        match=r"^--inplace-kd distils a step's smaller ranks from its largest; it needs --train qdylora "
+        r"--rank-distribution sandwich and a --kd-alpha above 0$",
+    ):
+        run_distill(
+            dataclasses.replace(sandwich, out=tmp_path / "uniform", inplace_kd=True, rank_distribution="uniform")
+        )
+
+
 def test_qdylora_run_writes_a_nested_adapter_with_metadata(tiny_pair, tmp_path):
     report = run_distill(tiny_config(tiny_pair, tmp_path / "adapter"))
     out = tmp_path / "adapter"
@@ -641,10 +661,12 @@ def test_a_full_run_evaluates_in_the_dtype_it_trains_in(tiny_pair, tmp_path):
     assert bf16["perplexity"] == pytest.approx(fp32["perplexity"], rel=0.05)
 
 
-def test_full_training_measures_the_teacher_only_through_the_student(tiny_pair, tmp_path, monkeypatch):
+def test_the_teacher_is_measured_once(tiny_pair, tmp_path, monkeypatch):
     """A full run's report has no row for the teacher's own scores (an adapter's kdlora.json has), so it spends no
     evaluation on them: a task teacher (the teacher fine-tuned on labels) is measured once before training, as the
-    student alone."""
+    student alone, and once after. An adapter distilled from it on the same articles takes the teacher's scores from
+    that last measurement (the quickstart's path); on other articles it measures them itself."""
+    from training.evaluate import choice_accuracy
 
     def no_teacher_evaluation(*args, **kwargs):
         raise AssertionError("the teacher was evaluated on its own")
@@ -662,6 +684,15 @@ def test_full_training_measures_the_teacher_only_through_the_student(tiny_pair, 
     report = run_distill(cfg)
     assert report["before"]["kl_to_teacher"] == pytest.approx(0, abs=1e-6)  # the student is the teacher
     assert len(report["before"]["task_outcomes"]["accuracy"]) == 4
+    adapter = dataclasses.replace(
+        cfg, student=str(tiny_pair[1]), teacher=str(cfg.out), out=tmp_path / "a", train="qdylora", kd_alpha=0.5
+    )
+    run_distill(adapter)  # choice_accuracy still raises: the teacher's scores are its report's
+    assert load_metadata(adapter.out).teacher_quality.task_outcomes == report["after"]["None"]["task_outcomes"]
+    monkeypatch.setattr("training.evaluate.choice_accuracy", choice_accuracy)
+    elsewhere = dataclasses.replace(adapter, out=tmp_path / "b", eval_samples=2)  # not the articles it measured
+    run_distill(elsewhere)
+    assert len(load_metadata(elsewhere.out).teacher_quality.task_outcomes["accuracy"]) == 2
 
 
 def test_reworded_examples_train_in_each_wording_and_report_the_unseen_one(tiny_pair, tmp_path):

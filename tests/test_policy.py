@@ -59,7 +59,9 @@ def fitted_steps() -> StepModel:
 
 def test_the_step_model_recovers_the_engine_and_prices_batches_it_never_saw():
     steps = fitted_steps()
-    assert steps.describe()["ms_per_step"] == pytest.approx({"base": 20, "requests": 2, "lora_work": 0.5}, abs=1e-2)
+    assert steps.describe()["ms_per_step"] == pytest.approx(
+        {"base": 20, "requests": 2, "lora_work": 0.5, "prefill_tokens": 0}, abs=1e-2
+    )  # no prefill in these steps: its term stays 0
     unseen = Counter({None: 2, "a@r8": 1, "a@r2": 2, "b@r4": 1})  # adapter b adds its own group
     assert steps.predict(unseen) == pytest.approx(step_ms(6, 3 * 8 + 4), abs=1e-2)
     assert StepModel().predict(unseen) is None  # nothing observed: no estimate

@@ -185,3 +185,24 @@ def test_reject_answers_429_with_retry_after_before_any_engine_work(client, fitt
     assert body["kdlora"]["estimated_ms_per_token"] > 0.01 and body["kdlora"]["cheapest_rank"] == 1
     assert prompt_tokens() == before  # vLLM never saw it
     print(f"429 answered in {1000 * answered_s:.1f} ms")
+
+
+def test_the_step_model_learns_each_step_as_the_engine_ran_it(client, fitted, vllm_server, vllm_root):
+    """vLLM's own record of each step (its iteration details, turned on by `kdlora serve`): a prompt that arrives
+    while another request decodes is prefilled in a step beside that decode, and the step model learns that step
+    with the prompt's tokens and both requests (before: steps that finished a prompt were left out). vLLM's log
+    line per step stays out of the server's log. Last in this module: its steps move the server's fit away from
+    `fitted`, which the tests above price their bounds with."""
+    started = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        decoding = pool.submit(stream, client, f"{ALIAS}@r16", 24, started)
+        assert started.wait(120)
+        arrival = client.completions.create(  # a prompt of its own: no cached prefix shortens its prefill
+            model=f"{ALIAS}@r1", prompt=f"{time.time_ns()} {PROMPT}", max_tokens=2, temperature=0.0
+        )
+        decoding.result()
+    recent = get_json(vllm_server + "/v1/kdlora/steps")["recent"]
+    assert {"requests": 2, "prefill_tokens": arrival.usage.prompt_tokens} in [
+        {k: step[k] for k in ("requests", "prefill_tokens")} for step in recent
+    ], recent
+    assert "Iteration(" not in (vllm_root / "server.log").read_text()

@@ -69,6 +69,11 @@ def validate(cfg: DistillConfig) -> None:
         )
     if cfg.dtype == "fp16" and not mode.adapter:
         raise KdloraError("--train full in fp16 would need loss scaling, which kdlora does not do; use --dtype bf16")
+    if cfg.inplace_kd and not (mode.nested and cfg.rank_distribution == "sandwich" and cfg.kd_alpha > 0):
+        raise KdloraError(
+            "--inplace-kd distils a step's smaller ranks from its largest; it needs --train qdylora "
+            "--rank-distribution sandwich and a --kd-alpha above 0"
+        )
     if not mode.adapter and cfg.quantize == "nf4":
         raise KdloraError("--train full updates every weight, which a 4-bit base cannot hold; add --quantize none")
     if not cfg.resume and cfg.checkpoint_dir.exists():
@@ -83,7 +88,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     from training.data import trimmed
-    from training.losses import ChunkedKDLoss, check_head_split, final_hidden_states
+    from training.losses import ChunkedKDLoss, TeacherLogits, check_head_split, final_hidden_states
 
     validate(cfg)
     mode = MODES[cfg.train]
@@ -155,6 +160,8 @@ def run_distill(cfg: DistillConfig) -> dict:
                     loss, parts = loss_fn(hidden, head, labels, target)
                 accelerator.backward(loss / len(ranks))
                 losses.append(loss.item())
+                if cfg.inplace_kd and rank == ranks[0]:  # ranks run largest first: it teaches the rest of the step
+                    target = TeacherLogits(hidden.detach(), head)
             loss = sum(losses) / len(losses)  # parts: of the step's last (smallest) rank
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -256,9 +263,32 @@ def _quality_before(cfg, mode: Mode, student, nested, teacher, data, tokenizer) 
     labelled = _labelled_examples(cfg, data)
     if not (labelled and mode.adapter):
         return alone, None
+    measured = _teacher_measured_there(cfg, data)
+    if measured is not None:
+        return alone, measured
     own = choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.batch_size)
     _add_unseen_wording(cfg, data, teacher, [None], lambda _: None, own)
     return alone, own[None]
+
+
+def _teacher_measured_there(cfg, data) -> dict | None:
+    """The teacher's task metrics from its own distill_report.json, when the run that made it (e.g. the quickstart's
+    task teacher) ended by evaluating these very articles: the same data (fingerprint), count, length and seed.
+    Measuring them again cost ~30 s of a quickstart. None: measure (a teacher from the Hub, or other articles)."""
+    report_path = Path(cfg.teacher) / "distill_report.json"
+    if not report_path.is_file():
+        return None
+    report = json.loads(report_path.read_text())
+    made, after = report.get("config", {}), report.get("after", {}).get("None", {})
+    same_articles = (
+        report.get("mode") == "full"
+        and report.get("data_fingerprint") == data.fingerprint
+        and report.get("heldout_blocks_evaluated") == min(cfg.eval_samples, len(data.heldout))
+        and (made.get("seq_len"), made.get("seed")) == (cfg.seq_len, cfg.seed)
+    )
+    if not (same_articles and "task_outcomes" in after):
+        return None
+    return {"task_metrics": after["task_metrics"], "task_outcomes": after["task_outcomes"]}
 
 
 def mixed_precision(cfg: DistillConfig, device):
