@@ -75,11 +75,15 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path):
-    """The README's first command, with seconds of training (--smoke): every stage, real models, real server."""
+def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path, monkeypatch, capfd):
+    """The README's first command, with seconds of training (--smoke): every stage, real models, real server. Run
+    again, it reuses every finished stage (checked up to its server, which would serve the same as the first's)."""
+    from kdlora_serve import quickstart
+
     out = tmp_path / "qs"
     first = kdlora_cli("quickstart", "--smoke", "--out", str(out), timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "importance (calibration)" in first.stderr and "distilling" in first.stderr  # what a reused stage skips
     assert (
         "| rank | accuracy | vs rank 1 (paired) | vs student alone (paired) | unseen wording | KL to teacher | tok/s "
         "| adapter MB |" in first.stdout
@@ -114,6 +118,17 @@ def test_quickstart_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     ]
     assert (published / "r8" / "adapter_model.safetensors").is_file()
     assert (out / "hub" / "kdlora" / "smollm2-half" / "pruning_report.json").is_file()
-    second = kdlora_cli("quickstart", "--smoke", "--out", str(out), timeout=1500)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "importance (calibration)" not in second.stderr and "distilling" not in second.stderr  # stages reused
+
+    class Serving(Exception):
+        pass
+
+    def serving(*args):
+        raise Serving
+
+    monkeypatch.setattr(quickstart, "_serve_and_query", serving)
+    capfd.readouterr()
+    with pytest.raises(Serving):
+        quickstart.run_quickstart(out, mode="smoke")
+    second = capfd.readouterr().err
+    assert "[5/7]" in second and "[7/7]" in second  # every stage reached
+    assert "importance (calibration)" not in second and "distilling" not in second  # stages reused
