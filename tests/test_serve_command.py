@@ -30,7 +30,8 @@ def test_flags_come_from_the_metadata(adapters):
     joined = " ".join(argv)
     assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "org/student"]
     assert "--enable-lora --max-lora-rank 32 --max-loras 2" in joined  # smallest vLLM rank >= 24
-    assert "--middleware kdlora_serve.api.middleware.KdloraMiddleware --host 0.0.0.0 --port 9000" in joined
+    assert "--middleware kdlora_serve.api.middleware.KdloraMiddleware" in joined
+    assert "--enable-logging-iteration-details --host 0.0.0.0 --port 9000" in joined  # each step, for the step model
     assert joined.endswith("--tensor-parallel-size 2 --dtype bfloat16")
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1" and env["KDLORA_ALLOW"] == "myorg/*"
     assert json.loads(env["KDLORA_ADAPTERS"]) == {"a": str(adapters[0]), "b": str(adapters[1])}
