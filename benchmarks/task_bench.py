@@ -88,6 +88,8 @@ def main() -> None:
         help="train just this run (and the teacher and student it needs), report nothing: e.g. budget_bench's adapter",
     )
     args = parser.parse_args()
+    if "sandwich-seed-0" not in args.runs:
+        parser.error("--runs must include sandwich-seed-0: every other run is compared with it")
     from kdlora_serve.quickstart import training_dtype
 
     args.dtype = args.dtype or training_dtype()
