@@ -661,6 +661,20 @@ def test_a_full_run_evaluates_in_the_dtype_it_trains_in(tiny_pair, tmp_path):
     assert bf16["perplexity"] == pytest.approx(fp32["perplexity"], rel=0.05)
 
 
+def test_a_cpu_computing_in_bf16_attends_eagerly(tiny_pair, tmp_path):
+    """On a CPU in bf16 student and teacher load with eager attention (PyTorch's CPU flash-attention kernel is
+    1.2x slower per step there), in fp32 with transformers' default SDPA (faster there); GPUs keep the default."""
+    from training.distill import build_student, load_teacher
+    from training.teacher import attention_kernel
+
+    cpu = torch.device("cpu")
+    for dtype, kernel in (("bf16", "eager"), ("fp32", "sdpa")):
+        cfg = tiny_config(tiny_pair, tmp_path / dtype, dtype=dtype)
+        student, teacher = build_student(cfg, cpu)[0], load_teacher(cfg, cpu)[0]
+        assert student.config._attn_implementation == kernel == teacher.config._attn_implementation
+    assert attention_kernel(torch.device("cuda"), torch.bfloat16) is None
+
+
 def test_the_teacher_is_measured_once(tiny_pair, tmp_path, monkeypatch):
     """A full run's report has no row for the teacher's own scores (an adapter's kdlora.json has), so it spends no
     evaluation on them: a task teacher (the teacher fine-tuned on labels) is measured once before training, as the

@@ -327,6 +327,7 @@ def build_student(cfg: DistillConfig, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.nf4 import quantization_config
+    from training.teacher import attention_kernel
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.student)
@@ -338,6 +339,7 @@ def build_student(cfg: DistillConfig, device):
             quantization_config=quantization,
             use_safetensors=True,
             device_map={"": device} if quantization else None,
+            attn_implementation=attention_kernel(device, cfg.compute_dtype),
         )
     except OSError as err:
         raise KdloraError(
