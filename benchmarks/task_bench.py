@@ -6,7 +6,8 @@
   knows language but not the task;
 - ONE nested-rank adapter (QDyLoRA, NF4 base, rsLoRA) is distilled from the fine-tuned teacher on the task's
   training split (loss on the answer token: KL to the teacher's distribution + CE to the label), sandwich
-  schedule, seeds 0 and 1 (run-to-run noise); sandwich with in-place KD (`--inplace-kd`: the smaller ranks of a step
+  schedule, seeds 0 and 1 (run-to-run noise); sandwich with its ranks' losses summed equally (`--rank-weighting
+  equal`, the default before it weighed each by 1 / its LoRA scale); sandwich with in-place KD (`--inplace-kd`: the smaller ranks of a step
   distil its largest rank's outputs); the uniform schedule; a separately trained KD-LoRA at each of
   ranks 1, 4, 16, 64, same steps (what each rank could reach on its own).
 
@@ -15,7 +16,8 @@ teacher, the share of the student-to-teacher gap each rank closes, seed noise, a
 over log2 rank, MatryoshkaLoRA's measure) of the nested adapter vs the separate LoRAs at ranks 1, 4, 16, 64, with
 the paired difference per rank (same held-out articles). Training runs in the dtype the quickstart picks on this
 machine (`--dtype`). `--from-quickstart DIR` takes a finished quickstart's task teacher, student and adapter as
-the teacher, student and "sandwich seed 0" run, and trains the others with that adapter's settings.
+the teacher, student and "sandwich seed 0" run (or "sandwich-equal seed 0", for an adapter trained with equal
+weights), and trains the others with that adapter's settings.
 Every stage is a `kdlora` subprocess, seeded; `--reuse` keeps finished runs made with the same command.
 Writes benchmarks/results/task.json + task.png. Usage:
 
@@ -61,7 +63,7 @@ def run(name: str, command: list[str], reuse: bool) -> tuple[Path, float | None]
 
 
 SEPARATE_RANKS = (1, 4, 16, 64)  # the issue's AURAC comparison: a separately trained KD-LoRA at each
-NESTED = ("sandwich-seed-0", "sandwich-inplace-seed-0")  # compared with the separate LoRAs
+NESTED = ("sandwich-seed-0", "sandwich-equal-seed-0", "sandwich-inplace-seed-0")  # compared with the separate LoRAs
 RUNS = (*NESTED, "sandwich-seed-1", "uniform-seed-0", *(f"lora-r{k}" for k in SEPARATE_RANKS))
 
 
@@ -101,7 +103,9 @@ def main() -> None:
             setattr(args, option, report["config"][option])
         args.eval_samples = report["heldout_blocks_evaluated"]
         teacher, student = quickstart / "teacher-bbc", quickstart / "student"
-        given["sandwich-seed-0"] = quickstart / "adapter"
+        # a quickstart from before --rank-weighting existed summed its ranks' losses equally
+        weighting = report["config"].get("rank_weighting", "equal")
+        given["sandwich-seed-0" if weighting == "scale" else "sandwich-equal-seed-0"] = quickstart / "adapter"
     else:
         teacher, student = train_teacher_and_student(args)
     ranks = [r for r in (1, 2, 4, 8, 16, 32, 64) if r <= args.max_rank]
@@ -133,6 +137,15 @@ def main() -> None:
     flags = {
         "sandwich-seed-0": [*nested, "--rank-distribution", "sandwich", "--seed", "0"],
         "sandwich-seed-1": [*nested, "--rank-distribution", "sandwich", "--seed", "1"],
+        "sandwich-equal-seed-0": [
+            *nested,
+            "--rank-distribution",
+            "sandwich",
+            "--rank-weighting",
+            "equal",
+            "--seed",
+            "0",
+        ],
         "sandwich-inplace-seed-0": [*nested, "--rank-distribution", "sandwich", "--inplace-kd", "--seed", "0"],
         "uniform-seed-0": [*nested, "--rank-distribution", "uniform", "--seed", "0"],
         **{f"lora-r{k}": ["--train", "lora", "--rank", str(k)] for k in SEPARATE_RANKS if k <= args.max_rank},

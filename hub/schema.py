@@ -100,6 +100,10 @@ class TrainingRecipe(_Strict):
     kd_temperature: float | None = Field(None, gt=0)
     kd_alpha: float | None = Field(None, ge=0, le=1, description="weight of the KD loss; 1-alpha on next-token CE")
     rank_distribution: str | None = Field(None, description="how each step sampled its rank, e.g. 'uniform'")
+    rank_weighting: str | None = Field(
+        None,
+        description="how a step's per-rank losses added up (sandwich): 'scale' (by 1 / each rank's scale) or 'equal'",
+    )
     steps: int | None = Field(None, ge=0)
     tokens: int | None = Field(None, ge=0)
     learning_rate: float | None = Field(None, gt=0)

@@ -146,9 +146,45 @@ def test_matryoshka_mixture_is_the_mean_of_its_ranks_and_trains_every_component(
         nested.set((0, 2))
 
 
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/b", "rslora alpha/sqrt(b)"])
+def test_scale_weighting_makes_every_rank_pull_a_shared_component_equally(rslora):
+    """One LoRA layer: a component every rank uses gets from rank b's loss a gradient times b's scale. Weighted by
+    1 / scale (normalised), every rank of a step pulls it equally; the plain mean lets rank 1 pull hardest."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 6)),
+        LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["0"], init_lora_weights=False),
+    )
+    nested, x = NestedRank(model), torch.randn(3, 8)
+    lora_b = next(p for name, p in model.named_parameters() if "lora_B" in name)
+    ranks, pulls = [4, 2, 1], {}
+    for weighting in ("scale", "equal"):
+        for rank, weight in zip(ranks, nested.loss_weights(ranks, weighting)):
+            nested.set(rank)
+            model.zero_grad()
+            (model(x).sum() * weight).backward()
+            pulls[weighting, rank] = lora_b.grad[:, 0].clone()
+    for rank in ranks[1:]:
+        torch.testing.assert_close(pulls["scale", rank], pulls["scale", 4])
+    torch.testing.assert_close(pulls["equal", 1], pulls["equal", 4] * (2 if rslora else 4))
+    inverse = [4**0.5, 2**0.5, 1] if rslora else [4, 2, 1]
+    assert nested.loss_weights(ranks, "scale") == pytest.approx([w / sum(inverse) for w in inverse])
+    assert nested.loss_weights(ranks, "equal") == [1 / 3] * 3 and nested.loss_weights([(1, 2, 4)]) == [1.0]
+
+
 def test_sandwich_run_trains_every_rank_it_names(tiny_pair, tmp_path):
     report = run_distill(tiny_config(tiny_pair, tmp_path / "adapter", rank_distribution="sandwich", steps=3))
     assert [h["ranks"][0] for h in report["history"]] == [8] * 3 and all(h["ranks"][-1] == 1 for h in report["history"])
+    recipe = json.loads((tmp_path / "adapter" / "kdlora.json").read_text())["recipe"]
+    assert (recipe["rank_distribution"], recipe["rank_weighting"]) == ("sandwich", "scale")
+    equal = run_distill(
+        tiny_config(tiny_pair, tmp_path / "equal", rank_distribution="sandwich", steps=3, rank_weighting="equal")
+    )
+    assert equal["history"][0]["loss"] == pytest.approx(report["history"][0]["loss"])  # same start (B = 0) ...
+    scaled, plain = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("adapter", "equal"))
+    assert any(not torch.equal(scaled[name], plain[name]) for name in scaled)  # ... other updates
 
 
 def test_inplace_kd_distils_the_smaller_ranks_from_the_largest_of_the_same_step(tiny_pair, tmp_path):

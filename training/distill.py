@@ -151,14 +151,15 @@ def run_distill(cfg: DistillConfig) -> dict:
             ]  # the loss is on these tokens only (every one of a block, an example's answer)
             target = targets(batch, learned, rows[mine])
             ranks, losses = mode.step_ranks(cfg, state.step), []
-            for rank in ranks:  # one pass per rank this step trains; their gradients add up (mean loss)
+            weights = nested.loss_weights(ranks, cfg.rank_weighting) if nested is not None else [1.0]
+            for rank, weight in zip(ranks, weights):  # one pass per rank this step trains; their gradients add up
                 if nested is not None:
                     nested.set(rank)
                 with mixed_precision(cfg, accelerator.device):
                     with final_hidden_states(student) as head:
                         hidden = model(batch).logits[:, :-1][learned]
                     loss, parts = loss_fn(hidden, head, labels, target)
-                accelerator.backward(loss / len(ranks))
+                accelerator.backward(loss * weight)
                 losses.append(loss.item())
                 if cfg.inplace_kd and rank == ranks[0]:  # ranks run largest first: it teaches the rest of the step
                     target = TeacherLogits(hidden.detach(), head)
@@ -615,6 +616,7 @@ def _write_metadata(cfg, mode: Mode, out: Path, teacher_ref, data, state: TrainS
             kd_temperature=cfg.kd_temperature,
             kd_alpha=cfg.kd_alpha,
             rank_distribution=cfg.rank_distribution if mode.nested else None,
+            rank_weighting=cfg.rank_weighting if mode.nested and cfg.rank_distribution == "sandwich" else None,
             steps=state.step,
             tokens=state.step * cfg.batch_size * cfg.seq_len,
             learning_rate=cfg.learning_rate,

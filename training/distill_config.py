@@ -90,6 +90,15 @@ class DistillConfig:
             "choices": RANK_SCHEDULES,
         },
     )
+    rank_weighting: str = field(
+        default="scale",
+        metadata={
+            "help": "how a sandwich step's per-rank losses add up: scale weighs rank b's loss by the inverse of its "
+            "LoRA scale (sqrt(b) under rsLoRA, b under alpha/b), so every rank pulls the components it shares with "
+            "the others as hard as they do; equal: the plain mean (rank 1's scale then dominates them)",
+            "choices": ("scale", "equal"),
+        },
+    )
     inplace_kd: bool = field(
         default=False,
         metadata={

@@ -56,6 +56,17 @@ class NestedRank:
             else:
                 layer.scaling[self.adapter] = self._scale(alpha, max(min(rank, width), 1))  # DyLoRA: alpha / b
 
+    def loss_weights(self, ranks: list, weighting: str = "scale") -> list[float]:
+        """The weights (summing to 1) of a step's per-rank losses. `equal`: their mean. `scale`: each in proportion to
+        the inverse of its rank's scale (sqrt(b) under rsLoRA, b under alpha/b). A component that ranks 1 and R
+        share gets from rank b's loss a gradient times b's scale, so under the mean rank 1's loss (scale alpha,
+        R's alpha / sqrt(R)) sets the shared components for every rank; weighted by 1 / scale each rank pulls them
+        as hard as the others (BBC task, R = 64, sandwich: every rank's accuracy rose, benchmarks/RESULTS.md)."""
+        if weighting == "equal" or len(ranks) == 1:
+            return [1 / len(ranks)] * len(ranks)
+        inverse = [1 / self._scale(1.0, rank) for rank in ranks]
+        return [w / sum(inverse) for w in inverse]
+
     def _scale(self, alpha, rank):
         return alpha / (rank**0.5 if self.rslora else rank)
 
