@@ -184,12 +184,26 @@ def main() -> None:
         summary["seed_noise_by_rank"] = {
             r: abs(first["after"][r]["accuracy"] - second["after"][r]["accuracy"]) for r in ranks
         }
+    if "sandwich-equal-seed-0" in results:  # what weighing the ranks' losses by 1 / scale changed, same articles
+        equal = results["sandwich-equal-seed-0"]
+        summary["scale_minus_equal_weighting"] = {
+            r: vars(paired_difference(first["outcomes"][r], equal["outcomes"][r])) for r in ranks
+        }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "task.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, ranks, RESULTS / "task.png")
     print(
         json.dumps(
-            {k: summary.get(k) for k in ("gap_closed_by_rank", "seed_noise_by_rank", "nested_vs_separate")}, indent=1
+            {
+                k: summary.get(k)
+                for k in (
+                    "gap_closed_by_rank",
+                    "seed_noise_by_rank",
+                    "scale_minus_equal_weighting",
+                    "nested_vs_separate",
+                )
+            },
+            indent=1,
         )
     )
 
