@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill_bench import RESULTS
+from distill_bench import RESULTS, plot_side_by_side
 
 KERNELS = ("sdpa", "eager")
 
@@ -100,27 +100,12 @@ def main() -> None:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    works = list(summary["median_seconds"])
-    fig, axis = plt.subplots(figsize=(6.5, 3.4), dpi=110)
-    for offset, kernel in ((-0.2, "sdpa"), (0.2, "eager")):
-        axis.bar(
-            [i + offset for i in range(len(works))],
-            [summary["median_seconds"][w][kernel] for w in works],
-            width=0.4,
-            label={"sdpa": "SDPA (flash, CPU)", "eager": "eager"}[kernel],
-        )
-    axis.set_xticks(range(len(works)), works, fontsize=8)
-    axis.set_ylabel("seconds (median)")
-    axis.set_title(f"SmolLM2-135M attention kernels, {summary['dtype']}, median of {summary['runs']}", fontsize=9)
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_side_by_side(
+        summary["median_seconds"],
+        {"sdpa": "SDPA (flash, CPU)", "eager": "eager"},
+        f"SmolLM2-135M attention kernels, {summary['dtype']}, median of {summary['runs']}",
+        path,
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,27 @@ def kdlora(*args: str, env: dict | None = None) -> float:
     return time.perf_counter() - started
 
 
+def plot_side_by_side(medians: dict[str, dict[str, float]], labels: dict[str, str], title: str, path: Path) -> None:
+    """Bars of median seconds per kind of work (x), one bar per alternative (`labels`: key -> legend), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    works, width = list(medians), 0.8 / len(labels)
+    fig, axis = plt.subplots(figsize=(6.5, 3.4), dpi=110)
+    for i, (key, label) in enumerate(labels.items()):
+        offset = (i - (len(labels) - 1) / 2) * width
+        axis.bar([w + offset for w in range(len(works))], [medians[w][key] for w in works], width=width, label=label)
+    axis.set_xticks(range(len(works)), works, fontsize=8)
+    axis.set_ylabel("seconds (median)")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

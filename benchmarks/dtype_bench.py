@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill_bench import RESULTS
+from distill_bench import RESULTS, plot_side_by_side
 
 DTYPES = ("fp32", "bf16")
 
@@ -71,28 +71,13 @@ def main() -> None:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    works = list(summary["median_seconds"])
-    fig, axis = plt.subplots(figsize=(5.5, 3.4), dpi=110)
-    for offset, dtype in ((-0.2, "fp32"), (0.2, "bf16")):
-        axis.bar(
-            [i + offset for i in range(len(works))],
-            [summary["median_seconds"][w][dtype] for w in works],
-            width=0.4,
-            label=dtype if dtype == "fp32" else "bf16 autocast",
-        )
-    axis.set_xticks(range(len(works)), works)
-    axis.set_ylabel("seconds (median)")
     native = "native bf16" if summary["machine"]["native_bf16"] else "bf16 emulated"
-    axis.set_title(f"SmolLM2-135M on this CPU ({native}), median of {summary['runs']}", fontsize=9)
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_side_by_side(
+        summary["median_seconds"],
+        {"fp32": "fp32", "bf16": "bf16 autocast"},
+        f"SmolLM2-135M on this CPU ({native}), median of {summary['runs']}",
+        path,
+    )
 
 
 if __name__ == "__main__":

@@ -177,7 +177,9 @@ def main() -> None:
         "gap_closed_by_rank": {r: (first["after"][r]["accuracy"] - first["student_alone"]) / gap for r in ranks}
         if gap > 0
         else None,
-        "nested_vs_separate": {name: nested_vs_separate(results, name) for name in NESTED if name in results},
+        "nested_vs_separate": {
+            name: nested_vs_separate(results, name) for name in (*NESTED, "sandwich-seed-1") if name in results
+        },
     }
     if "sandwich-seed-1" in results:
         second = results["sandwich-seed-1"]
