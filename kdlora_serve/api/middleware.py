@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from hub.errors import KdloraError
 from kdlora_serve import elastic, lora_report
 from kdlora_serve.api import metrics
-from kdlora_serve.api.policy import Load, choose_rank, lower_ranks, parse_budget
+from kdlora_serve.api.policy import Headroom, Load, choose_rank, lower_ranks, parse_budget
 from kdlora_serve.api.steps import STEPS
 from kdlora_serve.api.store import get_store
 from kdlora_serve.errors import RequestError
@@ -50,6 +50,7 @@ MODELS_PATH = "/v1/models"
 PUBLIC_PATHS = ("/health", "/ping", "/version", "/metrics")  # liveness probes and scrapers: no key, no model run
 ADAPTER_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
 HEADER_PREFIX = "x-kdlora-"
+HEADROOM = Headroom()  # this API-server process's: steered by the requests it measures, asked by its policy
 
 
 @dataclass
@@ -84,12 +85,15 @@ class KdloraMiddleware:
         self.app = app
         self.running: dict[object, Admitted] = {}  # every generation request in flight; one event loop, no lock
 
-    def load(self, squeezed: bool = False) -> Load:
+    def load(self, squeezed: bool = False, prompt_tokens: int = 0) -> Load:
         """The batch as the policy sees it: requests in flight by LoRA name, and the bounds they were admitted within.
-        squeezed: with every elastic request at the lowest rank it may be lowered to."""
+        squeezed: with every elastic request at the lowest rank it may be lowered to. prompt_tokens: an arrival's,
+        whose prefill stalls every decode in flight once; a request that gave max_tokens has that stall spread over
+        its tokens taken off its bound (its bound is a mean over them)."""
         admitted = list(self.running.values())
-        bounds = tuple(a.bound for a in admitted if a.bound is not None)
-        return Load(Counter(a.name(squeezed) for a in admitted), bounds, STEPS)
+        stall_ms = prompt_tokens * STEPS.prefill_ms_per_token() * HEADROOM.factor
+        bounds = tuple(a.bound - stall_ms / (a.max_tokens or math.inf) for a in admitted if a.bound is not None)
+        return Load(Counter(a.name(squeezed) for a in admitted), bounds, STEPS, HEADROOM.factor)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -119,7 +123,9 @@ class KdloraMiddleware:
         if scope["method"] == "GET" and path == STEPS_PATH:
             load = self.load()
             in_flight = {"requests": sum(load.running.values()), "bounds_ms_per_token": sorted(load.bounds)}
-            return await _send_json(send, 200, STEPS.describe() | {"in_flight": in_flight})
+            return await _send_json(
+                send, 200, STEPS.describe() | {"headroom": HEADROOM.describe(), "in_flight": in_flight}
+            )
         if scope["method"] == "GET" and path == MODELS_PATH:
             return await self.app(scope, receive, _ModelsWithRanks(send, scope))
         if scope["method"] != "POST" or path not in GENERATION_PATHS:
@@ -151,7 +157,8 @@ class KdloraMiddleware:
         new_body, adapter, choice = routed
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(new_body)).encode())])
-        measured = _Measured(send, adapter, choice, self.running[ticket].handle)
+        admitted = self.running[ticket]
+        measured = _Measured(send, adapter, choice, admitted.handle, admitted.bound)
         return await self.app(scope, _replay(new_body, receive), measured)
 
     async def _route(self, scope, body: bytes, ticket):
@@ -185,7 +192,10 @@ class KdloraMiddleware:
         served = _served_model(scope)
         try:
             loaded = await asyncio.to_thread(store.load, adapter, served)
-            choice = await self._admit(ticket, loaded.metadata, budget, adapter, rank, _max_tokens(payload))
+            prompt_tokens = await asyncio.to_thread(self._prompt_tokens, scope, payload)
+            choice = await self._admit(
+                ticket, loaded.metadata, budget, adapter, rank, _max_tokens(payload), prompt_tokens
+            )
             await asyncio.to_thread(store.lora_dir, adapter, choice.rank, served)  # intact before vLLM may load it
         except RequestError:
             raise
@@ -201,20 +211,25 @@ class KdloraMiddleware:
             _tell_engine(payload, handle)
         return json.dumps(payload).encode(), adapter, choice
 
-    async def _admit(self, ticket, meta, budget, adapter: str, rank: int | None, max_tokens: int | None):
-        """Choose the rank against the batch in flight and admit the request into it (no await between the two, so
-        concurrent arrivals see each other). A budget no rank meets now: `on_miss` serve (the cheapest rank, flagged),
-        reject (429 before any engine work) or wait (ask again as requests finish, up to max_wait_ms, then 429)."""
+    async def _admit(
+        self, ticket, meta, budget, adapter: str, rank: int | None, max_tokens: int | None, prompt_tokens: int = 0
+    ):
+        """Choose the rank against the batch in flight (its bounds less the stall this request's prompt will cause)
+        and admit the request into it (no await between the two, so concurrent arrivals see each other). A budget no
+        rank meets now: `on_miss` serve (the cheapest rank, flagged), reject (429 before any engine work) or wait
+        (ask again as requests finish, up to max_wait_ms, then 429)."""
         held_since = time.monotonic()
         deadline = held_since + (budget.max_wait_ms or DEFAULT_MAX_WAIT_MS) / 1000
         while True:
-            choice = choose_rank(meta, budget, adapter, self.load(), rank)
+            choice = choose_rank(meta, budget, adapter, self.load(prompt_tokens=prompt_tokens), rank)
             if not choice.met and any(a.lower_to for a in self.running.values()):
-                squeezed = choose_rank(meta, budget, adapter, self.load(squeezed=True), rank)
+                squeezed = choose_rank(
+                    meta, budget, adapter, self.load(squeezed=True, prompt_tokens=prompt_tokens), rank
+                )
                 choice = squeezed if squeezed.met else choice  # admitted by lowering elastic requests (`_rebalance`)
             if choice.met or budget.on_miss in (None, "serve"):
                 break
-            if budget.on_miss == "reject" or time.monotonic() >= deadline:
+            if budget.on_miss == "reject" or not self.running or time.monotonic() >= deadline:  # empty: no wait helps
                 raise self._refusal(adapter, choice, budget, waited_s=time.monotonic() - held_since)
             await asyncio.sleep(WAIT_POLL_S)
         if budget.on_miss == "wait":
@@ -231,12 +246,33 @@ class KdloraMiddleware:
         self._rebalance()
         return choice
 
+    def _prompt_tokens(self, scope, payload: dict) -> int:
+        """How many tokens the request's prompt is, by vLLM's own tokenizer (0 when nothing in flight has a bound to
+        keep, or the prompt is of a kind not counted here: no stall priced)."""
+        engine = getattr(_app_state(scope), "engine_client", None)
+        if engine is None or not any(a.bound is not None and a.max_tokens for a in self.running.values()):
+            return 0
+        tokenizer, prompt, messages = engine.get_tokenizer(), payload.get("prompt"), payload.get("messages")
+        if isinstance(prompt, str):
+            return len(tokenizer.encode(prompt))
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        if isinstance(messages, list):
+            try:
+                ids = tokenizer.apply_chat_template(
+                    messages, tokenize=True, add_generation_prompt=True, return_dict=False
+                )
+                return len(ids)
+            except Exception:  # a template this tokenizer cannot apply: vLLM answers the request itself
+                return 0
+        return 0
+
     def _rebalance(self) -> None:
         """While the predicted step breaks an in-flight request's bound, lower the elastic request whose next rank
         cuts the step most (on the CPU's grouped path only an adapter's largest rank costs); stop when none does."""
         while True:
             load = self.load()
-            step_ms = STEPS.predict(load.running)
+            step_ms = load.predict(load.running)
             if step_ms is None or not load.bounds or step_ms <= min(load.bounds):
                 return
             best, best_ms = None, step_ms
@@ -247,7 +283,7 @@ class KdloraMiddleware:
                         - Counter({admitted.name(): 1})
                         + Counter({model_name(admitted.adapter, admitted.lower_to[0]): 1})
                     )
-                    trial_ms = STEPS.predict(trial)
+                    trial_ms = load.predict(trial)
                     if trial_ms < best_ms:
                         best, best_ms = admitted, trial_ms
             if best is None:
@@ -275,7 +311,8 @@ class KdloraMiddleware:
     def _retry_after_s(self) -> int:
         """Whole seconds until the first in-flight request that says how long it is (max_tokens) should be done, at the
         current batch's predicted step time; 1 when nothing says."""
-        step_ms = STEPS.predict(self.load().running)
+        load = self.load()
+        step_ms = load.predict(load.running)
         ends = [
             a.started + a.max_tokens * step_ms / 1000 - time.monotonic()
             for a in self.running.values()
@@ -318,8 +355,8 @@ class _Measured:
     For an elastic request it also reports what was served (`_served`): in the JSON body's `kdlora` field and
     x-kdlora-lowest-rank / x-kdlora-tokens-per-rank headers, or streamed, in one last event before `data: [DONE]`."""
 
-    def __init__(self, send, adapter: str, choice, handle: str | None = None):
-        self.send, self.adapter, self.choice, self.handle = send, adapter, choice, handle
+    def __init__(self, send, adapter: str, choice, handle: str | None = None, bound: float | None = None):
+        self.send, self.adapter, self.choice, self.handle, self.bound = send, adapter, choice, handle, bound
         self.started = time.perf_counter()
         self.status = 200
         self.held_start = None  # an elastic request's whole response: its start waits for the body's report
@@ -419,6 +456,11 @@ class _Measured:
         segments = elastic.table().served(self.handle) if self.handle is not None else [(rank, tokens)]
         if per > 0 and len(segments) == 1:  # one rank's cost, not a mix
             store.costs.record(self.adapter, rank, 1000 * seconds / per)
+        if self.bound is not None and self.stream_tokens > 1:  # a decode measured as the bound means it
+            missed = 1000 * seconds / per > self.bound
+            HEADROOM.observe(missed)
+            metrics.LATENCY_OUTCOMES.labels(adapter=self.adapter, outcome="missed" if missed else "kept").inc()
+            metrics.LATENCY_HEADROOM.set(HEADROOM.factor)
         metrics.REQUESTS.labels(adapter=self.adapter, rank=str(rank)).inc()
         for served_rank, served_tokens in segments:
             metrics.TOKENS.labels(adapter=self.adapter, rank=str(served_rank)).inc(served_tokens)

@@ -104,6 +104,11 @@ class StepModel:
         coefficients[1:] = np.maximum(coefficients[1:], 0.0)  # noise must not make a bigger batch look cheaper
         return coefficients
 
+    def prefill_ms_per_token(self) -> float:
+        """What one prompt token prefilled in a step adds to it, i.e. to every request decoding in it (0: no fit)."""
+        coefficients = self.coefficients()
+        return 0.0 if coefficients is None else float(coefficients[TERMS.index("prefill_tokens")])
+
     def predict(self, running: Counter) -> float | None:
         """ms of a decode step of this batch (no prompt prefilled beside it)."""
         coefficients = self.coefficients()
