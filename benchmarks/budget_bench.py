@@ -224,13 +224,11 @@ def main() -> None:
             loads.append((BURST[0], BURST[1], round(BURST[1] * saturation * BURST[2])))
         for seed, (name, fraction, count) in enumerate(loads):
             load, limits = arrivals(fraction * saturation, count, seed), {"floor": quality[sorted(quality)[-2]]}
-            runs, headroom = {}, {}
+            runs = {}
             for policy in POLICIES:  # fixed r1 and r64 first: they set this load's budgets
                 fit = get_json(url + "/v1/kdlora/steps")["ms_per_step"]  # before this run: its steps are held out
                 runs[policy] = run_load(client, alias, policy, load, args.tokens, limits, alone, quality, on_miss)
-                after = get_json(url + "/v1/kdlora/steps")
-                heldout += [(fit, step) for step in after["recent"]] if fit else []
-                headroom[policy] = after["headroom"]["factor"]  # steered by budgeted requests only: kept across loads
+                heldout += [(fit, step) for step in get_json(url + "/v1/kdlora/steps")["recent"]] if fit else []
                 if policy in ("fixed r1", "fixed r64"):
                     decode = sorted(r["decode_ms"] for r in runs[policy][0] if r["decode_ms"] is not None)
                     limits["tight" if policy == "fixed r1" else "loose"] = 1.1 * decode[len(decode) // 2]
@@ -242,7 +240,6 @@ def main() -> None:
                         "server": "rank-aware",
                         "policy": policy,
                         "wall_s": wall_s,
-                        "headroom_after": headroom[policy],
                     }
                     | summarize(with_budgets(results, load, limits), quality, wall_s)  # fmt: skip
                 )

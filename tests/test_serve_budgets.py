@@ -68,13 +68,11 @@ def test_the_step_model_sees_that_a_bigger_batch_costs_more(fitted, vllm_server)
     assert re.search(r'kdlora_step_model_ms\{term="requests"\} [0-9.e+-]+', metrics)
 
 
-def test_a_loose_request_beside_a_tight_one_gets_a_lower_rank_than_alone(client, fitted, vllm_server):
-    """The tight bound lies between one and two requests at rank 1 (the server's own fit, times the headroom that
-    earlier requests' outcomes set): admitted alone, the tight request fits; a loose request arriving while it
-    decodes would push the shared step past that bound at any rank, so it is served at the cheapest rank and
-    flagged, while alone it gets the largest."""
-    headroom = get_json(vllm_server + "/v1/kdlora/steps")["headroom"]["factor"]  # kept bounds only lower it
-    tight = headroom * (predict(fitted, 1, 1) + 0.5 * fitted["requests"])
+def test_a_loose_request_beside_a_tight_one_gets_a_lower_rank_than_alone(client, fitted):
+    """The tight bound lies between one and two requests at rank 1 (the server's own fit): admitted alone, the
+    tight request fits; a loose request arriving while it decodes would push the shared step past that bound at
+    any rank, so it is served at the cheapest rank and flagged, while alone it gets the largest."""
+    tight = predict(fitted, 1, 1) + 0.5 * fitted["requests"]
     loose = 10 * predict(fitted, 4, 16)
     assert stream(client, ALIAS, 8, latency_ms_per_token=loose)[:2] == ("16", "true")  # alone: the largest rank
     started = threading.Event()
@@ -150,7 +148,7 @@ def test_an_elastic_request_lowered_mid_stream_equals_peft_switching_rank_at_the
 
 
 def test_a_budget_no_rank_meets_is_served_at_the_cheapest_rank_and_says_why(client, fitted, vllm_server):
-    now = get_json(vllm_server + "/v1/kdlora/steps")  # nothing runs between this and the choice
+    fit_now = get_json(vllm_server + "/v1/kdlora/steps")["ms_per_step"]  # nothing runs between this and the choice
     raw = client.completions.with_raw_response.create(
         model=ALIAS, prompt=PROMPT, max_tokens=4, extra_body={"kdlora": {"latency_ms_per_token": 0.01}}
     )
@@ -160,8 +158,7 @@ def test_a_budget_no_rank_meets_is_served_at_the_cheapest_rank_and_says_why(clie
         r"latency_ms_per_token 0\.01 \(estimated ([0-9.]+) ms per token with 1 in flight\)",
         raw.headers["x-kdlora-budget-miss"],
     )
-    expected = predict(now["ms_per_step"], 1, 1) * now["headroom"]["factor"]
-    assert estimated and float(estimated[1]) == pytest.approx(expected, abs=0.051)
+    assert estimated and float(estimated[1]) == pytest.approx(predict(fit_now, 1, 1), abs=0.051)
 
 
 def test_reject_answers_429_with_retry_after_before_any_engine_work(client, fitted, vllm_server):

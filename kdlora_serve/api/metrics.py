@@ -30,11 +30,3 @@ ELASTIC_LOWERINGS = Counter(
     "Elastic requests lowered one evaluated rank while decoding, to keep in-flight latency budgets",
     ["adapter"],
 )
-LATENCY_OUTCOMES = Counter(
-    "kdlora_latency_outcomes",
-    "Streamed requests admitted within a latency bound, by whether their measured decode kept it (kept / missed)",
-    ["adapter", "outcome"],
-)
-LATENCY_HEADROOM = Gauge(
-    "kdlora_latency_headroom", "The factor step-time predictions are multiplied by before they are held to bounds"
-)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from hub.errors import KdloraError
 from kdlora_serve import elastic, lora_report
 from kdlora_serve.api import metrics
-from kdlora_serve.api.policy import Headroom, Load, choose_rank, lower_ranks, parse_budget
+from kdlora_serve.api.policy import Load, choose_rank, lower_ranks, parse_budget
 from kdlora_serve.api.steps import STEPS
 from kdlora_serve.api.store import get_store
 from kdlora_serve.errors import RequestError
@@ -50,7 +50,6 @@ MODELS_PATH = "/v1/models"
 PUBLIC_PATHS = ("/health", "/ping", "/version", "/metrics")  # liveness probes and scrapers: no key, no model run
 ADAPTER_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
 HEADER_PREFIX = "x-kdlora-"
-HEADROOM = Headroom()  # this API-server process's: steered by the requests it measures, asked by its policy
 
 
 @dataclass
@@ -91,9 +90,9 @@ class KdloraMiddleware:
         whose prefill stalls every decode in flight once; a request that gave max_tokens has that stall spread over
         its tokens taken off its bound (its bound is a mean over them)."""
         admitted = list(self.running.values())
-        stall_ms = prompt_tokens * STEPS.prefill_ms_per_token() * HEADROOM.factor
+        stall_ms = prompt_tokens * STEPS.prefill_ms_per_token()
         bounds = tuple(a.bound - stall_ms / (a.max_tokens or math.inf) for a in admitted if a.bound is not None)
-        return Load(Counter(a.name(squeezed) for a in admitted), bounds, STEPS, HEADROOM.factor)
+        return Load(Counter(a.name(squeezed) for a in admitted), bounds, STEPS)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -123,9 +122,7 @@ class KdloraMiddleware:
         if scope["method"] == "GET" and path == STEPS_PATH:
             load = self.load()
             in_flight = {"requests": sum(load.running.values()), "bounds_ms_per_token": sorted(load.bounds)}
-            return await _send_json(
-                send, 200, STEPS.describe() | {"headroom": HEADROOM.describe(), "in_flight": in_flight}
-            )
+            return await _send_json(send, 200, STEPS.describe() | {"in_flight": in_flight})
         if scope["method"] == "GET" and path == MODELS_PATH:
             return await self.app(scope, receive, _ModelsWithRanks(send, scope))
         if scope["method"] != "POST" or path not in GENERATION_PATHS:
@@ -157,8 +154,7 @@ class KdloraMiddleware:
         new_body, adapter, choice = routed
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(new_body)).encode())])
-        admitted = self.running[ticket]
-        measured = _Measured(send, adapter, choice, admitted.handle, admitted.bound)
+        measured = _Measured(send, adapter, choice, self.running[ticket].handle)
         return await self.app(scope, _replay(new_body, receive), measured)
 
     async def _route(self, scope, body: bytes, ticket):
@@ -252,19 +248,17 @@ class KdloraMiddleware:
         engine = getattr(_app_state(scope), "engine_client", None)
         if engine is None or not any(a.bound is not None and a.max_tokens for a in self.running.values()):
             return 0
-        tokenizer, prompt, messages = engine.get_tokenizer(), payload.get("prompt"), payload.get("messages")
-        if isinstance(prompt, str):
-            return len(tokenizer.encode(prompt))
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return len(prompt)
-        if isinstance(messages, list):
-            try:
-                ids = tokenizer.apply_chat_template(
-                    messages, tokenize=True, add_generation_prompt=True, return_dict=False
-                )
-                return len(ids)
-            except Exception:  # a template this tokenizer cannot apply: vLLM answers the request itself
-                return 0
+        prompt, messages = payload.get("prompt"), payload.get("messages")
+        try:
+            if isinstance(prompt, str):
+                return len(engine.get_tokenizer().encode(prompt))
+            if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+                return len(prompt)
+            if isinstance(messages, list):
+                chat = engine.get_tokenizer().apply_chat_template
+                return len(chat(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+        except Exception:  # e.g. a template this tokenizer cannot apply: vLLM answers for the request itself
+            log.warning("kdlora: could not count the prompt's tokens; its prefill is not priced", exc_info=True)
         return 0
 
     def _rebalance(self) -> None:
@@ -272,7 +266,7 @@ class KdloraMiddleware:
         cuts the step most (on the CPU's grouped path only an adapter's largest rank costs); stop when none does."""
         while True:
             load = self.load()
-            step_ms = load.predict(load.running)
+            step_ms = STEPS.predict(load.running)
             if step_ms is None or not load.bounds or step_ms <= min(load.bounds):
                 return
             best, best_ms = None, step_ms
@@ -283,7 +277,7 @@ class KdloraMiddleware:
                         - Counter({admitted.name(): 1})
                         + Counter({model_name(admitted.adapter, admitted.lower_to[0]): 1})
                     )
-                    trial_ms = load.predict(trial)
+                    trial_ms = STEPS.predict(trial)
                     if trial_ms < best_ms:
                         best, best_ms = admitted, trial_ms
             if best is None:
@@ -311,8 +305,7 @@ class KdloraMiddleware:
     def _retry_after_s(self) -> int:
         """Whole seconds until the first in-flight request that says how long it is (max_tokens) should be done, at the
         current batch's predicted step time; 1 when nothing says."""
-        load = self.load()
-        step_ms = load.predict(load.running)
+        step_ms = STEPS.predict(self.load().running)
         ends = [
             a.started + a.max_tokens * step_ms / 1000 - time.monotonic()
             for a in self.running.values()
@@ -355,8 +348,8 @@ class _Measured:
     For an elastic request it also reports what was served (`_served`): in the JSON body's `kdlora` field and
     x-kdlora-lowest-rank / x-kdlora-tokens-per-rank headers, or streamed, in one last event before `data: [DONE]`."""
 
-    def __init__(self, send, adapter: str, choice, handle: str | None = None, bound: float | None = None):
-        self.send, self.adapter, self.choice, self.handle, self.bound = send, adapter, choice, handle, bound
+    def __init__(self, send, adapter: str, choice, handle: str | None = None):
+        self.send, self.adapter, self.choice, self.handle = send, adapter, choice, handle
         self.started = time.perf_counter()
         self.status = 200
         self.held_start = None  # an elastic request's whole response: its start waits for the body's report
@@ -456,11 +449,6 @@ class _Measured:
         segments = elastic.table().served(self.handle) if self.handle is not None else [(rank, tokens)]
         if per > 0 and len(segments) == 1:  # one rank's cost, not a mix
             store.costs.record(self.adapter, rank, 1000 * seconds / per)
-        if self.bound is not None and self.stream_tokens > 1:  # a decode measured as the bound means it
-            missed = 1000 * seconds / per > self.bound
-            HEADROOM.observe(missed)
-            metrics.LATENCY_OUTCOMES.labels(adapter=self.adapter, outcome="missed" if missed else "kept").inc()
-            metrics.LATENCY_HEADROOM.set(HEADROOM.factor)
         metrics.REQUESTS.labels(adapter=self.adapter, rank=str(rank)).inc()
         for served_rank, served_tokens in segments:
             metrics.TOKENS.labels(adapter=self.adapter, rank=str(served_rank)).inc(served_tokens)

@@ -6,13 +6,10 @@ flight by LoRA name, the latency bounds they were admitted under, and this serve
 (kdlora_serve.api.steps), which predicts a decode step's ms for the batch with this request added at each rank. A
 latency budget is the batch's: when kdlora picks the rank, the predicted step must stay within the request's own
 bound AND within every in-flight request's, so a loose request arriving beside a tight one gets a lower rank than
-it would alone. The fit prices the engine's step; what a client measures also carries what no fit explains (a
-shared CPU, the API server's own work), so predictions are held to bounds times `Headroom`, steered by the outcomes
-of the requests admitted within their bounds. No budget: the adapter's default rank. Nothing fits: `on_miss` says what happens (the cheapest rank,
+it would alone. No budget: the adapter's default rank. Nothing fits: `on_miss` says what happens (the cheapest rank,
 flagged; a 429; or a wait at the door: kdlora_serve.api.middleware).
 """
 
-import math
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -110,52 +107,20 @@ class Choice:
     estimate_ms: float | None = None  # predicted ms per step with this request in the batch at `rank`
 
 
-class Headroom:
-    """The factor the policy multiplies the step model's prediction by before holding it to a latency bound, steered
-    so that about TARGET_MISS of the requests admitted within their bound miss it as measured (decode ms per token,
-    first streamed token to last). A stochastic approximation of that quantile: each miss multiplies the factor by
-    exp(RATE * (1 - TARGET_MISS)), each bound kept by exp(-RATE * TARGET_MISS), so it settles where misses are
-    TARGET_MISS of outcomes; within [LOWEST, HIGHEST]. Why: budget_bench found the fit off by a median 18% on this
-    shared 2-core CPU, against budgets with a 10% margin."""
-
-    TARGET_MISS = 0.01
-    RATE = 0.1  # one miss: +10%; it takes ~100 kept bounds to undo
-    LOWEST, HIGHEST = 0.5, 3.0
-
-    def __init__(self):
-        self.factor, self.kept, self.missed = 1.0, 0, 0
-        self._lock = threading.Lock()
-
-    def observe(self, missed: bool) -> None:
-        with self._lock:
-            step = self.RATE * ((1 - self.TARGET_MISS) if missed else -self.TARGET_MISS)
-            self.factor = min(self.HIGHEST, max(self.LOWEST, self.factor * math.exp(step)))
-            self.missed, self.kept = self.missed + missed, self.kept + (not missed)
-
-    def describe(self) -> dict:
-        with self._lock:
-            return {"factor": self.factor, "target_miss": self.TARGET_MISS, "kept": self.kept, "missed": self.missed}
-
-
 @dataclass
 class Load:
     """What is in flight when a request arrives: running requests per LoRA name (None: the base model), the latency
-    bounds (ms per token) they were admitted within, the step-time model that prices a batch, and the headroom its
-    predictions are multiplied by."""
+    bounds (ms per token) they were admitted within, and the step-time model that prices a batch."""
 
     running: Counter = field(default_factory=Counter)
     bounds: tuple[float, ...] = ()
     steps: StepModel | None = None
-    headroom: float = 1.0
-
-    def predict(self, running: Counter) -> float | None:
-        """ms per step of the batch `running`, with headroom (None: no fit yet)."""
-        predicted = None if self.steps is None else self.steps.predict(running)
-        return None if predicted is None else predicted * self.headroom
 
     def estimate(self, adapter: str, rank: int) -> float | None:
         """Predicted ms per step once this request runs at `rank` beside what is in flight (None: no fit yet)."""
-        return self.predict(self.running + Counter({model_name(adapter, rank): 1}))
+        if self.steps is None:
+            return None
+        return self.steps.predict(self.running + Counter({model_name(adapter, rank): 1}))
 
     @property
     def requests(self) -> int:
