@@ -188,7 +188,8 @@ class KdloraMiddleware:
         served = _served_model(scope)
         try:
             loaded = await asyncio.to_thread(store.load, adapter, served)
-            prompt_tokens = await asyncio.to_thread(self._prompt_tokens, scope, payload)
+            stalls = any(a.bound is not None and a.max_tokens for a in self.running.values())  # a stall to price
+            prompt_tokens = await asyncio.to_thread(_prompt_tokens, scope, payload) if stalls else 0
             choice = await self._admit(
                 ticket, loaded.metadata, budget, adapter, rank, _max_tokens(payload), prompt_tokens
             )
@@ -241,25 +242,6 @@ class KdloraMiddleware:
         self.running[ticket] = admitted
         self._rebalance()
         return choice
-
-    def _prompt_tokens(self, scope, payload: dict) -> int:
-        """How many tokens the request's prompt is, by vLLM's own tokenizer (0 when nothing in flight has a bound to
-        keep, or the prompt is of a kind not counted here: no stall priced)."""
-        engine = getattr(_app_state(scope), "engine_client", None)
-        if engine is None or not any(a.bound is not None and a.max_tokens for a in self.running.values()):
-            return 0
-        prompt, messages = payload.get("prompt"), payload.get("messages")
-        try:
-            if isinstance(prompt, str):
-                return len(engine.get_tokenizer().encode(prompt))
-            if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-                return len(prompt)
-            if isinstance(messages, list):
-                chat = engine.get_tokenizer().apply_chat_template
-                return len(chat(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
-        except Exception:  # e.g. a template this tokenizer cannot apply: vLLM answers for the request itself
-            log.warning("kdlora: could not count the prompt's tokens; its prefill is not priced", exc_info=True)
-        return 0
 
     def _rebalance(self) -> None:
         """While the predicted step breaks an in-flight request's bound, lower the elastic request whose next rank
@@ -322,6 +304,26 @@ def _budget_headers(headers) -> dict[str, str]:
         if name.startswith(HEADER_PREFIX):
             found.setdefault(name.removeprefix(HEADER_PREFIX).replace("-", "_"), value.decode("latin-1"))
     return found
+
+
+def _prompt_tokens(scope, payload: dict) -> int:
+    """How many tokens the request's prompt is, by vLLM's own tokenizer (0 outside a vLLM app, or for a prompt of
+    a kind not counted here: no stall priced)."""
+    engine = getattr(_app_state(scope), "engine_client", None)
+    if engine is None:
+        return 0
+    prompt, messages = payload.get("prompt"), payload.get("messages")
+    try:
+        if isinstance(prompt, str):
+            return len(engine.get_tokenizer().encode(prompt))
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        if isinstance(messages, list):
+            chat = engine.get_tokenizer().apply_chat_template
+            return len(chat(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+    except Exception:  # e.g. a template this tokenizer cannot apply: vLLM answers for the request itself
+        log.warning("kdlora: could not count the prompt's tokens; its prefill is not priced", exc_info=True)
+    return 0
 
 
 def _tell_engine(payload: dict, handle: str) -> None:
