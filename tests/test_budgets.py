@@ -48,7 +48,7 @@ def json_start(content_type: bytes = b"application/json") -> dict:
 
 
 async def post(middleware, body: dict) -> tuple[int, dict, dict]:
-    """(status, headers, JSON body or {}: none, or streamed) of one completion request through the middleware."""
+    """(status, headers, JSON body or {}) of one completion request through the middleware."""
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "", "headers": []}
     scope["app"] = middleware.app
     sent = []
@@ -63,7 +63,7 @@ async def post(middleware, body: dict) -> tuple[int, dict, dict]:
     start = next(m for m in sent if m["type"] == "http.response.start")
     headers = {k.decode(): v.decode() for k, v in start["headers"]}
     payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], headers, json.loads(payload) if payload and not payload.startswith(b"data:") else {}
+    return start["status"], headers, json.loads(payload) if payload else {}
 
 
 async def until_engine_has(vllm: HeldVllm, count: int) -> None:
