@@ -341,7 +341,7 @@ def _unseen_wording_line(rows) -> str:
     mine, theirs = (r["evidence"]["unseen_wording"] if r else None for r in (top, teacher))
     if mine is None:
         return "unseen wording: not evaluated (data without one, or an adapter trained before kdlora asked it)"
-    share = f": {mine.mean / theirs.mean:.0%} of the teacher's accuracy" if theirs and theirs.mean > 0 else ""
+    share = f": {mine.mean / theirs.mean:.1%} of the teacher's accuracy" if theirs and theirs.mean > 0 else ""
     teacher_part = f"the task teacher {theirs.mean:.3f}" if theirs else "the task teacher was not asked it"
     return f"unseen wording (never trained on): rank {top['rank']} {mine.mean:.3f}, {teacher_part}{share}"
 

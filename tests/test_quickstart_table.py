@@ -48,7 +48,7 @@ def test_rows_show_intervals_and_paired_differences(tmp_path):
     )
     rows[3]["evidence"]["unseen_wording"] = interval([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
     assert _unseen_wording_line(rows) == (
-        "unseen wording (never trained on): rank 8 0.667, the task teacher 0.833: 80% of the teacher's accuracy"
+        "unseen wording (never trained on): rank 8 0.667, the task teacher 0.833: 80.0% of the teacher's accuracy"
     )
     _plot(rows, tmp_path / "quickstart.png")  # error bars where intervals exist
     assert (tmp_path / "quickstart.png").stat().st_size > 0
