@@ -72,6 +72,11 @@ class Admitted:
             return None
         return model_name(self.adapter, self.lower_to[-1] if squeezed and self.lower_to else self.rank)
 
+    def bound_less_stall(self, stall_ms: float) -> float:
+        """Its bound once a prompt prefilled beside it stalls its decode by `stall_ms`: spread over its max_tokens (its
+        bound is a mean over them); without max_tokens nothing says over how many, and the bound stays."""
+        return self.bound - stall_ms / self.max_tokens if self.max_tokens else self.bound
+
     def lower(self) -> None:
         """Down to the next rank it may be lowered to, from the engine's next step on."""
         self.rank, self.lower_to = self.lower_to[0], self.lower_to[1:]
@@ -90,8 +95,8 @@ class KdloraMiddleware:
         whose prefill stalls every decode in flight once; a request that gave max_tokens has that stall spread over
         its tokens taken off its bound (its bound is a mean over them)."""
         admitted = list(self.running.values())
-        stall_ms = prompt_tokens * STEPS.prefill_ms_per_token()
-        bounds = tuple(a.bound - stall_ms / (a.max_tokens or math.inf) for a in admitted if a.bound is not None)
+        stall_ms = prompt_tokens * STEPS.prefill_ms_per_token() if prompt_tokens else 0.0
+        bounds = tuple(a.bound_less_stall(stall_ms) for a in admitted if a.bound is not None)
         return Load(Counter(a.name(squeezed) for a in admitted), bounds, STEPS)
 
     async def __call__(self, scope, receive, send):
@@ -188,8 +193,8 @@ class KdloraMiddleware:
         served = _served_model(scope)
         try:
             loaded = await asyncio.to_thread(store.load, adapter, served)
-            stalls = any(a.bound is not None and a.max_tokens for a in self.running.values())  # a stall to price
-            prompt_tokens = await asyncio.to_thread(_prompt_tokens, scope, payload) if stalls else 0
+            stalled = any(a.bound is not None and a.max_tokens for a in self.running.values())  # bound_less_stall
+            prompt_tokens = await asyncio.to_thread(_prompt_tokens, scope, payload) if stalled else 0
             choice = await self._admit(
                 ticket, loaded.metadata, budget, adapter, rank, _max_tokens(payload), prompt_tokens
             )
