@@ -128,14 +128,11 @@ def start_background(args: list[str], log: Path, env: dict | None = None, timeou
 
     For programs that drive a server of their own (quickstart, tests, benchmarks). Extra vLLM flags
     belong in ARGS after `--`."""
-    import socket
     import subprocess
     import time
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     try:
         at = args.index("--")
     except ValueError:
@@ -154,3 +151,12 @@ def start_background(args: list[str], log: Path, env: dict | None = None, timeou
             time.sleep(1)
     process.kill()
     raise RuntimeError(f"kdlora serve was not healthy after {timeout_s:.0f} s:\n{Path(log).read_text()[-4000:]}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -2,6 +2,11 @@
 
 Tiers: tests marked `integration` use the real embedded teacher and/or the real vLLM server; the rest
 are fast. `pytest -m "not integration"` runs the fast tier alone; scripts/test runs everything.
+
+scripts/test runs the suite on two pytest-xdist workers: most of it keeps one core busy (Python, process start-ups,
+vLLM's imports), so two workers share the 2 cores' time. Each module's tests stay on one worker (module fixtures are
+built once), the session server's modules on one worker (one server a session), and the pruned student is pruned
+once for both workers (`shared_once`).
 """
 
 import os
@@ -13,6 +18,54 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT_S = 600
+# the modules that use the session's vLLM server (the vllm_server fixture): one xdist worker runs them all
+SESSION_SERVER_MODULES = {"test_serve.py", "test_serve_budgets.py", "test_teacher.py"}
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one thread each (torch's default, one per core, would make four), inherited by the
+    # processes tests start; vLLM's engines pick their own threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_make_scheduler(config, log):
+    """Whole modules to a worker (module fixtures are built once), and the session server's modules to one (one
+    server a session). xdist's `--dist loadgroup` would say this with marks, but it cannot rename pytest 9.2's node
+    ids, so the scheduler names the groups itself."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "session-server" if Path(module).name in SESSION_SERVER_MODULES else module
+
+    return ByModule(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    stray = {item.path.name for item in items if "vllm_server" in item.fixturenames} - SESSION_SERVER_MODULES
+    if stray:
+        raise pytest.UsageError(
+            f"{sorted(stray)} use vllm_server: add them to SESSION_SERVER_MODULES (tests/conftest.py)"
+        )
+    # the session server's modules first: the longest group a worker runs (~6 min), started at once, not left last
+    items.sort(key=lambda item: item.path.name not in SESSION_SERVER_MODULES)
+
+
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)`'s folder, built once for the session, by whichever xdist worker comes first (the others wait
+    on a lock and reuse it); without xdist, once in this process."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders share this parent
+    folder = root / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 def kdlora_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -24,6 +77,8 @@ def kdlora_cli(*args: str, env: dict | None = None, timeout: float = 600) -> sub
 def kdlora_launch(config: str, *args: str, processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/<config> ... -m kdlora_serve.cli <args>` as users run it: on a machine
     without GPUs kdlora joins the processes over gloo (training/processes.py)."""
+    from kdlora_serve.serve import free_port
+
     cmd = [
         sys.executable,
         "-m",
@@ -32,6 +87,8 @@ def kdlora_launch(config: str, *args: str, processes: int = 2, timeout: float = 
         str(REPO / "configs" / config),
         "--num_processes",
         str(processes),
+        "--main_process_port",
+        str(free_port()),  # not accelerate's fixed default: another xdist worker may be launching too
         "-m",
         "kdlora_serve.cli",
         *args,
@@ -247,9 +304,10 @@ def pruned_student(teacher_dir, tmp_path_factory) -> Path:
     """The embedded teacher pruned to ~50% of its parameters (small calibration: this is a test)."""
     from training.prune import run_prune
 
-    out = tmp_path_factory.mktemp("student") / "smollm2-pruned"
-    run_prune(out, target_params="0.5", calib_samples=32, seq_len=128)
-    return out
+    def prune(folder: Path) -> None:
+        run_prune(folder / "smollm2-pruned", target_params="0.5", calib_samples=32, seq_len=128)
+
+    return shared_once(tmp_path_factory, "pruned-student", prune) / "smollm2-pruned"
 
 
 @pytest.fixture(scope="session")

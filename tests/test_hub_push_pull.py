@@ -3,7 +3,6 @@
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from hub.adapter import ADAPTER_WEIGHTS, read_adapter
 from hub.errors import KdloraError
 from hub.remote import parse_repo, pull_adapter, push, read_remote_metadata
 from hub.schema import load_metadata
+from kdlora_serve.serve import free_port
 
 TOKEN = "hf_kdlora_test_token"
 INPUT = tiny_input()
@@ -243,9 +243,7 @@ def test_absolute_path_is_not_a_repo_id_where_paths_are_not_allowed():
 
 
 def test_unreachable_endpoint(adapter, tmp_path):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     result = kdlora_cli("hub", "pull", "kd/a", "--out", str(tmp_path / "out"), "--endpoint", f"http://127.0.0.1:{port}")
     assert result.returncode == 1
     assert result.stderr.startswith(f"kdlora: error: cannot reach the Hub at http://127.0.0.1:{port} (ConnectError")

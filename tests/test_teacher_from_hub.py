@@ -2,7 +2,6 @@
 teacher at one commit and pin that commit in what they write, so a teacher whose `main` moves on is still named."""
 
 import json
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 from hub.errors import KdloraError
 from hub.remote import PRUNING_REPORT
 from hub.schema import ModelRef, load_metadata
+from kdlora_serve.serve import free_port
 from training.distill import DistillConfig, run_distill
 from training.prune import run_prune
 from training.teacher_cache import build_cache
@@ -83,9 +83,7 @@ def test_a_missing_repo_or_revision_is_one_line_that_names_it(hub, text, tmp_pat
 
 
 def test_an_unreachable_hub_with_nothing_cached_says_so(monkeypatch, text, tmp_path):
-    with socket.socket() as free:  # a port nothing listens on
-        free.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{free.getsockname()[1]}"
+    url = f"http://127.0.0.1:{free_port()}"
     point_client_at(monkeypatch, url, tmp_path / "hf_home")
     with pytest.raises(
         KdloraError, match=rf"^cannot reach the Hub at {url} \(.*\) and kd/teacher is not in the local "
