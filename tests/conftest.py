@@ -5,8 +5,8 @@ are fast. `pytest -m "not integration"` runs the fast tier alone; scripts/test r
 
 scripts/test runs the suite on two pytest-xdist workers: most of it keeps one core busy (Python, process start-ups,
 vLLM's imports), so two workers share the 2 cores' time. Each module's tests stay on one worker (module fixtures are
-built once), the session server's modules on one worker (one server a session), and the pruned student is pruned
-once for both workers (`shared_once`).
+built once), and so do all the modules that use the session server (one server a session) or the pruned student
+(pruned once): SHARED_FIXTURE_MODULES.
 """
 
 import os
@@ -18,54 +18,49 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT_S = 600
-# the modules that use the session's vLLM server (the vllm_server fixture): one xdist worker runs them all
-SESSION_SERVER_MODULES = {"test_serve.py", "test_serve_budgets.py", "test_teacher.py"}
+# Under xdist, the modules that use an expensive session fixture run on one worker, so it is built once (checked at
+# collection)
+SHARED_FIXTURE_MODULES = {
+    "vllm_server": {"test_serve.py", "test_serve_budgets.py", "test_teacher.py"},
+    "pruned_student": {"test_distill_teacher.py", "test_nf4.py", "test_prune_teacher.py"},
+}
+# Scheduled first, longest first (~7, 5.5, 4, 3.5, 2.5 min on two workers; pytest prints the 30 slowest tests each
+# run): one of them left to the end keeps one worker busy while the other idles
+LONG_FIRST = ("vllm_server", "test_families_e2e.py", "pruned_student", "test_lora_triton.py", "test_plan.py")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # two workers on two cores: one thread each (torch's default, one per core, would make four), inherited by the
     # processes tests start; vLLM's engines pick their own threads
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def scope(module: str) -> str:
+    """What runs on one xdist worker: a module, or the group of modules that share an expensive fixture."""
+    return next((fixture for fixture, modules in SHARED_FIXTURE_MODULES.items() if module in modules), module)
+
+
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
 def pytest_xdist_make_scheduler(config, log):
-    """Whole modules to a worker (module fixtures are built once), and the session server's modules to one (one
-    server a session). xdist's `--dist loadgroup` would say this with marks, but it cannot rename pytest 9.2's node
-    ids, so the scheduler names the groups itself."""
+    """Each `scope` whole to one worker, in collection order. xdist's `--dist loadgroup` would group with marks, but
+    it cannot rename pytest 9.2's node ids; its default order (most tests first) left long modules of few tests last."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ByModule(LoadScopeScheduling):
+    class ByScope(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "session-server" if Path(module).name in SESSION_SERVER_MODULES else module
+            return scope(Path(nodeid.split("::", 1)[0]).name)
 
-    return ByModule(config, log)
+    config.option.loadscopereorder = False
+    return ByScope(config, log)
 
 
 def pytest_collection_modifyitems(items):
-    stray = {item.path.name for item in items if "vllm_server" in item.fixturenames} - SESSION_SERVER_MODULES
-    if stray:
-        raise pytest.UsageError(
-            f"{sorted(stray)} use vllm_server: add them to SESSION_SERVER_MODULES (tests/conftest.py)"
-        )
-    # the session server's modules first: the longest group a worker runs (~6 min), started at once, not left last
-    items.sort(key=lambda item: item.path.name not in SESSION_SERVER_MODULES)
-
-
-def shared_once(tmp_path_factory, name: str, build) -> Path:
-    """`build(folder)`'s folder, built once for the session, by whichever xdist worker comes first (the others wait
-    on a lock and reuse it); without xdist, once in this process."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the workers' base folders share this parent
-    folder = root / name
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / ".built").is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            build(folder)
-            (folder / ".built").touch()
-    return folder
+    for fixture, modules in SHARED_FIXTURE_MODULES.items():
+        stray = {item.path.name for item in items if fixture in item.fixturenames} - modules
+        if stray:
+            raise pytest.UsageError(
+                f"{sorted(stray)} use {fixture}: add them to SHARED_FIXTURE_MODULES (tests/conftest.py)"
+            )
+    first = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: first.get(scope(item.path.name), len(first)))
 
 
 def kdlora_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -304,10 +299,9 @@ def pruned_student(teacher_dir, tmp_path_factory) -> Path:
     """The embedded teacher pruned to ~50% of its parameters (small calibration: this is a test)."""
     from training.prune import run_prune
 
-    def prune(folder: Path) -> None:
-        run_prune(folder / "smollm2-pruned", target_params="0.5", calib_samples=32, seq_len=128)
-
-    return shared_once(tmp_path_factory, "pruned-student", prune) / "smollm2-pruned"
+    out = tmp_path_factory.mktemp("student") / "smollm2-pruned"
+    run_prune(out, target_params="0.5", calib_samples=32, seq_len=128)
+    return out
 
 
 @pytest.fixture(scope="session")
