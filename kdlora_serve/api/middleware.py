@@ -72,10 +72,15 @@ class Admitted:
             return None
         return model_name(self.adapter, self.lower_to[-1] if squeezed and self.lower_to else self.rank)
 
+    @property
+    def feels_stall(self) -> bool:
+        """Whether a prompt prefilled beside it lowers its bound: it has one, and max_tokens to spread the stall over."""
+        return self.bound is not None and bool(self.max_tokens)
+
     def bound_less_stall(self, stall_ms: float) -> float:
         """Its bound once a prompt prefilled beside it stalls its decode by `stall_ms`: spread over its max_tokens (its
         bound is a mean over them); without max_tokens nothing says over how many, and the bound stays."""
-        return self.bound - stall_ms / self.max_tokens if self.max_tokens else self.bound
+        return self.bound - stall_ms / self.max_tokens if self.feels_stall else self.bound
 
     def lower(self) -> None:
         """Down to the next rank it may be lowered to, from the engine's next step on."""
@@ -193,7 +198,7 @@ class KdloraMiddleware:
         served = _served_model(scope)
         try:
             loaded = await asyncio.to_thread(store.load, adapter, served)
-            stalled = any(a.bound is not None and a.max_tokens for a in self.running.values())  # bound_less_stall
+            stalled = any(a.feels_stall for a in self.running.values())  # else no bound needs the prompt's length
             prompt_tokens = await asyncio.to_thread(_prompt_tokens, scope, payload) if stalled else 0
             choice = await self._admit(
                 ticket, loaded.metadata, budget, adapter, rank, _max_tokens(payload), prompt_tokens
