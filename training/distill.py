@@ -111,8 +111,9 @@ def run_distill(cfg: DistillConfig) -> dict:
     if state.before is None or state.before_samples != cfg.eval_samples:  # the weights are still the initial ones
         state.before, state.teacher = _quality_before(cfg, mode, student, nested, teacher, data, tokenizer)
         state.before_samples = cfg.eval_samples
-    for lm in (student, teacher):
-        check_head_split(lm, data.train[:1, :8].to(accelerator.device))
+    for lm in (student, teacher):  # in the precision the steps compute in
+        with mixed_precision(cfg, accelerator.device):
+            check_head_split(lm, data.train[:1, :8].to(accelerator.device))
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP puts sharded parameters in their place
     if state.step:
@@ -293,13 +294,11 @@ def _teacher_measured_there(cfg, data) -> dict | None:
 
 
 def mixed_precision(cfg: DistillConfig, device):
-    """Full training keeps fp32 weights and computes in the compute dtype (autocast; checkpointed chunks recompute
-    under the same state). Adapters need none: their base is loaded in the compute dtype, and PEFT keeps them fp32."""
-    return torch.autocast(
-        device.type,
-        dtype=cfg.compute_dtype,
-        enabled=not MODES[cfg.train].adapter and cfg.compute_dtype != torch.float32,
-    )
+    """In bf16, fp32 weights compute in bf16 (autocast; checkpointed chunks recompute under the same state), as
+    transformers' Trainer does with bf16=True: full training's weights, and an adapter's, which PEFT keeps in fp32
+    on a base loaded in bf16 (without it the LoRA matmuls ran in fp32: ~28% of a pass on an AVX512-BF16 CPU,
+    benchmarks/RESULTS.md). fp16 is never autocast: its small gradients would need loss scaling."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.compute_dtype == torch.bfloat16)
 
 
 def load_teacher(cfg: DistillConfig, device, pinned=None):

@@ -113,7 +113,7 @@ class DistillConfig:
         default="auto",
         metadata={
             "help": "compute dtype of teacher and student (auto: bf16 on GPUs that have it, else fp32); "
-            "full training keeps fp32 weights and autocasts",
+            "in bf16, fp32 weights (full training's, an adapter's) compute under bf16 autocast",
             "choices": ("auto", *DTYPES),
         },
     )
