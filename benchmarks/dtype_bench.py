@@ -1,8 +1,10 @@
-"""fp32 vs bf16 autocast on this CPU, for the quickstart's two kinds of work on the embedded SmolLM2-135M: a full
-fine-tuning step (forward + backward, 16 rows x 100 tokens, the task teacher's) and an evaluation forward (8 rows x
-100 tokens). The two dtypes alternate --runs times in one run (the machine is shared: compare the columns, not the
-digits). On CPUs without native bf16 (AVX2-only) bf16 is emulated and slower; the quickstart then stays fp32.
-Writes JSON + PNG to benchmarks/results/. Usage:
+"""fp32 vs bf16 autocast on this CPU, for the quickstart's kinds of work on the embedded SmolLM2-135M: a full
+fine-tuning step (forward + backward, 16 rows x 100 tokens, the task teacher's), an evaluation forward (8 rows x
+100 tokens), and one pass of the adapter stage (NF4 base computing in bf16, all-linear rank-64 LoRA with fp32
+weights, 8 rows x 100 tokens; three a step): there "fp32" is the LoRA computed in fp32, as kdlora did before
+1812d0c, "bf16" under autocast. The two alternate --runs times in one run (the machine is shared: compare the
+columns, not the digits). On CPUs without native bf16 (AVX2-only) bf16 is emulated and slower; the quickstart then
+stays fp32. Writes JSON + PNG to benchmarks/results/. Usage:
 
     .venv/bin/python benchmarks/dtype_bench.py [--runs 3]
 """
@@ -25,7 +27,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from training.nf4 import keep_trainable, quantization_config, quiet_kernels_note
+
+    quiet_kernels_note()
     import torch
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from kdlora_serve.engine import native_bf16
@@ -33,21 +39,35 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(embedded_teacher(), dtype=torch.float32)
+    nf4 = AutoModelForCausalLM.from_pretrained(
+        embedded_teacher(),
+        dtype=torch.bfloat16,
+        quantization_config=quantization_config("nf4", torch.bfloat16),
+        device_map={"": "cpu"},
+    )
+    keep_trainable(nf4)
+    nf4.requires_grad_(False)
+    lora = get_peft_model(nf4, LoraConfig(r=64, lora_alpha=16, use_rslora=True, target_modules="all-linear"))
     rows = torch.randint(0, model.config.vocab_size, (16, 100))
 
-    def train_step(dtype: str) -> None:
+    def train_step(dtype: str, trained=model, batch=rows) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = model(rows).logits[:, -2:].float().logsumexp(-1).mean()
+            loss = trained(batch).logits[:, -2:].float().logsumexp(-1).mean()
         loss.backward()
-        model.zero_grad(set_to_none=True)
+        trained.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def eval_forward(dtype: str) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             model(rows[:8])
 
-    seconds = {work: {dtype: [] for dtype in DTYPES} for work in ("train step", "eval forward")}
-    for work, call in (("train step", train_step), ("eval forward", eval_forward)):
+    works = {
+        "train step": train_step,
+        "eval forward": eval_forward,
+        "NF4 + LoRA r64 pass": lambda dtype: train_step(dtype, lora, rows[:8]),
+    }
+    seconds = {work: {dtype: [] for dtype in DTYPES} for work in works}
+    for work, call in works.items():
         for dtype in DTYPES:
             call(dtype)  # warm-up: oneDNN picks its kernels on the first call
         for _ in range(args.runs):

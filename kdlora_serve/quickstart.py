@@ -128,6 +128,7 @@ def run_quickstart(out: Path, mode: str = "fast") -> int:
                 seq_len=128,
                 lr=1e-4,
                 eval_samples=plan.eval_samples,
+                evaluate_before=False,  # the teacher zero-shot: nothing here reads it (~45 s)
                 dtype=dtype,
                 resume=True,
             )

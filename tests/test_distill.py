@@ -408,6 +408,11 @@ def test_resume_with_other_settings_is_refused(tiny_pair, tmp_path, monkeypatch)
         ),
         ({"optimizer": "sgd"}, "--optimizer sgd: use one of adamw, adamw8bit, paged_adamw8bit"),
         ({"loss_chunk_tokens": 0}, "--loss-chunk-tokens must be at least 1"),
+        (
+            {"evaluate_before": False},
+            "--no-evaluate-before: an adapter's card compares every rank with the student alone, measured before "
+            "training; drop the option (it is for --train full)",
+        ),
     ],
 )
 def test_bad_settings(tiny_pair, tmp_path, overrides, message):
@@ -768,6 +773,18 @@ def test_the_teacher_is_measured_once(tiny_pair, tmp_path, monkeypatch):
     elsewhere = dataclasses.replace(adapter, out=tmp_path / "b", eval_samples=2)  # not the articles it measured
     run_distill(elsewhere)
     assert len(load_metadata(elsewhere.out).teacher_quality.task_outcomes["accuracy"]) == 2
+
+
+def test_full_training_can_skip_the_evaluation_before(tiny_pair, tmp_path, monkeypatch):
+    """--no-evaluate-before (the quickstart's task teacher, whose zero-shot scores nothing reads): one evaluation,
+    after training; the report says `before` was not measured."""
+    import training.distill
+
+    evaluated = []
+    evaluate = training.distill._evaluate
+    monkeypatch.setattr(training.distill, "_evaluate", lambda *args: evaluated.append(args[-1]) or evaluate(*args))
+    report = run_distill(tiny_config(tiny_pair, tmp_path / "out", train="full", steps=1, evaluate_before=False))
+    assert evaluated == [[None]] and report["before"] is None and "kl_to_teacher" in report["after"]["None"]
 
 
 def test_reworded_examples_train_in_each_wording_and_report_the_unseen_one(tiny_pair, tmp_path):

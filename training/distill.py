@@ -74,6 +74,11 @@ def validate(cfg: DistillConfig) -> None:
             "--inplace-kd distils a step's smaller ranks from its largest; it needs --train qdylora "
             "--rank-distribution sandwich and a --kd-alpha above 0"
         )
+    if mode.adapter and not cfg.evaluate_before:
+        raise KdloraError(
+            "--no-evaluate-before: an adapter's card compares every rank with the student alone, measured before "
+            "training; drop the option (it is for --train full)"
+        )
     if not mode.adapter and cfg.quantize == "nf4":
         raise KdloraError("--train full updates every weight, which a 4-bit base cannot hold; add --quantize none")
     if not cfg.resume and cfg.checkpoint_dir.exists():
@@ -108,7 +113,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     if cfg.resume and cfg.checkpoint_dir.exists():
         state = read_checkpoint_state(cfg, data)
         say(f"resuming from step {state.step} ({cfg.checkpoint_dir})")
-    if state.before is None or state.before_samples != cfg.eval_samples:  # the weights are still the initial ones
+    # not measured yet: the weights are still the initial ones
+    if cfg.evaluate_before and (state.before is None or state.before_samples != cfg.eval_samples):
         state.before, state.teacher = _quality_before(cfg, mode, student, nested, teacher, data, tokenizer)
         state.before_samples = cfg.eval_samples
     for lm in (student, teacher):  # in the precision the steps compute in

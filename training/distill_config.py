@@ -161,13 +161,20 @@ class DistillConfig:
         },
     )
     eval_samples: int = field(default=32, metadata={"help": "held-out blocks to evaluate on"})
+    evaluate_before: bool = field(
+        default=True,
+        metadata={
+            "help": "evaluate the student before training too (the report's `before`); --no-evaluate-before skips "
+            "it in --train full (an adapter always measures it: its card compares every rank with the student alone)"
+        },
+    )
     save_every: int = field(default=50, metadata={"help": "checkpoint interval in steps", "min": 1})
     resume: bool = field(default=False, metadata={"help": "continue from <out>.checkpoint"})
     seed: int = field(default=0, metadata={"help": "seed for data order and sampled ranks"})
 
     # what a checkpoint must agree on to be resumed (everything but bookkeeping)
     def fingerprint(self) -> dict:
-        ignore = {"out", "resume", "save_every", "eval_ranks", "eval_samples", "loss_chunk_tokens"}
+        ignore = {"out", "resume", "save_every", "eval_ranks", "eval_samples", "evaluate_before", "loss_chunk_tokens"}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in ignore}
 
     @property
