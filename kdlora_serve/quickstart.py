@@ -53,7 +53,7 @@ STAGES = 7
 
 
 DTYPE_REASONS = {
-    "bf16": "this CPU computes bf16 natively: ~3x fp32's speed, benchmarks/dtype_bench.py",
+    "bf16": "this CPU computes bf16 natively: 1.7-2.9x fp32's speed, benchmarks/dtype_bench.py",
     "auto": "a GPU: bf16 where it has it",
     "fp32": "this CPU emulates bf16, slower than fp32",
 }
