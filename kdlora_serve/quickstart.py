@@ -35,7 +35,7 @@ class Plan:
 
 
 # fast: benchmarks/task_bench.py's settings but 120 adapter steps, not 80: +0.04 to +0.13 accuracy at every rank
-# (paired, same articles), unseen wording at rank 64 89.5% / 93.3% of the teacher on two seeds, for ~3 min
+# (paired, same articles), unseen wording at rank 64 90.0% / 93.8% of the teacher on two seeds, for ~3 min
 # (benchmarks/RESULTS.md, "The first run": 120 adapter steps)
 PLANS = {
     "smoke": Plan(
