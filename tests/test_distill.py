@@ -708,7 +708,7 @@ def test_an_adapter_in_bf16_computes_its_lora_in_bf16_and_keeps_fp32_weights(tin
     AVX512-BF16 CPU). --dtype fp32 computes them in fp32."""
     import training.distill
 
-    seen = {}
+    seen, build_student = {}, training.distill.build_student
 
     def build_and_watch(cfg, device):
         student, tokenizer, nested = build_student(cfg, device)
@@ -718,7 +718,6 @@ def test_an_adapter_in_bf16_computes_its_lora_in_bf16_and_keeps_fp32_weights(tin
         )
         return student, tokenizer, nested
 
-    build_student = training.distill.build_student
     monkeypatch.setattr(training.distill, "build_student", build_and_watch)
     for dtype, computed in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         seen[dtype] = []
