@@ -251,6 +251,7 @@ def fp32_runs(tiny_pair, tmp_path_factory) -> dict:
         {"dtype": "bf16"},
         {"teacher_quantize": "nf4"},
         {"teacher_quantize": "int8"},
+        {"dtype": "bf16", "teacher_quantize": "nf4"},  # the teacher's head check under autocast, on this CPU's path
         {"train": "full", "dtype": "bf16", "optimizer": "adamw8bit"},
     ],
     ids=str,
@@ -271,13 +272,16 @@ def test_precision_and_memory_options_train_close_to_fp32(tiny_pair, tmp_path, f
         assert max(t.abs().max().item() for name, t in weights.items() if "lora_B" in name) > 0
 
 
-def test_nf4_teacher_on_bitsandbytes_generic_cpu_path(tiny_pair, tmp_path, fp32_runs, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_nf4_teacher_on_bitsandbytes_generic_cpu_path(tiny_pair, tmp_path, fp32_runs, monkeypatch, dtype):
     """A frozen NF4 teacher takes bitsandbytes' packed path on AVX512-BF16 CPUs (the parametrized test above, here)
-    and the generic one elsewhere: forced here, so both branches run on this machine."""
+    and the generic one elsewhere: forced here, so both branches run on this machine, in fp32 and under bf16
+    autocast."""
     import bitsandbytes.nn.modules
 
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
-    report = run_distill(tiny_config(tiny_pair, tmp_path / "out", steps=6, eval_ranks=(8,), teacher_quantize="nf4"))
+    config = tiny_config(tiny_pair, tmp_path / "out", steps=6, eval_ranks=(8,), teacher_quantize="nf4", dtype=dtype)
+    report = run_distill(config)
     assert [h["loss"] for h in report["history"]] == pytest.approx(
         [h["loss"] for h in fp32_runs["qdylora"]["history"]], rel=1e-2
     )

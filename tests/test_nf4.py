@@ -50,8 +50,10 @@ def test_a_trained_base_keeps_its_input_gradients_after_an_eval(packed_path_forc
     assert torch.equal(input_grad(evaluated, x), reference)
 
 
-def test_nf4_distillation_is_the_same_on_every_cpu(packed_path_forced, tiny_pair, tmp_path, monkeypatch):
-    """The tiny student's widths all fit the packed format; forcing it on must not change one trained weight."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the LoRA under autocast, as the quickstart on AVX512-BF16
+def test_nf4_distillation_is_the_same_on_every_cpu(packed_path_forced, tiny_pair, tmp_path, monkeypatch, dtype):
+    """The tiny student's widths all fit the packed format; forcing it on must not change one trained weight, in fp32
+    and in bf16 (where the base computes in bf16 and the LoRA under bf16 autocast)."""
     import bitsandbytes.nn.modules
     from safetensors.torch import load_file
 
@@ -68,6 +70,7 @@ def test_nf4_distillation_is_the_same_on_every_cpu(packed_path_forced, tiny_pair
         seq_len=32,
         eval_samples=2,
         data="builtin:pydoc",
+        dtype=dtype,
     )
     run_distill(DistillConfig(out=tmp_path / "packed-cpu", **settings))
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
