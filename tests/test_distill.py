@@ -94,6 +94,41 @@ def test_rank_zero_is_the_base_model(tiny_pair):
     torch.testing.assert_close(off, base)
 
 
+def test_rank_b_multiplies_b_components_and_computes_what_peft_computes():
+    """Rank b computes with the first b rows of A and columns of B only (masking the components >= b cost rank R's
+    products at every rank), with PEFT's own numbers: plain PEFT on the adapter truncated to b, bit for bit, on a bf16
+    base with fp32 LoRA weights (PEFT's layout), without autocast (the input cast to fp32) and under CPU bf16 autocast.
+    There the input reaches lora_A in bf16: PEFT, which asks CUDA's autocast only, cast it to fp32 and back."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora(r):
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(16, 12)).to(torch.bfloat16)
+        return get_peft_model(base, LoraConfig(r=r, target_modules=["0"], init_lora_weights=False))
+
+    nested_model, x = lora(8), torch.randn(3, 16, dtype=torch.bfloat16)
+    nested, seen = NestedRank(nested_model), []
+    lora_a = nested.layers[0].lora_A["default"]
+    assert lora_a.weight.dtype == torch.float32
+    lora_a.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.shape[-1])))
+    for b in (1, 3, 8):
+        plain = lora(b)
+        for name, param in plain.named_parameters():  # rank b's slice of the rank-8 adapter
+            full = dict(nested_model.named_parameters())[name]
+            param.data.copy_(full[:b] if "lora_A" in name else full[:, :b] if "lora_B" in name else full)
+        nested.set(b)
+        assert plain.base_model.model[0].scaling == nested.layers[0].scaling  # PEFT's alpha / r at r = b
+        for autocast in (False, True):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                assert torch.equal(nested_model(x), plain(x))
+    assert seen == [(torch.bfloat16, b) for b in (1, 3, 8) for _ in (False, True)]
+    nested.set(0)
+    with torch.no_grad():
+        assert torch.equal(nested_model(x), nested_model.base_model.model[0].base_layer(x)) and seen[-1][1] == 0
+    nested.remove()
+    assert "forward" not in vars(lora_a) and nested.layers[0].cast_input_dtype_enabled
+
+
 def test_rank_sampling_is_seeded_and_in_range():
     uniform = [sample_rank(step, 0, 64) for step in range(200)]
     assert uniform == [sample_rank(step, 0, 64) for step in range(200)] and min(uniform) >= 1 and max(uniform) <= 64

@@ -2,9 +2,11 @@
 
 PEFT injects an ordinary rank-R LoRA (also onto bitsandbytes 4-bit layers); `NestedRank.set(b)` then
 makes every LoRA layer compute `B[:, :b] @ A[:b] x * alpha / b` (alpha / sqrt(b) for an rsLoRA config)
-by masking the rank components >= b at the output of `lora_A` and setting PEFT's per-layer scaling.
-Masked components get exactly zero gradient, so a step at rank b trains only what rank b uses, and the adapter saved at rank R truncates
-(hub.adapter) to exactly what training computed at rank b. `set(0)` switches the adapter off.
+with the first b rows of A and columns of B (its `lora_A` and `lora_B` forwards slice them) and PEFT's per-layer
+scaling. So rank b costs rank b's products, not rank R's: until 2026-12-04 the components >= b were computed and
+masked to zero, the same numbers (bit for bit) for more work (benchmarks/nested_rank_bench.py). The unused
+components get exactly zero gradient, so a step at rank b trains only what rank b uses, and the adapter saved at
+rank R truncates (hub.adapter) to exactly what training computed at rank b. `set(0)` switches the adapter off.
 
 `set((b1, b2, ...))`, for training only, computes the mean of those ranks' LoRA outputs in one pass
 (MatryoshkaLoRA, arXiv 2605.07850): component i weighted by p_i = the mean over the ranks of their
@@ -12,6 +14,8 @@ scale where they use i (b > i) and 0 where they do not, a fixed diagonal between
 component gets gradient at every step, in proportion to how many of the ranks use it. A served rank
 has its own scale only: the diagonal exists in training, so the exported format does not change.
 """
+
+from functools import partial
 
 import torch
 
@@ -30,15 +34,28 @@ class NestedRank:
         self.rslora = bool(peft_model.peft_config[adapter].use_rslora)  # PEFT's and vLLM's scale: alpha / sqrt(r)
         self.rank = self.max_rank
         self._weights: dict[int, torch.Tensor] = {}  # per-component weights of a Matryoshka mixture, by layer width
-        self._hooks = [layer.lora_A[adapter].register_forward_hook(self._mask) for layer in self.layers]
+        for layer in self.layers:
+            # PEFT casts a LoRA layer's input to the LoRA weights' dtype unless autocast is on, and it asks CUDA's
+            # autocast only: under CPU bf16 autocast each input went bf16 -> fp32 -> bf16 (equal values, two copies
+            # of an activation per layer). `_down` casts where autocast does not.
+            layer.cast_input_dtype_enabled = False
+            down, up = layer.lora_A[adapter], layer.lora_B[adapter]
+            down.forward, up.forward = partial(self._down, down), partial(self._up, up)
 
-    def _mask(self, module, args, output: torch.Tensor) -> torch.Tensor:
+    def _down(self, lora_a: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """`lora_A` at the current rank: the first `rank` rows of A (times a Matryoshka mixture's weights)."""
+        weight = lora_a.weight[: self.rank]
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)
+        out = torch.nn.functional.linear(x, weight)
         if self._weights:
-            return output * self._weights[output.shape[-1]].to(output.device, output.dtype)
-        if self.rank >= output.shape[-1]:
-            return output
-        keep = torch.arange(output.shape[-1], device=output.device) < self.rank
-        return output * keep.to(output.dtype)
+            out = out * self._weights[lora_a.out_features][: out.shape[-1]].to(out.device, out.dtype)
+        return out
+
+    @staticmethod
+    def _up(lora_b: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
+        """`lora_B` on `_down`'s output: the first as many columns of B."""
+        return torch.nn.functional.linear(h, lora_b.weight[:, : h.shape[-1]], lora_b.bias)
 
     def set(self, rank: int | tuple[int, ...]) -> None:
         """Make the whole model compute at nested rank `rank` (0 <= rank <= max_rank), or the mean of a tuple of ranks."""
@@ -71,9 +88,11 @@ class NestedRank:
         return alpha / (rank**0.5 if self.rslora else rank)
 
     def remove(self) -> None:
+        """Give the model back its plain PEFT LoRA layers, at rank R."""
         self.set(self.max_rank)
-        for hook in self._hooks:
-            hook.remove()
+        for layer in self.layers:
+            layer.cast_input_dtype_enabled = True
+            del layer.lora_A[self.adapter].forward, layer.lora_B[self.adapter].forward
 
 
 RANK_SCHEDULES = distill_config.RANK_SCHEDULES  # defined once, with the option that names them (no torch there)
