@@ -340,6 +340,25 @@ def test_eight_bit_adamw_keeps_8_bit_states():
     )
 
 
+def test_adamw_is_pytorchs_fused_kernel_where_it_has_one_and_steps_as_the_loop_does():
+    """Fused on CPU and CUDA (transformers' Trainer default); on other devices PyTorch's default. Its steps are the
+    for-loop's up to rounding."""
+    from training.distill import make_optimizer
+
+    torch.manual_seed(0)
+    fused, looped = torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(64, 32))
+    looped.data.copy_(fused.data)
+    optimizers = make_optimizer("adamw", [fused], 1e-2), torch.optim.AdamW([looped], lr=1e-2, weight_decay=0.0)
+    for step in range(10):
+        grad = torch.randn(64, 32, generator=torch.Generator().manual_seed(step))
+        fused.grad, looped.grad = grad.clone(), grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    torch.testing.assert_close(fused.data, looped.data, rtol=0, atol=1e-6)
+    assert not make_optimizer("adamw", [torch.nn.Parameter(torch.randn(2, device="meta"))], 1e-3).defaults["fused"]
+
+
 def interrupted_run(cfg: DistillConfig, monkeypatch, at_step: int) -> None:
     """`run_distill(cfg)` stopped by Ctrl-C before step `at_step` (it saves a checkpoint there)."""
     original = distill_mod.Mode.step_ranks

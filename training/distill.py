@@ -320,7 +320,11 @@ def load_teacher(cfg: DistillConfig, device, pinned=None):
 
 def make_optimizer(name: str, params: list, lr: float):
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        # fused: one kernel a tensor for weight, gradient and both states (transformers' Trainer default,
+        # adamw_torch_fused) where PyTorch has it; the CPU default loops ~10 elementwise passes over each tensor
+        # (135M parameters: 0.27 s a step vs 0.07 s fused, benchmarks/RESULTS.md)
+        fused = {p.device.type for p in params} <= {"cpu", "cuda"}
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
     import bitsandbytes as bnb  # 8-bit states for tensors of >= 4096 elements, 32-bit for smaller ones
 
     return {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name](
