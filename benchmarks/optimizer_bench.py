@@ -47,7 +47,8 @@ def main() -> None:
     for work, params in trained.items():
         copies = {kind: [p.detach().clone().requires_grad_() for p in params] for kind in KINDS}
         optimizers = {
-            kind: torch.optim.AdamW(copies[kind], lr=1e-4, weight_decay=0.0, **options) for kind, options in KINDS.items()
+            kind: torch.optim.AdamW(copies[kind], lr=1e-4, weight_decay=0.0, **options)
+            for kind, options in KINDS.items()
         }
         for step in range(args.runs + 1):  # the first: warm-up (the states are allocated)
             grads = [torch.randn_like(p) for p in params]
