@@ -58,6 +58,13 @@ def plot_side_by_side(medians: dict[str, dict[str, float]], labels: dict[str, st
     plt.close(fig)
 
 
+def write_side_by_side(name: str, summary: dict, labels: dict[str, str], title: str) -> None:
+    """results/<name>.json (`summary`) and results/<name>.png (its `median_seconds`, by `plot_side_by_side`)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_side_by_side(summary["median_seconds"], labels, title, RESULTS / f"{name}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill_bench import RESULTS, plot_side_by_side
+from distill_bench import RESULTS, write_side_by_side
 
 WAYS = ("masked", "sliced")
 TRAIN_RANKS, EVAL_RANKS = (64, 8, 1), (64, 8, 1, 0)
@@ -110,13 +110,11 @@ def main() -> None:
         "masked_over_sliced": {w: m["masked"] / m["sliced"] for w, m in medians.items()},
         "identical_outputs": identical,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "nested_rank.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot_side_by_side(
-        medians,
+    write_side_by_side(
+        "nested_rank",
+        summary,
         {"masked": "R components, those >= b zeroed", "sliced": "b components"},
         f"NF4 SmolLM2-135M + LoRA R=64, {cfg.dtype}, {batch.shape[0]}x{batch.shape[1]} tokens, median of {args.runs}",
-        RESULTS / "nested_rank.png",
     )
     print(json.dumps({k: summary[k] for k in ("machine", "masked_over_sliced", "identical_outputs")}, indent=1))
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill_bench import RESULTS, plot_side_by_side
+from distill_bench import write_side_by_side
 
 KINDS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -73,13 +73,11 @@ def main() -> None:
         "loop_over_fused": {w: m["loop"] / m["fused"] for w, m in medians.items()},
         "max_abs_difference_fused_vs_loop": max_difference,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "optimizer.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot_side_by_side(
-        medians,
+    write_side_by_side(
+        "optimizer",
+        summary,
         {"loop": "for-loop (PyTorch's CPU default)", "foreach": "foreach", "fused": "fused"},
         f"AdamW step, fp32 weights, on this CPU, median of {args.runs}",
-        RESULTS / "optimizer.png",
     )
     print(json.dumps({k: summary[k] for k in ("parameters", "loop_over_fused", "max_abs_difference_fused_vs_loop")}))
 
