@@ -2,14 +2,14 @@
 2026-12-04) vs with all R of them and the components >= b zeroed (kdlora before; the same numbers, bit for bit).
 
 The quickstart's adapter recipe (`kdlora distill --train qdylora --quantize nf4`, all-linear rank 64, in the dtype the
-quickstart picks on this CPU) on the embedded SmolLM2-135M, 8 BBC News rows: a training pass (forward + backward;
+quickstart picks on this CPU, or --dtype: fp32 is what it picks on AVX2-only CPUs) on the embedded SmolLM2-135M, 8 BBC News rows: a training pass (forward + backward;
 a sandwich step makes three, at rank 64, rank 1 and one between) and an evaluation forward (the quickstart evaluates
 ranks 1 ... 64 and the student alone, rank 0), at several ranks. The masked reference also has PEFT's input cast
 (bf16 -> fp32 -> bf16 under CPU autocast), which `NestedRank` skips. The two alternate --runs times in one run
 (the machine is shared: compare the columns, not the digits); every rank's logits are compared between them.
 Writes JSON + PNG to benchmarks/results/. Usage:
 
-    .venv/bin/python benchmarks/nested_rank_bench.py [--runs 5]
+    .venv/bin/python benchmarks/nested_rank_bench.py [--runs 5] [--dtype fp32|bf16]
 """
 
 import argparse
@@ -29,6 +29,7 @@ TRAIN_RANKS, EVAL_RANKS = (64, 8, 1), (64, 8, 1, 0)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="default: the quickstart's pick on this CPU")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
@@ -44,7 +45,7 @@ def main() -> None:
 
     cfg = DistillConfig(
         student=str(embedded_teacher()), out=RESULTS / "unused", data="builtin:bbc-news", train="qdylora",
-        max_rank=64, quantize="nf4", dtype=training_dtype(), seq_len=128, batch_size=8,
+        max_rank=64, quantize="nf4", dtype=args.dtype or training_dtype(), seq_len=128, batch_size=8,
     )  # fmt: skip
     device = torch.device("cpu")
     model, tokenizer, nested = build_student(cfg, device)
@@ -111,7 +112,7 @@ def main() -> None:
         "identical_outputs": identical,
     }
     write_side_by_side(
-        "nested_rank",
+        f"nested_rank-{cfg.dtype}",
         summary,
         {"masked": "R components, those >= b zeroed", "sliced": "b components"},
         f"NF4 SmolLM2-135M + LoRA R=64, {cfg.dtype}, {batch.shape[0]}x{batch.shape[1]} tokens, median of {args.runs}",
