@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import kdlora_cli
+from conftest import REPO, kdlora_cli
 
 from kdlora_serve import doctor
 from training.options import shown
@@ -108,6 +108,16 @@ def test_doctor_says_what_the_cpu_changes():
     assert doctor.describe_cpu("x86_64", {"avx2"}, False, False, False) == (
         "x86_64 avx2 (no avx512f, avx512_bf16, amx_bf16): NF4 generic path; vLLM bf16 emulated; kdlora serve picks float32 on CPU"
     )
+
+
+def test_as_avx2_only_runs_kdlora_with_the_decisions_of_an_avx2_only_cpu():
+    """benchmarks/as_avx2_only.py, how the quickstart was timed as an AVX2-only CPU runs it (RESULTS, "The first
+    run"): on any CPU, kdlora decides as on one without native bf16 (fp32 training, fp32 vLLM)."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/as_avx2_only.py", "doctor"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "vLLM bf16 emulated; kdlora serve picks float32 on CPU" in result.stdout, result.stdout
 
 
 def test_doctor_names_the_fix_for_a_broken_torchvision(monkeypatch, capsys):
