@@ -5,6 +5,7 @@ import torch
 
 from training.data import Example
 from training.evaluate import (
+    batches_by_length,
     choice_accuracy,
     greedy,
     greedy_agreement,
@@ -116,6 +117,12 @@ class _Bigram(torch.nn.Module):
         return type("Out", (), {"logits": self.head(torch.nn.functional.one_hot(ids, self.vocab).float())})
 
 
+def test_batches_by_length_put_like_lengths_together_longest_first():
+    assert batches_by_length([3, 9, 5, 9, 1], 2) == [[1, 3], [2, 0], [4]]  # a tie keeps its order
+    assert batches_by_length([4, 4, 4], 8) == [[0, 1, 2]]
+    assert batches_by_length([], 8) == []
+
+
 def test_choice_accuracy_by_hand():
     model = _Bigram(
         {2: {3: 0.6, 4: 0.3}, 5: {3: 0.5, 4: 0.4}, 1: {8: 0.3, 4: 0.4}, 8: {7: 0.9}, 6: {8: 0.5, 4: 0.4}}, vocab=10
@@ -150,6 +157,7 @@ def test_accuracy_from_the_kl_forward_equals_scoring_the_prompt_alone():
     for i, e in enumerate(examples):
         rows[i, : len(e.prompt) + len(e.answer)] = torch.tensor(e.prompt + e.answer)
         masks[i, len(e.prompt) : len(e.prompt) + len(e.answer)] = True
+    # batches of 3 by length: examples 2, 0, 1 then 3; the outcomes come back in the examples' order
     with_accuracy = quality_against_teacher(model, teacher, rows, masks, ["r"], lambda _: None, 3, examples)
     without = quality_against_teacher(model, teacher, rows, masks, ["r"], lambda _: None, 3)
     assert predicted_choices(model, examples) == [0, 0, 1, 1]

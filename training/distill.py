@@ -274,7 +274,7 @@ def _quality_before(cfg, mode: Mode, student, nested, teacher, data, tokenizer) 
     measured = _teacher_measured_there(cfg, data)
     if measured is not None:
         return alone, measured
-    own = choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.batch_size)
+    own = choice_accuracy(teacher, labelled, [None], lambda _: None, cfg.eval_batch_size)
     _add_unseen_wording(cfg, data, teacher, [None], lambda _: None, own)
     return alone, own[None]
 
@@ -436,12 +436,19 @@ def _evaluate_settings(cfg, model, nested, teacher, data, tokenizer, settings) -
     labelled = _labelled_examples(cfg, data)
     one_forward = bool(labelled) and single_token_choices(labelled)  # accuracy from the KL forward: no second one
     results = quality_against_teacher(
-        model, teacher, rows, masks, settings, configure, cfg.batch_size, examples=labelled if one_forward else None
+        model,
+        teacher,
+        rows,
+        masks,
+        settings,
+        configure,
+        cfg.eval_batch_size,
+        examples=labelled if one_forward else None,
     )
     if one_forward:
         task = {}
     elif labelled:
-        task = choice_accuracy(model, labelled, settings, configure, batch_size=cfg.batch_size)
+        task = choice_accuracy(model, labelled, settings, configure, batch_size=cfg.eval_batch_size)
     elif examples:
         task = greedy_agreement(
             model,
@@ -476,7 +483,7 @@ def _add_unseen_wording(cfg, data, model, settings, configure, results) -> None:
     unseen = (data.unseen_examples or [])[: cfg.eval_samples]
     if not (unseen and unseen[0].choices):
         return
-    for setting, task in choice_accuracy(model, unseen, settings, configure, cfg.batch_size).items():
+    for setting, task in choice_accuracy(model, unseen, settings, configure, cfg.eval_batch_size).items():
         results[setting].setdefault("task_metrics", {})[UNSEEN_WORDING_ACCURACY] = task["task_metrics"]["accuracy"]
         results[setting].setdefault("task_outcomes", {})[UNSEEN_WORDING_ACCURACY] = task["task_outcomes"]["accuracy"]
 

@@ -182,6 +182,12 @@ class DistillConfig:
         return self.lr if self.lr is not None else (2e-4 if MODES[self.train].adapter else 2e-5)
 
     @property
+    def eval_batch_size(self) -> int:
+        """Twice the training batch: an evaluation forward keeps no activations for a backward, and its batches,
+        sorted by length, pad little, so larger ones cost less per row (benchmarks/RESULTS.md, "Evaluation batches")."""
+        return 2 * self.batch_size
+
+    @property
     def compute_dtype(self):
         import torch  # here, not at import: the CLI reads this module
 
