@@ -271,6 +271,18 @@ def test_full_mode_writes_a_student_checkpoint(tiny_pair, tmp_path):
     assert report["mode"] == "full" and set(report["after"]) == {"None"}
 
 
+def test_top_layers_train_the_last_layers_and_leave_the_rest_as_they_were(tiny_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(tiny_pair, tmp_path / "top", train="full", steps=2, top_layers=1)
+    run_distill(cfg)
+    before = AutoModelForCausalLM.from_pretrained(cfg.student).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(cfg.out).state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    # the last of the 2 layers and the final norm; the embeddings (and the head tied to them) and layer 0 as they were
+    assert changed == {name for name in before if name.startswith("model.layers.1.")} | {"model.norm.weight"}
+
+
 @pytest.fixture(scope="module")
 def fp32_runs(tiny_pair, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fp32_runs")
@@ -466,6 +478,12 @@ def test_resume_with_other_settings_is_refused(tiny_pair, tmp_path, monkeypatch)
         ),
         ({"optimizer": "sgd"}, "--optimizer sgd: use one of adamw, adamw8bit, paged_adamw8bit"),
         ({"loss_chunk_tokens": 0}, "--loss-chunk-tokens must be at least 1"),
+        (
+            {"top_layers": 1},
+            "--top-layers 1: it trains the last N >= 1 decoder layers of a --train full run (an adapter's base is "
+            "frozen whole); give N >= 1 with --train full, or drop it",
+        ),
+        ({"train": "full", "top_layers": 3}, "--top-layers 3: the student has 2 decoder layers; give 1 to 2"),
         (
             {"evaluate_before": False},
             "--no-evaluate-before: an adapter's card compares every rank with the student alone, measured before "

@@ -73,6 +73,14 @@ class DistillConfig:
     max_rank: int = field(default=64, metadata={"help": "R for qdylora"})
     rank: int = field(default=16, metadata={"help": "r for --train lora"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
+    top_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "--train full: train the last N decoder layers (and the final norm) only; the embeddings and the "
+            "layers below stay frozen, so the backward stops above them (default: every weight)",
+            "metavar": "N",
+        },
+    )
     # alpha / sqrt(b), not alpha / b: with alpha / b more rank learns no faster, and a fixed budget gives a flat
     # ladder (rsLoRA, arXiv 2312.03732; benchmarks/RESULTS.md, "Does rank buy quality?")
     rslora: bool = field(
