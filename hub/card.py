@@ -289,7 +289,7 @@ def _usage_snippet(metadata: RankMetadata, repo_id: str) -> str:
     import json
 
     model = f"{repo_id}@r{metadata.default_rank}"
-    lines = ["from openai import OpenAI", 'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")']
+    lines = ["from openai import OpenAI", "", 'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")']
     example = metadata.usage_example
     if example is None:
         return "\n".join(
@@ -298,11 +298,19 @@ def _usage_snippet(metadata: RankMetadata, repo_id: str) -> str:
     return "\n".join(
         [
             *lines,
-            f"prompt = {json.dumps(example.prompt)}",
+            f"prompt = {_python_string(example.prompt)}",
             f'answer = client.completions.create(model="{model}", prompt=prompt, max_tokens=16, temperature=0)',
             f"print(answer.choices[0].text)  # expected: {json.dumps(example.completion)}",
         ]
     )
+
+
+def _python_string(text: str) -> str:
+    """`text` as a Python literal the way ruff and black write it: in double quotes, unless it holds more of them
+    than single quotes (`repr` then takes single ones)."""
+    import json
+
+    return repr(text) if text.count('"') > text.count("'") else json.dumps(text, ensure_ascii=False)
 
 
 def student_card(repo_id: str, teacher: str, report: dict | None):

@@ -59,14 +59,31 @@ def test_the_card_shows_the_prompt_format_and_a_snippet_that_sends_it():
     card = str(adapter_card(meta, "kd/a", "kd/student"))
     assert '```text\nHeadline: "Rates rise"\nTopic:\n```\nExpected answer: ` business`' in card
     snippet = card.split("```python\n")[1].split("```")[0]
-    assert snippet.splitlines()[2:] == [
-        'prompt = "Headline: \\"Rates rise\\"\\nTopic:"',
+    assert snippet.splitlines()[3:] == [
+        "prompt = 'Headline: \"Rates rise\"\\nTopic:'",
         'answer = client.completions.create(model="kd/a@r2", prompt=prompt, max_tokens=16, temperature=0)',
         'print(answer.choices[0].text)  # expected: " business"',
     ]
     namespace = {}
-    exec(snippet.splitlines()[2], namespace)  # the snippet's prompt is the example's, exactly
+    exec(snippet.splitlines()[3], namespace)  # the snippet's prompt is the example's, exactly
     assert namespace["prompt"] == meta.usage_example.prompt
+
+
+def test_the_cards_code_is_formatted_as_the_project_formats_python():
+    """A card's snippet gets pasted, and the quickstart writes cards inside a checkout, where `scripts/test` runs
+    `ruff format --check` over Markdown's code blocks too (a card once failed it: no blank line after the import)."""
+    import subprocess
+    import sys
+
+    from hub.schema import UsageExample
+
+    meta = metadata()
+    for example in (None, UsageExample(prompt='Headline: "Rates rise"\nTopic:', completion=" business")):
+        meta.usage_example = example
+        snippet = str(adapter_card(meta, "kd/a", "kd/student")).split("```python\n")[1].split("```")[0]
+        check = [sys.executable, "-m", "ruff", "format", "--diff", "--stdin-filename", "snippet.py", "-"]
+        diff = subprocess.run(check, input=snippet, capture_output=True, text=True)
+        assert diff.returncode == 0, diff.stdout + diff.stderr
 
 
 def test_task_metrics_carry_their_interval_and_the_paired_rank_gain(tmp_path):
