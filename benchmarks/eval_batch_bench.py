@@ -31,31 +31,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=96)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from training.nf4 import keep_trainable, quantization_config, quiet_kernels_note
-
-    quiet_kernels_note()
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import training.evaluate as evaluate
     from kdlora_serve.engine import native_bf16
     from kdlora_serve.quickstart import TASK, training_dtype
     from training.data import load_token_data
-    from training.teacher import attention_kernel, embedded_teacher
+    from training.nf4 import keep_trainable
+    from training.teacher import load_causal_lm
 
     dtype = training_dtype()
-    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-    nf4 = AutoModelForCausalLM.from_pretrained(
-        embedded_teacher(),
-        dtype=compute,
-        quantization_config=quantization_config("nf4", compute),
-        device_map={"": "cpu"},
-        attn_implementation=attention_kernel("cpu", compute),
-    )
+    nf4, tokenizer, _ = load_causal_lm(None, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, quantize="nf4")
     keep_trainable(nf4)  # the generic path, as distill evaluates a base it trains
     model = get_peft_model(nf4, LoraConfig(r=64, lora_alpha=16, use_rslora=True, target_modules="all-linear")).eval()
-    examples = load_token_data(TASK, AutoTokenizer.from_pretrained(embedded_teacher()), 128).heldout_examples
+    examples = load_token_data(TASK, tokenizer, 128).heldout_examples
     examples = examples[: args.rows]
     sorted_batches = evaluate.batches_by_length
 
