@@ -70,8 +70,8 @@ def test_the_card_shows_the_prompt_format_and_a_snippet_that_sends_it():
 
 
 def test_the_cards_code_is_formatted_as_the_project_formats_python():
-    """A card's snippet gets pasted, and the quickstart writes cards inside a checkout, where `scripts/test` runs
-    `ruff format --check` over Markdown's code blocks too (a card once failed it: no blank line after the import)."""
+    """A card's snippet gets pasted; and a quickstart run with `--out` inside a checkout leaves cards where
+    `scripts/test` runs `ruff format --check`, which reads Markdown's code blocks too (a card once failed it)."""
     import subprocess
     import sys
 

@@ -1,8 +1,8 @@
 """Imported at start-up by every Python process of a `benchmarks/as_avx2_only.py` run (the wrapper puts this folder on
 PYTHONPATH): torch's CPU checks answer as on an AVX2-only x86 CPU. kdlora decides from them (no native bf16: fp32
 training, `--dtype float32` for vLLM), and so do vLLM's server processes (no AMX or AVX-512 attention kernels). A patch
-in the wrapper's own process alone left `kdlora serve`'s vLLM in bf16, on AMX tiles oneDNN, capped at AVX2, had not
-enabled: its worker died of SIGILL."""
+in the wrapper's own process alone left `kdlora serve`'s vLLM in bf16 on its AMX attention kernel, most likely without
+the AMX state oneDNN (held to AVX2) would have requested: its worker died of SIGILL."""
 
 import torch.cpu
 
