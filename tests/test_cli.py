@@ -1,6 +1,7 @@
 """The `kdlora` command line as a user meets it: fast answers, one-line errors, nothing half-written."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -118,6 +119,17 @@ def test_as_avx2_only_runs_kdlora_with_the_decisions_of_an_avx2_only_cpu():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "vLLM bf16 emulated; kdlora serve picks float32 on CPU" in result.stdout, result.stdout
+    # and so does every process such a command starts (a patch in the wrapper's process alone once left vLLM in bf16)
+    decision = "from kdlora_serve.engine import native_bf16; print(native_bf16())"  # vLLM's dtype and training's
+    child = subprocess.run(
+        [sys.executable, "-c", decision],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "benchmarks" / "avx2_only")},
+        timeout=300,
+    )
+    assert child.stdout == "False\n", child.stdout + child.stderr
 
 
 def test_doctor_names_the_fix_for_a_broken_torchvision(monkeypatch, capsys):
