@@ -1,6 +1,7 @@
 """Model cards: the adapter's (per-rank results as `model-index`, a table, a quality-vs-rank plot)
 and the student's (`base_model` = teacher, the pruning report). Lineage: teacher -> student -> adapter."""
 
+import json
 import re
 from pathlib import Path
 
@@ -286,8 +287,6 @@ Expected answer: `{example.completion}`
 
 def _usage_snippet(metadata: RankMetadata, repo_id: str) -> str:
     """Python that asks the served adapter for its default rank: the held-out example's prompt where there is one."""
-    import json
-
     model = f"{repo_id}@r{metadata.default_rank}"
     lines = ["from openai import OpenAI", "", 'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")']
     example = metadata.usage_example
@@ -308,8 +307,6 @@ def _usage_snippet(metadata: RankMetadata, repo_id: str) -> str:
 def _python_string(text: str) -> str:
     """`text` as a Python literal the way ruff and black write it: in double quotes, unless it holds more of them
     than single quotes (`repr` then takes single ones)."""
-    import json
-
     return repr(text) if text.count('"') > text.count("'") else json.dumps(text, ensure_ascii=False)
 
 
@@ -341,6 +338,4 @@ importance) followed by knowledge distillation. It loads with `AutoModelForCausa
 
 
 def _json(value) -> str:
-    import json
-
     return json.dumps(value, indent=2)
