@@ -129,6 +129,51 @@ def test_rank_b_multiplies_b_components_and_computes_what_peft_computes():
     assert "forward" not in vars(lora_a) and nested.layers[0].cast_input_dtype_enabled
 
 
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/b", "rslora alpha/sqrt(b)"])
+def test_copies_of_a_batch_each_compute_and_train_at_their_own_rank(tiny_pair, rslora):
+    """`set_copies((8, 3, 1), rows)` on the batch repeated three times: copy k's logits are rank k's from `set`, and
+    one backward of the copies' weighted losses gives the gradients of one pass per rank (fp32: to rounding)."""
+    model, nested = _random_lora(tiny_pair, rslora)
+    ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    ranks, weights = (8, 3, 1), (0.5, 0.3, 0.2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_rank = []
+    for rank, weight in zip(ranks, weights):
+        nested.set(rank)
+        logits = model(ids).logits
+        (logits.square().mean() * weight).backward()
+        per_rank.append(logits.detach())
+    one_pass_each = [p.grad.clone() for p in params]
+    model.zero_grad()
+    nested.set_copies(ranks, rows=len(ids))
+    copies = model(ids.repeat(len(ranks), 1)).logits.chunk(len(ranks))
+    sum(c.square().mean() * w for c, w in zip(copies, weights)).backward()
+    for copy, logits in zip(copies, per_rank):
+        torch.testing.assert_close(copy.detach(), logits, rtol=1e-5, atol=1e-5)
+    assert (per_rank[0] - per_rank[2]).abs().max() > 0.1  # the copies differ as the ranks do
+    for together, apart in zip((p.grad for p in params), one_pass_each):
+        torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-6)
+    nested.set_copies((3,), rows=len(ids))  # one rank: that rank's own products (the first 3 rows of A only)
+    assert nested.rank == 3 and not nested._weights
+    with pytest.raises(ValueError, match=r"^rank \(8, 0\) is outside 0..8$"):
+        nested.set_copies((8, 0), rows=2)
+
+
+def test_a_sandwich_run_is_the_same_with_its_ranks_in_one_forward_or_one_each(tiny_pair, tmp_path):
+    """--batch-ranks (the default) against --no-batch-ranks, fp32: the same losses, step by step, and the same adapter."""
+    runs = {}
+    for batched in (True, False):
+        cfg = tiny_config(tiny_pair, tmp_path / str(batched), rank_distribution="sandwich", steps=3, eval_ranks=(1,))
+        runs[batched] = run_distill(dataclasses.replace(cfg, batch_ranks=batched))
+    together, apart = (r["history"] for r in (runs[True], runs[False]))
+    assert [h["ranks"] for h in together] == [h["ranks"] for h in apart] and len(together[0]["ranks"]) == 3
+    for one, other in zip(together, apart):
+        assert (one["loss"], one["kl"], one["ce"]) == pytest.approx((other["loss"], other["kl"], other["ce"]), rel=1e-4)
+    adapters = [load_file(tmp_path / str(batched) / "adapter_model.safetensors") for batched in (True, False)]
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(tensor, adapters[1][name], rtol=1e-3, atol=1e-5)
+
+
 def test_rank_sampling_is_seeded_and_in_range():
     uniform = [sample_rank(step, 0, 64) for step in range(200)]
     assert uniform == [sample_rank(step, 0, 64) for step in range(200)] and min(uniform) >= 1 and max(uniform) <= 64

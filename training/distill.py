@@ -164,16 +164,21 @@ def run_distill(cfg: DistillConfig) -> dict:
             target = targets(batch, learned, rows[mine])
             ranks, losses = mode.step_ranks(cfg, state.step), []
             weights = nested.loss_weights(ranks, cfg.rank_weighting) if nested is not None else [1.0]
-            for rank, weight in zip(ranks, weights):  # one pass per rank this step trains; their gradients add up
-                if nested is not None:
-                    nested.set(rank)
+            together = cfg.ranks_per_forward
+            for first in range(0, len(ranks), together):  # a pass per `together` ranks; their gradients add up
+                group = ranks[first : first + together]
+                if nested is not None:  # the batch repeated once per rank of the group, each copy at its rank
+                    nested.set_copies(tuple(group), len(batch))
                 with mixed_precision(cfg, accelerator.device):
                     with final_hidden_states(student) as head:
-                        hidden = model(batch).logits[:, :-1][learned]
-                    loss, parts = loss_fn(hidden, head, labels, target)
-                accelerator.backward(loss * weight)
-                losses.append(loss.item())
-                if cfg.inplace_kd and rank == ranks[0]:  # ranks run largest first: it teaches the rest of the step
+                        copies = len(group)
+                        hidden = model(batch.repeat(copies, 1)).logits[:, :-1][learned.repeat(copies, 1)]
+                    # learned tokens are taken row by row, so each copy's are one contiguous chunk
+                    results = [loss_fn(chunk, head, labels, target) for chunk in hidden.chunk(copies)]
+                accelerator.backward(sum(loss * w for (loss, _), w in zip(results, weights[first:])))
+                losses += [loss.item() for loss, _ in results]
+                parts = results[-1][1]
+                if cfg.inplace_kd and first == 0:  # ranks run largest first: it teaches the rest of the step
                     target = TeacherLogits(hidden.detach(), head)
             loss = sum(losses) / len(losses)  # parts: of the step's last (smallest) rank
             accelerator.clip_grad_norm_(trainable, 1.0)

@@ -114,6 +114,15 @@ class DistillConfig:
             "teacher's (the sandwich rule's in-place distillation); the largest rank distils the teacher"
         },
     )
+    batch_ranks: bool = field(
+        default=True,
+        metadata={
+            "help": "sandwich: compute a step's ranks in one forward of the batch repeated once per rank, each copy "
+            "at its own rank (the same gradients as a pass per rank, to rounding; 1.3x faster a step on 2 CPU cores, "
+            "3x the activations); --no-batch-ranks: a forward and backward per rank (--inplace-kd always is: its "
+            "smaller ranks need the largest's outputs first)"
+        },
+    )
     quantize: str = field(
         default="nf4", metadata={"help": "frozen base of the adapter modes", "choices": ("nf4", "none")}
     )
@@ -184,6 +193,12 @@ class DistillConfig:
     def fingerprint(self) -> dict:
         ignore = {"out", "resume", "save_every", "eval_ranks", "eval_samples", "evaluate_before", "loss_chunk_tokens"}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in ignore}
+
+    @property
+    def ranks_per_forward(self) -> int:
+        """How many of a step's ranks one forward computes (--batch-ranks): a sandwich's min(R, 3), else 1."""
+        together = self.train == "qdylora" and self.rank_distribution == "sandwich" and self.batch_ranks
+        return min(self.max_rank, 3) if together and not self.inplace_kd else 1
 
     @property
     def learning_rate(self) -> float:
