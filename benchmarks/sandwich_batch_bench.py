@@ -1,13 +1,12 @@
-"""The sandwich step's ranks (64, 16, 1) as three forward/backward passes, as `kdlora distill` trains them, vs as
-ONE pass of the batch repeated per rank, each row's LoRA components masked to its rank and scaled by it. A
-measurement for a change not built (benchmarks/RESULTS.md, "Another AVX512-BF16 host"): the batched pass is
-patched into `NestedRank`'s down-projection here, nowhere else. NF4 base + all-linear LoRA r64 as the quickstart
-builds it (`training.distill.build_student`), 8 rows, the loss on each row's last token through the LM head, in the
-dtype the quickstart picks on this CPU. Also reports how far the two ways' gradients differ. The ways alternate
---runs times in one run (the machine is shared: compare the columns, not the digits). Writes JSON + PNG to
+"""The sandwich step's ranks (64, 16, 1) as three forward/backward passes (`kdlora distill --no-batch-ranks`) vs as
+ONE pass of the batch repeated per rank, each copy's LoRA components masked to its rank and scaled by it
+(`--batch-ranks`, the default: `NestedRank.set_copies`). NF4 base + all-linear LoRA r64 as the quickstart builds it
+(`training.distill.build_student`), 8 rows, the loss on each row's last token through the LM head, in the dtype the
+quickstart picks on this CPU (--dtype to choose). Also reports how far the two ways' gradients differ. The ways
+alternate --runs times in one run (the machine is shared: compare the columns, not the digits). Writes JSON + PNG to
 benchmarks/results/. Usage:
 
-    .venv/bin/python benchmarks/sandwich_batch_bench.py [--student DIR] [--runs 4] [--tokens 110]
+    .venv/bin/python benchmarks/sandwich_batch_bench.py [--student DIR] [--runs 4] [--tokens 110] [--dtype fp32]
 """
 
 import argparse
@@ -29,72 +28,71 @@ def main() -> None:
     parser.add_argument("--student", type=Path, help="student checkpoint (default: the embedded teacher)")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=110)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), help="default: what the quickstart picks on this CPU")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
+    from transformers import AutoConfig
 
     from kdlora_serve.quickstart import training_dtype
     from training.distill import DistillConfig, build_student
     from training.losses import final_hidden_states
     from training.teacher import embedded_teacher
 
-    dtype = training_dtype()
+    dtype = args.dtype or training_dtype()
     student = args.student or embedded_teacher()
-    cfg = DistillConfig(  # what build_student reads; nothing is written to `out`
-        student=str(student), out=Path("unused"), train="qdylora", max_rank=max(RANKS), quantize="nf4", dtype=dtype
-    )
-    model, _, nested = build_student(cfg, torch.device("cpu"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(0)
-    batch = torch.randint(0, model.config.vocab_size, (ROWS, args.tokens))
-    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    batch = torch.randint(0, AutoConfig.from_pretrained(student).vocab_size, (ROWS, args.tokens))
 
-    row_weights = {}  # set: each row's components masked to its rank, times its scale (batched)
-    masked_down = nested._down
+    def build(dtype):
+        """(the two ways of one step, the trainable parameters) on a fresh NF4 + LoRA r64 student in `dtype`."""
+        cfg = DistillConfig(  # what build_student reads; nothing is written to `out`
+            student=str(student), out=Path("unused"), train="qdylora", max_rank=max(RANKS), quantize="nf4", dtype=dtype
+        )
+        model, _, nested = build_student(cfg, torch.device("cpu"))
+        model.train()
+        autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    def down(lora_a, x):
-        if not row_weights:
-            return masked_down(lora_a, x)
-        return torch.nn.functional.linear(x, lora_a.weight) * row_weights["w"].to(x.dtype)
+        def loss_of(hidden, head):
+            return head(hidden).float().logsumexp(-1).mean()
 
-    for layer in nested.layers:
-        lora_a = layer.lora_A[nested.adapter]
-        lora_a.forward = partial(down, lora_a)
+        def sequential():
+            for rank in RANKS:
+                nested.set(rank)
+                with autocast(), final_hidden_states(model) as head:
+                    loss = loss_of(model(batch).logits[:, -1], head)
+                loss.backward()
 
-    def loss_of(hidden, head):
-        return head(hidden).float().logsumexp(-1).mean()
-
-    def sequential():
-        row_weights.clear()
-        for rank in RANKS:
-            nested.set(rank)
+        def batched():
+            nested.set_copies(RANKS, ROWS)
             with autocast(), final_hidden_states(model) as head:
-                loss = loss_of(model(batch).logits[:, -1], head)
+                hidden = model(batch.repeat(len(RANKS), 1)).logits[:, -1]
+                loss = sum(loss_of(group, head) for group in hidden.split(ROWS))
             loss.backward()
 
-    def batched():
-        nested.set(max(RANKS))
-        for layer in nested.layers:
-            layer.scaling[nested.adapter] = layer.lora_alpha[nested.adapter]  # the scale is in the row weights
-        ranks = torch.tensor(RANKS).repeat_interleave(ROWS)
-        mask = torch.arange(max(RANKS))[None] < ranks[:, None]
-        row_weights["w"] = (mask * nested._scale(1.0, ranks.float())[:, None])[:, None, :]
-        with autocast(), final_hidden_states(model) as head:
-            hidden = model(batch.repeat(len(RANKS), 1)).logits[:, -1]
-            loss = sum(loss_of(group, head) for group in hidden.split(ROWS))
-        loss.backward()
+        return {"three passes": sequential, "one batched pass": batched}, [
+            p for p in model.parameters() if p.requires_grad
+        ]
 
-    ways = {"three passes": sequential, "one batched pass": batched}
-
-    def gradients(step):
+    def gradients(step, params):
         for p in params:
             p.grad = None
         step()
         return [p.grad.float().clone() for p in params]
 
-    reference, other = gradients(sequential), gradients(batched)  # also the warm-up
-    differences = [((a - b).norm() / a.norm()).item() for a, b in zip(reference, other) if a.norm() > 0]
+    def distance(reference, other) -> dict:
+        """Relative distance per LoRA tensor (those with gradient: B alone at B = 0): median and max."""
+        found = [((a - b).norm() / a.norm()).item() for a, b in zip(reference, other) if a.norm() > 0]
+        return {"median": statistics.median(found), "max": max(found)}
+
+    ways, params = build(dtype)
+    grads = {way: gradients(step, params) for way, step in ways.items()}  # also the warm-up
+    differences = {"batched vs three passes": distance(grads["three passes"], grads["one batched pass"])}
+    if dtype != "fp32":  # rounding's own size: how far each way is from the same step in fp32
+        fp32_ways, fp32_params = build("fp32")
+        exact = gradients(fp32_ways["three passes"], fp32_params)
+        differences |= {f"{way} vs fp32": distance(exact, found) for way, found in grads.items()}
+        del fp32_ways, fp32_params
     seconds = {"step": {way: [] for way in ways}}
     for _ in range(args.runs):
         for way, step in ways.items():
@@ -115,7 +113,7 @@ def main() -> None:
         "seconds": seconds,
         "median_seconds": {"step": median},
         "speedup": median["three passes"] / median["one batched pass"],
-        "gradient_relative_difference": {"max": max(differences), "median": statistics.median(differences)},
+        "gradient_relative_difference": differences,
     }
     write_side_by_side(
         f"sandwich-batch-{dtype}",

@@ -56,7 +56,9 @@ class NestedRank:
             x = x.to(weight.dtype)
         out = torch.nn.functional.linear(x, weight)
         if self._weights:
-            out = out * self._weights[lora_a.out_features][..., : out.shape[-1]].to(out.device, out.dtype)
+            # the weights stay fp32, so a bf16 product is rounded once, as PEFT's `* scaling` (a Python float) is
+            weights = self._weights[lora_a.out_features][..., : out.shape[-1]].to(out.device)
+            out = (out * weights).to(out.dtype)
         return out
 
     @staticmethod
