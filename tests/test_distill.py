@@ -160,16 +160,16 @@ def test_copies_of_a_batch_each_compute_and_train_at_their_own_rank(tiny_pair, r
 
 
 def test_a_sandwich_run_is_the_same_with_its_ranks_in_one_forward_or_one_each(tiny_pair, tmp_path):
-    """--batch-ranks (the default) against --no-batch-ranks, fp32: the same losses, step by step, and the same adapter."""
+    """--batch-ranks on against off, fp32: the same losses, step by step, and the same adapter."""
     runs = {}
-    for batched in (True, False):
-        cfg = tiny_config(tiny_pair, tmp_path / str(batched), rank_distribution="sandwich", steps=3, eval_ranks=(1,))
+    for batched in ("on", "off"):
+        cfg = tiny_config(tiny_pair, tmp_path / batched, rank_distribution="sandwich", steps=3, eval_ranks=(1,))
         runs[batched] = run_distill(dataclasses.replace(cfg, batch_ranks=batched))
-    together, apart = (r["history"] for r in (runs[True], runs[False]))
+    together, apart = (r["history"] for r in (runs["on"], runs["off"]))
     assert [h["ranks"] for h in together] == [h["ranks"] for h in apart] and len(together[0]["ranks"]) == 3
     for one, other in zip(together, apart):
         assert (one["loss"], one["kl"], one["ce"]) == pytest.approx((other["loss"], other["kl"], other["ce"]), rel=1e-4)
-    adapters = [load_file(tmp_path / str(batched) / "adapter_model.safetensors") for batched in (True, False)]
+    adapters = [load_file(tmp_path / batched / "adapter_model.safetensors") for batched in ("on", "off")]
     for name, tensor in adapters[0].items():
         torch.testing.assert_close(tensor, adapters[1][name], rtol=1e-3, atol=1e-5)
 

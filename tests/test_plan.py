@@ -40,17 +40,23 @@ def test_plan_says_what_would_make_it_fit(tiny_pair):
 
 
 def test_a_sandwich_in_one_forward_holds_three_ranks_activations(tiny_pair):
+    """--batch-ranks auto batches where the step computes in 16 bits (a GPU's bf16 here), not in a CPU's fp32."""
     student = Shapes.of(tiny_pair[1])
     cfg = DistillConfig(student=str(tiny_pair[1]), out=None, rank_distribution="sandwich", teacher_cache="cache")
-    batched, apart = (
-        dict(estimate(dataclasses.replace(cfg, batch_ranks=batch_ranks), None, student, cuda=True))
-        for batch_ranks in (True, False)
-    )
-    assert batched["activations x 3 ranks a forward"] == 3 * apart["activations"]
-    inplace = dict(estimate(dataclasses.replace(cfg, inplace_kd=True), None, student, cuda=True))
-    assert inplace["activations"] == apart["activations"]  # --inplace-kd runs a pass per rank
+
+    def activations(cuda=True, **changes) -> tuple[str, float]:
+        items = estimate(dataclasses.replace(cfg, **changes), None, student, cuda=cuda)
+        return next((name, size) for name, size in items if name.startswith("activations"))
+
+    for cuda, changes in ((True, {}), (False, {"batch_ranks": "on"}), (False, {"dtype": "bf16"})):
+        name, batched = activations(cuda, **changes)
+        assert name == "activations x 3 ranks a forward"
+        assert batched == 3 * activations(cuda, **changes | {"batch_ranks": "off"})[1]
+    assert activations(cuda=False) == activations(cuda=False, batch_ranks="off")  # auto, a CPU's fp32: a pass per rank
+    assert activations(cuda=False)[0] == "activations"
+    assert activations(inplace_kd=True)[1] == activations(batch_ranks="off")[1]  # --inplace-kd: a pass per rank
     text = format_plan(cfg, estimate(cfg, None, student, cuda=True), 1, "ddp", device_bytes=0.1 * GIB, cuda=True)
-    assert "to fit, try: --no-batch-ranks: 1/3 of the activations (a forward per rank)" in text
+    assert "to fit, try: --batch-ranks off: 1/3 of the activations (a forward per rank)" in text
 
 
 @pytest.mark.integration
@@ -91,7 +97,7 @@ def test_plan_is_within_15_percent_of_measured_training_peaks(real_tokenizer_dir
     runs = {
         "full-dense": ["--train", "full", "--loss-chunk-tokens", "512"],
         "lora-cached": ["--train", "lora", "--rank", "8", "--teacher-cache", str(cache)],
-        "sandwich-batched": [*sandwich, "--batch-size", "32"],
+        "sandwich-batched": [*sandwich, "--batch-size", "32", "--batch-ranks", "on"],
     }
     # the sandwich's three ranks in one forward (3x the activations), measured with a fixed mmap threshold: the live
     # tensors the plan counts. With glibc's default its heap kept 1849 MB here (1249 MB as a pass per rank), +50%

@@ -148,6 +148,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     bar = tqdm(
         total=cfg.steps, initial=state.step, desc=f"distill ({cfg.train})", disable=not accelerator.is_main_process
     )
+    together = cfg.ranks_per_forward(half_precision=cfg.compute_dtype != torch.float32)  # of a step's ranks
     model.train()
     try:
         while state.step < cfg.steps:
@@ -164,7 +165,6 @@ def run_distill(cfg: DistillConfig) -> dict:
             target = targets(batch, learned, rows[mine])
             ranks, losses = mode.step_ranks(cfg, state.step), []
             weights = nested.loss_weights(ranks, cfg.rank_weighting) if nested is not None else [1.0]
-            together = cfg.ranks_per_forward
             for first in range(0, len(ranks), together):  # a pass per `together` ranks; their gradients add up
                 group = ranks[first : first + together]
                 if nested is not None:  # the batch repeated once per rank of the group, each copy at its rank

@@ -10,7 +10,7 @@ by kind, and the run's resident memory added up per device, each term a line of 
   the devices under FSDP, replicated (plus DDP's gradient buckets) under DDP;
 - activations kept for backward: per token and layer, the tensors a Llama-style layer saves (10 h + 2 kv + 4 i
   values; SDPA keeps no attention matrix), or one hidden state per layer plus one layer's with
-  --gradient-checkpointing; times the ranks one forward computes (a sandwich step's 3 with --batch-ranks);
+  --gradient-checkpointing; times the ranks one forward computes (a sandwich step's 3, --batch-ranks);
 - the KD loss's chunk: LOSS_COPIES x chunk tokens x vocabulary x 4 B (logits, log-softmaxes, teacher, gradient);
 - the teacher's forward (no grad): one layer's widest intermediate and its final hidden states.
 Then, when the total exceeds the device, the flags that would bring it under, in the order they cost least.
@@ -130,7 +130,7 @@ def estimate(
         else 10 * student.hidden + 2 * student.kv + 4 * student.intermediate
     )
     one_layer = (10 * student.hidden + 2 * student.kv + 4 * student.intermediate) if cfg.gradient_checkpointing else 0
-    copies = cfg.ranks_per_forward  # the batch repeated once per rank a forward computes
+    copies = cfg.ranks_per_forward(compute != torch.float32)  # the batch repeated once per rank a forward computes
     items.append(
         (
             "activations"
@@ -160,8 +160,9 @@ def suggestions(cfg, items: list[tuple[str, float]], device_bytes: float, comput
         )
     if cfg.optimizer == "adamw" and cfg.train == "full":
         options.append(f"--optimizer adamw8bit: -{_gib(size['optimizer (adamw)'] * 3 / 4)}")
-    if cfg.ranks_per_forward > 1:
-        options.append(f"--no-batch-ranks: 1/{cfg.ranks_per_forward} of the activations (a forward per rank)")
+    copies = cfg.ranks_per_forward(compute != torch.float32)
+    if copies > 1:
+        options.append(f"--batch-ranks off: 1/{copies} of the activations (a forward per rank)")
     if not cfg.gradient_checkpointing:
         options.append("--gradient-checkpointing: most of the activations")
     if compute == torch.float32:
