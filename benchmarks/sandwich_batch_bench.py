@@ -1,10 +1,11 @@
-"""A sandwich step (ranks R, one between, 1) as three forward/backward passes (`kdlora distill --no-batch-ranks`) vs
-as one forward of the batch repeated per rank (`--batch-ranks`, the default: `NestedRank.set_copies`), measured on
+"""A sandwich step (ranks R, one between, 1) as three forward/backward passes (`kdlora distill --batch-ranks off`) vs
+as one forward of the batch repeated per rank (`--batch-ranks on`: `NestedRank.set_copies`), measured on
 the quickstart's own adapter stage: its student, its task teacher, BBC News, NF4 base + LoRA r64, 8 articles a
 step, lr 1e-3, in the dtype given (default: what the quickstart picks on this CPU). Each run is a `kdlora distill`
 process of --steps steps; the step times are its report's (the first step, a warm-up, left out). The ways
 alternate --runs times (the machine is shared: compare the columns, not the digits). Writes JSON + PNG to
-benchmarks/results/. As an AVX2-only CPU: run it with benchmarks/as_avx2_only.py's environment variables. Needs a quickstart's output (`scripts/kdlora quickstart`). Usage:
+benchmarks/results/. As an AVX2-only CPU: with benchmarks/as_avx2_only.py's environment variables (RESULTS.md
+"A sandwich step in one forward" has the command). Needs a quickstart's output (`scripts/kdlora quickstart`). Usage:
 
     .venv/bin/python benchmarks/sandwich_batch_bench.py --quickstart kdlora-quickstart [--steps 12] [--runs 2]
         [--dtype fp32]
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from distill_bench import WORK, kdlora, write_side_by_side
 
-WAYS = {"three passes": "--no-batch-ranks", "one batched pass": "--batch-ranks"}
+WAYS = {"three passes": ("--batch-ranks", "off"), "one batched pass": ("--batch-ranks", "on")}
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
         for way, flag in WAYS.items():
             out = WORK / "sandwich" / f"{way.replace(' ', '-')}-{run}"
             shutil.rmtree(out, ignore_errors=True)
-            kdlora("distill", *common, flag, "--out", str(out))
+            kdlora("distill", *common, *flag, "--out", str(out))
             history = json.loads((out / "distill_report.json").read_text())["history"]
             seconds[way] += [step["seconds"] for step in history[1:]]
             losses[way].append([step["loss"] for step in history])
@@ -68,7 +69,7 @@ def main() -> None:
     write_side_by_side(
         f"sandwich-batch-{dtype}" + (f"-as-{isa}" if isa else ""),
         summary,
-        {way: f"{way} ({flag})" for way, flag in WAYS.items()},
+        {way: f"{way} ({' '.join(flag)})" for way, flag in WAYS.items()},
         f"quickstart adapter step (ranks 64 / r / 1, 8 articles), {dtype}: median of {len(seconds['three passes'])}",
     )
     print({k: summary[k] for k in ("dtype", "median_seconds", "speedup")})
