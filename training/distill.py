@@ -148,7 +148,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     bar = tqdm(
         total=cfg.steps, initial=state.step, desc=f"distill ({cfg.train})", disable=not accelerator.is_main_process
     )
-    together = cfg.ranks_per_forward(half_precision=cfg.compute_dtype != torch.float32)  # of a step's ranks
+    together = cfg.ranks_per_forward(half_precision=cfg.compute_dtype != torch.float32)  # ranks a forward computes
     model.train()
     try:
         while state.step < cfg.steps:
