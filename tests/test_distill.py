@@ -153,6 +153,12 @@ def test_copies_of_a_batch_each_compute_and_train_at_their_own_rank(tiny_pair, r
     assert (per_rank[0] - per_rank[2]).abs().max() > 0.1  # the copies differ as the ranks do
     for together, apart in zip((p.grad for p in params), one_pass_each):
         torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16 training computes: the same, rounded
+        nested.set_copies(ranks, rows=len(ids))
+        in_bf16 = model(ids.repeat(len(ranks), 1)).logits.float().chunk(len(ranks))
+        for rank, copy in zip(ranks, in_bf16):
+            nested.set(rank)
+            torch.testing.assert_close(copy, model(ids).logits.float(), rtol=0, atol=0.05)  # a wrong scale: > 0.5
     nested.set_copies((3,), rows=len(ids))  # one rank: that rank's own products (the first 3 rows of A only)
     assert nested.rank == 3 and not nested._weights
     with pytest.raises(ValueError, match=r"^rank \(8, 0\) is outside 0..8$"):
