@@ -8,7 +8,7 @@ benchmarks/results/. As an AVX2-only CPU: with benchmarks/as_avx2_only.py's envi
 "A sandwich step in one forward" has the command). Needs a quickstart's output (`scripts/kdlora quickstart`). Usage:
 
     .venv/bin/python benchmarks/sandwich_batch_bench.py --quickstart kdlora-quickstart [--steps 12] [--runs 2]
-        [--dtype fp32]
+        [--dtype fp32] [--tag amd]
 """
 
 import argparse
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), help="default: what the quickstart picks on this CPU")
+    parser.add_argument("--tag", help="appended to the results' name: another host's run beside this one's")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kdlora_serve.quickstart import TASK, training_dtype
@@ -67,7 +68,7 @@ def main() -> None:
     isa = os.environ.get("ATEN_CPU_CAPABILITY")  # benchmarks/as_avx2_only.py's environment: named apart
     summary["aten_cpu_capability"] = isa
     write_side_by_side(
-        f"sandwich-batch-{dtype}" + (f"-as-{isa}" if isa else ""),
+        f"sandwich-batch-{dtype}" + (f"-as-{isa}" if isa else "") + (f"-{args.tag}" if args.tag else ""),
         summary,
         {way: f"{way} ({' '.join(flag)})" for way, flag in WAYS.items()},
         f"quickstart adapter step (ranks 64 / r / 1, 8 articles), {dtype}: median of {len(seconds['three passes'])}",

@@ -119,7 +119,7 @@ class DistillConfig:
         metadata={
             "help": "sandwich: compute a step's ranks in one forward of the batch repeated once per rank, each copy at "
             "its own rank (the gradients of a pass per rank, to rounding; 3x the activations); auto: in bf16 and fp16, "
-            "where it pays (a quickstart step 1.3x faster on 2 CPU cores), not in fp32 (no faster there); never "
+            "where it pays (a quickstart step 1.1x-1.3x faster on 2 CPU cores), not in fp32 (no faster there); never "
             "with --inplace-kd (its smaller ranks need the largest's outputs first)",
             "choices": ("auto", "on", "off"),
         },
