@@ -19,7 +19,8 @@ once per rank (`rows` rows each, in that order) and each copy's components are w
 rank's mask and scale. Copy k's outputs and gradients are rank b_k's, as from `set(b_k)` (fp32: equal to rounding),
 for one forward of 3x the rows instead of three, and 3x the activations. It computes every copy's components up to
 the largest rank, for fewer, larger products: the quickstart's sandwich step 1.31x faster in bf16 on 2 CPU cores
-with AMX, 1.10x without, no faster in fp32 (benchmarks/sandwich_batch_bench.py; each copy at its own width was slower in bf16, 1.08x).
+with AMX, 1.10x without, no faster in fp32 (benchmarks/sandwich_batch_bench.py; each copy at its own width was slower
+in bf16, 1.08x).
 """
 
 from functools import partial
